@@ -1,0 +1,82 @@
+"""The request and response models of the public interface, HTTP and Python handle alike.
+
+Chat uses vLLM's OpenAI protocol models, extended with what an augmented request adds: the call
+limit, and in responses the tool executions (call, result, duration) the server made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+)
+
+from lamps_core.trace import TraceSegment
+
+
+class ChatRequest(ChatCompletionRequest):
+    max_tool_calls: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tool calls allowed in this request (server default if unset).",
+    )
+
+
+class ToolExecutionInfo(BaseModel):
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    ok: bool
+    output: str
+    error: str | None
+    duration_s: float
+    segment_index: int = Field(description="Which generation segment made the call (0 = first).")
+
+
+class RequestTimings(BaseModel):
+    ttft_s: float | None = Field(description="Arrival to first generated token.")
+    latency_s: float = Field(description="Arrival to the last token, tool time included.")
+    tool_time_s: float
+    segments: int
+
+
+class ChatResponse(ChatCompletionResponse):
+    tool_executions: list[ToolExecutionInfo] = Field(default_factory=list)
+    timings: RequestTimings | None = None
+
+
+class ChatStreamChunk(ChatCompletionStreamResponse):
+    tool_execution: ToolExecutionInfo | None = None
+    timings: RequestTimings | None = None
+
+
+class TraceRequest(BaseModel):
+    """A scripted augmented request: every length and API duration fixed by the script."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    request_id: str | None = Field(default=None, min_length=1, max_length=128)
+    segments: list[TraceSegment] = Field(min_length=1)
+
+
+class TraceSegmentResult(BaseModel):
+    index: int
+    prompt_tokens: int
+    completion_tokens: int
+    queue_and_prefill_s: float = Field(description="Submission to first token of the segment.")
+    decode_s: float
+    api_duration_s: float | None
+    api_ok: bool | None
+
+
+class TraceResponse(BaseModel):
+    request_id: str
+    model: str
+    ttft_s: float
+    latency_s: float
+    segments: list[TraceSegmentResult]

@@ -1,0 +1,121 @@
+"""The engine replica: one vLLM engine (one GPU in production, CPU here) serving augmented
+requests, whose tool calls it hands to the tool workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.metrics import EngineStatsBoard
+from lamps_core.trace import TraceScript
+from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
+from lamps_vllm.engine import EngineSettings, start_engine
+from lamps_vllm.trace_replay import TraceOutcome, run_trace
+from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
+
+logger = logging.getLogger(__name__)
+
+
+class EngineReplica:
+    def __init__(
+        self, engine: dict[str, Any], tool_worker: DeploymentHandle, redis_url: str | None
+    ) -> None:
+        self.settings = EngineSettings.model_validate(engine)
+        self._tools = tool_worker
+        self._engine, self._stats = start_engine(self.settings)
+        self._tokenizer = self._engine.get_tokenizer()
+        self._vocab_size = self._engine.model_config.get_vocab_size()
+        self._max_model_len = self.settings.max_model_len
+        self._paused_in_tool_calls = 0
+        replica_id = _replica_id()
+        self._board = EngineStatsBoard(redis_url) if redis_url else None
+        self._publisher = asyncio.get_event_loop().create_task(self._publish_stats(replica_id))
+
+    async def chat(self, plan: ChatPlan) -> AsyncIterator[ChatEvent]:
+        """Stream the events of one chat request (text deltas, tool executions, outcome)."""
+        async for event in run_chat(
+            self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool
+        ):
+            yield event
+
+    async def replay(
+        self, request_id: str, script: TraceScript, arrival_time: float
+    ) -> TraceOutcome:
+        return await run_trace(
+            self._engine,
+            self._vocab_size,
+            self._max_model_len,
+            request_id,
+            script,
+            self._call_tool,
+            arrival_time,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        snap = self._stats.snapshot
+        return {
+            "running_requests": snap.running_requests,
+            "waiting_requests": snap.waiting_requests,
+            "paused_in_tool_calls": self._paused_in_tool_calls,
+            "kv_blocks_total": snap.kv_blocks_total,
+            "kv_blocks_used": snap.kv_blocks_used,
+            "kv_blocks_free": snap.kv_blocks_free,
+            "prefix_cache_queries": snap.prefix_cache_queries,
+            "prefix_cache_hits": snap.prefix_cache_hits,
+            "prompt_tokens": snap.prompt_tokens,
+            "generation_tokens": snap.generation_tokens,
+        }
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    async def _call_tool(
+        self, name: str, arguments: dict[str, Any], record_as: str | None
+    ) -> ToolResult:
+        """Run one call on a tool worker. Never raises: a failed call becomes a failed result
+        the model sees, so a broken tool cannot lose the request."""
+        self._paused_in_tool_calls += 1
+        started = datetime.now(UTC)
+        t0 = time.monotonic()
+        try:
+            return await self._tools.call.remote(name, arguments, record_as)
+        except (UnknownToolError, ToolArgumentsError) as exc:
+            error = str(exc)  # the model asked for something the server does not offer
+        except RayError as exc:
+            logger.warning("tool worker failed on %s: %s", name, exc)
+            error = f"tool worker unavailable: {type(exc).__name__}"
+        finally:
+            self._paused_in_tool_calls -= 1
+        return ToolResult(
+            tool=name, ok=False, error=error, started_at=started, duration_s=time.monotonic() - t0
+        )
+
+    async def _publish_stats(self, replica_id: str) -> None:
+        if self._board is None:
+            return
+        while True:
+            await self._board.publish(replica_id, self.settings.served_model_name, self.stats())
+            await asyncio.sleep(1.0)
+
+    def __del__(self) -> None:
+        # Serve calls this on shutdown: stop the engine-core process with the replica.
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RuntimeError:  # constructed outside Serve (tests of the class itself)
+        return f"local-{os.getpid()}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,161 @@
+"""Everything `lamps serve` and the test suite run on one machine: a Redis server, a local Ray
+(dashboard off, object store capped, on 127.0.0.2) and the Serve applications of a Serve config,
+deployed the way `serve run config.yaml` deploys them. Leaving the context stops all of it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import psutil
+import ray
+import yaml
+from ray import serve
+from ray.serve._private import api as serve_api
+from ray.serve.schema import ServeDeploySchema
+
+from lamps.redis_server import RedisServer
+
+logger = logging.getLogger(__name__)
+
+RAY_NODE_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the machine's address; this stays local
+OBJECT_STORE_BYTES = 512 * 1024 * 1024
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    http_url: str
+    redis_url: str | None
+    config: ServeDeploySchema
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def engine_environment(project_dir: Path, data_dir: Path) -> dict[str, str]:
+    """Environment the replicas inherit through Ray: offline, caches inside the data folder,
+    and vLLM's CPU threads bound to every core (it binds one otherwise)."""
+    cores = os.cpu_count() or 1
+    return {
+        "LAMPS_HOME": str(project_dir),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_CACHE_ROOT": str(data_dir / "vllm-cache"),
+        "TORCHINDUCTOR_CACHE_DIR": str(data_dir / "inductor-cache"),
+        "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}",
+        "VLLM_NO_USAGE_STATS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+
+
+@contextlib.contextmanager
+def local_stack(
+    config: dict[str, Any],
+    project_dir: Path,
+    data_dir: Path,
+    deploy_timeout_s: float = 600.0,
+) -> Iterator[RunningStack]:
+    schema = ServeDeploySchema.model_validate(config)
+    redis_url = _single_redis_url(schema)
+    os.environ.update(engine_environment(project_dir, data_dir))
+    ray_temp = Path(tempfile.mkdtemp(prefix="lamps-ray-"))
+    redis_server = _redis_for(redis_url, data_dir)
+    ours = psutil.Process()
+    descendants: list[psutil.Process] = []
+    try:
+        if redis_server is not None:
+            redis_server.start()
+        ray.init(
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            num_cpus=os.cpu_count(),
+            _node_ip_address=RAY_NODE_IP,
+            _temp_dir=str(ray_temp),
+            namespace="serve",
+            logging_level=logging.WARNING,
+        )
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(),
+            proxy_location=schema.proxy_location,
+        )
+        client.deploy_apps(schema, _blocking=False)
+        _wait_running(schema, deploy_timeout_s)
+        http = schema.http_options
+        yield RunningStack(f"http://{http.host}:{http.port}", redis_url, schema)
+    finally:
+        # Remember every process we started (engine-core processes are grandchildren of Ray
+        # workers) so that none survives, however Ray's own shutdown goes.
+        descendants = ours.children(recursive=True)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        if redis_server is not None:
+            redis_server.stop()
+        _reap(descendants)
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def _single_redis_url(schema: ServeDeploySchema) -> str | None:
+    urls = {app.args.get("redis_url") for app in schema.applications} - {None}
+    if len(urls) > 1:
+        raise StackError(f"applications name different Redis servers: {sorted(urls)}")
+    return next(iter(urls), None)
+
+
+def _redis_for(redis_url: str | None, data_dir: Path) -> RedisServer | None:
+    """A local server for a local URL; a remote Redis is somebody else's to run."""
+    if redis_url is None:
+        return None
+    parsed = urlparse(redis_url)
+    if parsed.hostname not in ("127.0.0.1", "localhost"):
+        return None
+    return RedisServer(data_dir / f"redis-{parsed.port}", port=parsed.port or 6379)
+
+
+def _wait_running(schema: ServeDeploySchema, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    names = [app.name for app in schema.applications]
+    while True:
+        status = serve.status()
+        states = {name: status.applications.get(name) for name in names}
+        if all(s is not None and s.status == "RUNNING" for s in states.values()):
+            return
+        failed = {
+            f"{name}/{dep_name}": dep.message or s.message
+            for name, s in states.items()
+            if s is not None and s.status in ("DEPLOY_FAILED", "UNHEALTHY")
+            for dep_name, dep in s.deployments.items()
+            if dep.status != "HEALTHY"
+        }
+        if failed:
+            raise StackError(f"Serve applications failed to deploy: {failed}")
+        if time.monotonic() > deadline:
+            raise StackError(f"Serve applications not running after {timeout_s:.0f} s: {states}")
+        time.sleep(1.0)
+
+
+def _reap(processes: list[psutil.Process]) -> None:
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, still = psutil.wait_procs(alive, timeout=10)
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.kill()

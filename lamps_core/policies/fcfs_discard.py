@@ -1,0 +1,16 @@
+"""Stock vLLM's behaviour, the baseline: first come first served, every API call discards."""
+
+from __future__ import annotations
+
+from lamps_core.policy import PausedCall, Priority, QueuedRequest, SchedulingPolicy, Strategy
+
+
+class VllmPolicy(SchedulingPolicy):
+    name = "vllm"
+
+    def priority(self, request: QueuedRequest, now: float) -> Priority:
+        # The augmented request's arrival, so a segment resumed after an API call keeps its place.
+        return (request.arrival_time,)
+
+    def strategy_for_call(self, call: PausedCall) -> Strategy:
+        return Strategy.DISCARD

@@ -1,0 +1,41 @@
+"""What the serving layer tells the scheduler about a request, carried in
+`SamplingParams.extra_args[META_KEY]` as a plain dict.
+
+An augmented request reaches the engine as one engine request per segment (the part between two
+API calls); `request_id` and `arrival_time` are those of the whole augmented request, so a policy
+ranks a resumed segment by the request it belongs to, not as a newcomer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lamps_core.trace import TraceSegment
+
+META_KEY = "lamps"
+
+
+class RequestMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(description="Id of the whole augmented request.")
+    arrival_time: float = Field(description="Wall-clock time (time.time()) the request arrived.")
+    segment_index: int = Field(default=0, ge=0)
+    ends_in_api_call: bool = Field(
+        default=False,
+        description="The segment is known to end in an API call (forced call, trace).",
+    )
+    remaining_segments: list[TraceSegment] | None = Field(
+        default=None, description="Oracle knowledge from a trace script: this segment and the rest."
+    )
+
+    def to_extra_args(self) -> dict[str, Any]:
+        return {META_KEY: self.model_dump(mode="json", exclude_none=True)}
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestMeta | None:
+        if not extra_args or META_KEY not in extra_args:
+            return None
+        return cls.model_validate(extra_args[META_KEY])

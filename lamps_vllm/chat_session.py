@@ -1,0 +1,234 @@
+"""One augmented chat request driven through the engine: generate; when the model calls a tool,
+pause, run the tool, append its result to the conversation and resume; until the model answers
+or the request's call limit is reached.
+
+Each stretch of generation between two calls is one engine request (a segment). Between segments
+the request holds no engine state of its own: what its KV cache does meanwhile is the scheduler
+policy's decision, taken in the engine when the segment ends.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from lamps_core.request_meta import RequestMeta
+from lamps_vllm.errors import PromptTooLongError
+from lamps_vllm.tool_calls import (
+    TOOL_CALL_END,
+    ParsedToolCall,
+    ToolMode,
+    forced_call_constraint,
+    parse_forced_call,
+    parse_hermes_call,
+    visible_prefix,
+)
+from tool_workers.tools import ToolResult
+
+# (tool name, arguments, name to record the call's statistics under) -> result; never raises.
+CallTool = Callable[[str, dict[str, Any], str | None], Awaitable[ToolResult]]
+
+
+@dataclass
+class ChatPlan:
+    """A validated chat request, in the terms the session needs."""
+
+    request_id: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]  # OpenAI function tools, server-side schemas
+    tool_choice: ToolMode
+    max_tokens: int  # generated tokens over all segments
+    max_tool_calls: int
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, seed, stop
+    arrival_time: float = field(default_factory=time.time)
+
+
+@dataclass
+class ToolExecution:
+    call_id: str
+    name: str
+    arguments: dict[str, Any]
+    result: ToolResult
+    segment_index: int
+
+
+@dataclass
+class TextDelta:
+    text: str
+
+
+@dataclass
+class ChatOutcome:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    tool_executions: list[ToolExecution]
+    segments: int
+    first_token_time: float | None
+
+
+ChatEvent = TextDelta | ToolExecution | ChatOutcome
+
+
+def tool_message_content(result: ToolResult) -> str:
+    return result.output if result.ok else f"error: {result.error}"
+
+
+def render_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+) -> list[int]:
+    ids = tokenizer.apply_chat_template(
+        messages, tools=tools or None, add_generation_prompt=True, tokenize=True
+    )
+    # transformers 5 returns a BatchEncoding-like mapping for some tokenizers.
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+async def run_chat(
+    engine: AsyncLLM,
+    tokenizer: Any,
+    max_model_len: int,
+    plan: ChatPlan,
+    call_tool: CallTool,
+) -> AsyncIterator[ChatEvent]:
+    """Yield text deltas and tool executions as they happen, then the outcome."""
+    parser = Hermes2ProToolParser(tokenizer)
+    messages = list(plan.messages)
+    executions: list[ToolExecution] = []
+    text_parts: list[str] = []
+    prompt_tokens = completion_tokens = 0
+    first_token_time: float | None = None
+    finish_reason = "stop"
+
+    for segment in range(plan.max_tool_calls + 1):
+        mode = _segment_mode(plan, segment, calls_made=len(executions))
+        prompt_ids = render_prompt(tokenizer, messages, plan.tools if mode != "none" else None)
+        room = max_model_len - len(prompt_ids)
+        if room < 1:
+            if segment == 0:
+                raise PromptTooLongError(
+                    f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                    f"{max_model_len} tokens"
+                )
+            finish_reason = "length"  # tool results filled the context
+            break
+        budget = min(plan.max_tokens - completion_tokens, room)
+        if budget < 1:
+            finish_reason = "length"
+            break
+        params = _sampling_params(plan, mode, budget, segment)
+        prompt_tokens = prompt_tokens or len(prompt_ids)
+
+        shown = 0
+        final = None
+        async for output in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt_ids), params, f"{plan.request_id}-s{segment}"
+        ):
+            final = output.outputs[0]
+            if first_token_time is None and final.token_ids:
+                first_token_time = time.time()
+            if mode in ("none", "auto"):
+                visible = visible_prefix(final.text) if mode == "auto" else final.text
+                if len(visible) > shown:
+                    yield TextDelta(visible[shown:])
+                    shown = len(visible)
+        assert final is not None
+        completion_tokens += len(final.token_ids)
+
+        call = _parse_call(mode, final.text, parser)
+        if call is None:
+            text_parts.append(final.text)
+            finish_reason = final.finish_reason or "stop"
+            break
+        if call.content:
+            text_parts.append(call.content)
+        execution = ToolExecution(
+            call_id=f"call_{uuid.uuid4().hex[:24]}",
+            name=call.name,
+            arguments=call.arguments,
+            result=await call_tool(call.name, call.arguments, None),
+            segment_index=segment,
+        )
+        executions.append(execution)
+        yield execution
+        messages += _conversation_turns(call, execution)
+
+    yield ChatOutcome(
+        text="".join(text_parts),
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        tool_executions=executions,
+        segments=len(executions) + 1,
+        first_token_time=first_token_time,
+    )
+
+
+def _segment_mode(plan: ChatPlan, segment: int, calls_made: int) -> ToolMode:
+    # `required` and named choices force the first turn only: after the result comes back the
+    # model decides, else every turn would call a tool until the limit.
+    if not plan.tools or calls_made >= plan.max_tool_calls or plan.tool_choice == "none":
+        return "none"
+    return plan.tool_choice if segment == 0 else "auto"
+
+
+def _sampling_params(plan: ChatPlan, mode: ToolMode, budget: int, segment: int) -> SamplingParams:
+    forced = mode not in ("none", "auto")
+    meta = RequestMeta(
+        request_id=plan.request_id,
+        arrival_time=plan.arrival_time,
+        segment_index=segment,
+        ends_in_api_call=forced,
+    )
+    stop = list(plan.sampling.get("stop") or [])
+    if mode == "auto":
+        stop.append(TOOL_CALL_END)
+    return SamplingParams(
+        max_tokens=budget,
+        temperature=plan.sampling.get("temperature", 0.0),
+        top_p=plan.sampling.get("top_p", 1.0),
+        seed=plan.sampling.get("seed"),
+        stop=stop or None,
+        include_stop_str_in_output=mode == "auto",
+        structured_outputs=forced_call_constraint(plan.tools, mode) if forced else None,
+        extra_args=meta.to_extra_args(),
+    )
+
+
+def _parse_call(mode: ToolMode, text: str, parser: Hermes2ProToolParser) -> ParsedToolCall | None:
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return parse_hermes_call(text, parser)
+    return parse_forced_call(text)
+
+
+def _conversation_turns(call: ParsedToolCall, execution: ToolExecution) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "assistant",
+            "content": call.content or None,
+            "tool_calls": [
+                {
+                    "id": execution.call_id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                }
+            ],
+        },
+        {
+            "role": "tool",
+            "tool_call_id": execution.call_id,
+            "name": call.name,
+            "content": tool_message_content(execution.result),
+        },
+    ]

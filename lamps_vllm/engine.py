@@ -1,0 +1,78 @@
+"""Building the vLLM engine an engine replica serves: settings, engine arguments, start-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from lamps_vllm.config import SchedulerPluginConfig
+from lamps_vllm.stats import EngineStatsLogger
+
+logger = logging.getLogger(__name__)
+
+_SCHEDULERS = {
+    False: "lamps_vllm.scheduler.LampsScheduler",
+    True: "lamps_vllm.scheduler.LampsAsyncScheduler",
+}
+
+
+class EngineSettings(BaseModel):
+    """What an engine replica serves and how; set per deployment in the Serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path = Field(description="Hugging Face model folder.")
+    served_model_name: str = Field(description="The name clients put in `model`.")
+    load_format: Literal["auto", "dummy"] = Field(
+        default="auto", description="`dummy` gives random weights: for tests and benchmarks."
+    )
+    dtype: str = "float32"
+    max_model_len: int = Field(default=4096, ge=64)
+    kv_cache_bytes: int = Field(default=1 << 30, ge=1 << 20, description="KV cache size.")
+    block_size: int | None = Field(
+        default=None, description="KV block size; vLLM's default when unset."
+    )
+    max_num_seqs: int = Field(default=64, ge=1)
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(
+        default=True, description="Skip compilation (slow to start on CPU)."
+    )
+    async_scheduling: bool = Field(default=False, description="True on GPUs.")
+    seed: int = 0
+    scheduler: SchedulerPluginConfig = Field(default_factory=SchedulerPluginConfig)
+
+    def engine_args(self) -> AsyncEngineArgs:
+        return AsyncEngineArgs(
+            model=str(self.model),
+            served_model_name=self.served_model_name,
+            load_format=self.load_format,
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            kv_cache_memory_bytes=self.kv_cache_bytes,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            enable_prefix_caching=self.enable_prefix_caching,
+            enforce_eager=self.enforce_eager,
+            async_scheduling=self.async_scheduling,
+            seed=self.seed,
+            disable_log_stats=False,  # our stat logger needs the scheduler's statistics
+            scheduler_cls=_SCHEDULERS[self.async_scheduling],
+            additional_config=self.scheduler.to_additional_config(),
+        )
+
+
+def start_engine(settings: EngineSettings) -> tuple[AsyncLLM, EngineStatsLogger]:
+    """Start the engine (its core runs in a child process) and return it with its stats."""
+    stats = EngineStatsLogger()
+    started = time.monotonic()
+    engine = AsyncLLM.from_engine_args(settings.engine_args(), stat_loggers=[stats.factory])
+    logger.info(
+        "engine for %s started in %.1f s", settings.served_model_name, time.monotonic() - started
+    )
+    return engine, stats

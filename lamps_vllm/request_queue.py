@@ -1,0 +1,76 @@
+"""A vLLM `RequestQueue` whose order is a `lamps_core` policy's priority.
+
+vLLM's scheduler only peeks, pops, prepends and removes; it never looks at how the queue orders
+requests, so replacing its FCFS deque with this queue changes the order and nothing else.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from vllm.v1.core.sched.request_queue import RequestQueue
+from vllm.v1.request import Request
+
+from lamps_core.policy import Priority, QueuedRequest, SchedulingPolicy
+
+# (priority, insertion number, request): the number breaks ties in insertion order and keeps
+# heapq from ever comparing two Request objects.
+_Entry = tuple[Priority, int, Request]
+
+
+class PolicyRequestQueue(RequestQueue):
+    def __init__(self, policy: SchedulingPolicy, view: Callable[[Request], QueuedRequest]) -> None:
+        self._policy = policy
+        self._view = view
+        self._heap: list[_Entry] = []
+        self._counter = itertools.count()
+
+    def _entry(self, request: Request, now: float) -> _Entry:
+        return (self._policy.priority(self._view(request), now), next(self._counter), request)
+
+    def add_request(self, request: Request) -> None:
+        heapq.heappush(self._heap, self._entry(request, time.time()))
+
+    def pop_request(self) -> Request:
+        if not self._heap:
+            raise IndexError("pop from an empty queue")
+        return heapq.heappop(self._heap)[2]
+
+    def peek_request(self) -> Request:
+        if not self._heap:
+            raise IndexError("peek from an empty queue")
+        return self._heap[0][2]
+
+    # vLLM prepends preempted and skipped requests to retry them first; under a policy their
+    # priority decides, and a policy that ranks by arrival puts them back in front anyway.
+    def prepend_request(self, request: Request) -> None:
+        self.add_request(request)
+
+    def prepend_requests(self, requests: RequestQueue) -> None:
+        for request in requests:
+            self.add_request(request)
+
+    def remove_request(self, request: Request) -> None:
+        self.remove_requests((request,))
+
+    def remove_requests(self, requests: Iterable[Request]) -> None:
+        gone = {id(r) for r in requests}
+        self._heap = [entry for entry in self._heap if id(entry[2]) not in gone]
+        heapq.heapify(self._heap)
+
+    def rerank(self, now: float) -> None:
+        """Recompute every priority: for policies whose priorities change while requests wait."""
+        self._heap = [self._entry(entry[2], now) for entry in self._heap]
+        heapq.heapify(self._heap)
+
+    def __bool__(self) -> bool:
+        return bool(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1])))

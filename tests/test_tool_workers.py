@@ -1,0 +1,529 @@
+"""Tool workers against a real local redis-server (no fakes, no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import pickle
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from lamps.redis_server import RedisServer, free_port
+from tool_workers import (
+    Tool,
+    ToolArgs,
+    ToolArgumentsError,
+    ToolOutput,
+    ToolRegistry,
+    ToolResult,
+    ToolStatsStore,
+    ToolWorker,
+    UnknownToolError,
+    default_registry,
+)
+from tool_workers.calculator import Calculator, evaluate
+from tool_workers.http_get import HttpGet
+from tool_workers.simulated_api import (
+    ConstantDistribution,
+    ExponentialDistribution,
+    LognormalDistribution,
+    NormalDistribution,
+    SimulatedApi,
+    UniformDistribution,
+    sample_duration,
+)
+from tool_workers.tools import ToolError
+
+# --- fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real redis-server for the whole session (the lead moves this to conftest.py)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port())
+    with server:
+        yield server.url
+
+
+@pytest.fixture
+def namespace() -> str:
+    # Tests share the session's Redis: a fresh namespace keeps their counters apart.
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        if self.path == "/hello":
+            self._send(200, b"hello tools", "text/plain; charset=utf-8")
+        elif self.path == "/big":
+            self._send(200, b"x" * 20_000, "text/plain")
+        elif self.path == "/utf8-cut":
+            # 4095 ASCII bytes then a 2-byte character straddling the 4096-byte cap.
+            self._send(200, b"a" * 4095 + "é".encode() + b"tail", "text/plain; charset=utf-8")
+        elif self.path == "/redirect":
+            self.send_response(302)
+            self.send_header("Location", "http://elsewhere.example/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._send(404, b"not here", "text/plain")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # keep test output clean
+
+
+@pytest.fixture(scope="module")
+def http_base() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _call(worker: ToolWorker, name: str, args: dict[str, Any]) -> ToolResult:
+    try:
+        return await worker.call(name, args)
+    finally:
+        await worker.close()
+
+
+# --- calculator -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("1234 * 5678", "7006652"),
+        ("2 ** 10", "1024"),
+        ("(2 + 3) * 4 ** 2", "80"),
+        ("-(3 + 4) * 2", "-14"),
+        ("--5", "5"),
+        ("7 / 2", "3.5"),
+        ("6 / 3", "2"),
+        ("10 // 3", "3"),
+        ("-7 % 3", "2"),
+        ("2 ** -2", "0.25"),
+        ("0.1 + 0.2", "0.3"),
+        ("12345678901234567890 * 10", "123456789012345678900"),
+        ("2 ** 0.5", "1.4142135623731"),
+        ("1e20", "1e+20"),
+    ],
+)
+def test_calculator_results(expression: str, expected: str) -> None:
+    out = run(Calculator()(Calculator.args_model(expression=expression)))
+    assert out.output == expected
+
+
+@pytest.mark.parametrize(
+    ("expression", "message"),
+    [
+        ("__import__('os').system('true')", "not allowed"),
+        ("__import__('os')", "function calls are not allowed"),
+        ("x + 1", "names are not allowed: 'x'"),
+        ("(1).real", "attribute access is not allowed"),
+        ("1 / 0", "division by zero"),
+        ("5 // 0", "division by zero"),
+        ("5 % 0", "division by zero"),
+        ("0 ** -1", "division by zero"),
+        ("2 ** 100000", "exponent 100000 is too large"),
+        ("9 ** 9999", "result too large"),
+        ("10 ** 200 * 10 ** 200", "result too large"),
+        ("1.5 ** 5000", "result too large"),
+        ("1e400", "result too large"),
+        ("(-8) ** (1 / 3)", "not a real number"),
+        ("2 ^ 3", "use ** for powers"),
+        ("True + 1", "only numbers"),
+        ("1j", "only numbers"),
+        ("'a' * 3", "only numbers"),
+        ("[1, 2]", "unsupported syntax"),
+        ("1 < 2", "unsupported syntax"),
+        ("(1 +", "invalid expression"),
+        ("(" * 240 + "1" + ")" * 240, "nested"),
+        ("1" * 501, "longer than 500"),
+    ],
+)
+def test_calculator_refusals(expression: str, message: str) -> None:
+    with pytest.raises(ToolError) as info:
+        evaluate(expression)
+    assert message in str(info.value)
+
+
+def test_calculator_huge_power_is_refused_fast() -> None:
+    start = time.monotonic()
+    with pytest.raises(ToolError):
+        evaluate("9 ** 9999 ** 9999")
+    assert time.monotonic() - start < 0.5
+
+
+# --- http_get ---------------------------------------------------------------------
+
+
+def test_http_get_default_allowlist_refuses_everything(http_base: str) -> None:
+    result = run(_call(ToolWorker(None), "http_get", {"url": f"{http_base}/hello"}))
+    assert not result.ok
+    assert result.error is not None and "no hosts are allowlisted" in result.error
+
+
+def test_http_get_allowlisted_host(http_base: str) -> None:
+    worker = ToolWorker(None, http_allowlist=["127.0.0.1"])
+    result = run(_call(worker, "http_get", {"url": f"{http_base}/hello"}))
+    assert result.ok, result.error
+    body = json.loads(result.output)
+    assert body["status"] == 200
+    assert body["body"] == "hello tools"
+    assert body["truncated"] is False
+
+
+def test_http_get_other_host_refused(http_base: str) -> None:
+    # "localhost" resolves to the same server, but only the literal allowlisted name counts.
+    worker = ToolWorker(None, http_allowlist=["127.0.0.1"])
+    url = http_base.replace("127.0.0.1", "localhost") + "/hello"
+    result = run(_call(worker, "http_get", {"url": url}))
+    assert not result.ok
+    assert result.error is not None and "'localhost' is not allowlisted" in result.error
+
+
+def test_http_get_caps_body_and_reports_status(http_base: str) -> None:
+    tool = HttpGet(["127.0.0.1"])
+    big = json.loads(run(tool(tool.args_model(url=f"{http_base}/big"))).output)
+    assert big["truncated"] is True
+    assert big["body"] == "x" * 4096
+    missing = json.loads(run(tool(tool.args_model(url=f"{http_base}/nope"))).output)
+    assert missing["status"] == 404 and missing["body"] == "not here"
+    cut = json.loads(run(tool(tool.args_model(url=f"{http_base}/utf8-cut"))).output)
+    assert cut["body"] == "a" * 4095  # the split character is dropped, not garbled
+
+
+def test_http_get_does_not_follow_redirects(http_base: str) -> None:
+    tool = HttpGet(["127.0.0.1"])
+    out = json.loads(run(tool(tool.args_model(url=f"{http_base}/redirect"))).output)
+    assert out["status"] == 302
+    assert out["location"] == "http://elsewhere.example/"
+
+
+def test_http_get_connection_error_is_a_failed_result() -> None:
+    worker = ToolWorker(None, http_allowlist=["127.0.0.1"])
+    result = run(_call(worker, "http_get", {"url": f"http://127.0.0.1:{free_port()}/"}))
+    assert not result.ok
+    assert result.error is not None and "request failed" in result.error
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "http://"])
+def test_http_get_rejects_non_http_urls(url: str) -> None:
+    with pytest.raises(ToolArgumentsError):
+        default_registry(["127.0.0.1"]).validate_arguments("http_get", {"url": url})
+
+
+# --- simulated_api ----------------------------------------------------------------
+
+
+def test_simulated_api_honours_duration_and_token_count() -> None:
+    worker = ToolWorker(None)
+    start = time.monotonic()
+    result = run(_call(worker, "simulated_api", {"duration_s": 0.3, "return_tokens": 25}))
+    elapsed = time.monotonic() - start
+    assert result.ok
+    assert 0.3 <= elapsed < 0.35
+    assert 0.3 <= result.duration_s < 0.35
+    assert result.num_tokens == 25
+    assert len(result.output.split()) == 25
+
+
+def test_simulated_api_seeded_distribution_is_reproducible() -> None:
+    tool = SimulatedApi()
+    args = {"distribution": {"name": "exponential", "mean": 3.0}, "seed": 42}
+    first = tool.draw_duration(tool.parse_arguments(args))
+    assert first == tool.draw_duration(tool.parse_arguments(args))
+    assert first != tool.draw_duration(tool.parse_arguments({**args, "seed": 43}))
+
+
+@pytest.mark.parametrize(
+    ("distribution", "mean", "std"),
+    [
+        (ConstantDistribution(name="constant", mean=2.5), 2.5, 0.0),
+        (ExponentialDistribution(name="exponential", mean=2.0), 2.0, 2.0),
+        (NormalDistribution(name="normal", mean=5.0, std=1.0), 5.0, 1.0),
+        (NormalDistribution(name="normal", mean=5.0, var=4.0), 5.0, 2.0),
+        (
+            UniformDistribution(name="uniform", low=1.0, high=3.0),
+            2.0,
+            2.0 / math.sqrt(12),
+        ),
+        (UniformDistribution(name="uniform", mean=4.0, std=1.0), 4.0, 1.0),
+        (LognormalDistribution(name="lognormal", mean=3.0, std=1.5), 3.0, 1.5),
+    ],
+)
+def test_distribution_sampling_statistics(distribution: Any, mean: float, std: float) -> None:
+    rng = random.Random(1234)
+    draws = [sample_duration(distribution, rng, 600.0) for _ in range(40_000)]
+    assert statistics.fmean(draws) == pytest.approx(mean, rel=0.02)
+    assert statistics.pstdev(draws) == pytest.approx(std, rel=0.03, abs=1e-9)
+    assert min(draws) >= 0.0
+
+
+def test_distribution_sampling_truncates_at_zero_and_cap() -> None:
+    rng = random.Random(7)
+    normal = NormalDistribution(name="normal", mean=0.5, std=2.0)
+    draws = [sample_duration(normal, rng, 1.0) for _ in range(5_000)]
+    assert min(draws) == 0.0 and max(draws) == 1.0
+    assert sum(d == 0.0 for d in draws) > 1000  # about 40 % of draws are negative
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"duration_s": -1}, "duration_s: Input should be greater than or equal to 0"),
+        ({"duration_s": float("nan")}, "duration_s: Input should be a finite number"),
+        ({"duration_s": 10.5}, "duration_s: Input should be less than or equal to 10"),
+        (
+            {"duration_s": 1, "return_tokens": -1},
+            "return_tokens: Input should be greater",
+        ),
+        (
+            {"duration_s": 1, "return_tokens": 10**9},
+            "return_tokens: Input should be less",
+        ),
+        ({}, "give exactly one of duration_s or distribution"),
+        (
+            {"duration_s": 1, "distribution": {"name": "constant", "mean": 1}},
+            "give exactly one of duration_s or distribution",
+        ),
+        (
+            {"distribution": {"name": "normal", "mean": 1}},
+            "give exactly one of std or var",
+        ),
+        (
+            {"distribution": {"name": "exponential", "mean": 50}},
+            "exceeds the cap of 10 s",
+        ),
+        (
+            {"distribution": {"name": "zipf", "mean": 1}},
+            "does not match any of the expected tags",
+        ),
+        ({"duration_s": 1, "speed": "fast"}, "speed: Extra inputs are not permitted"),
+    ],
+)
+def test_simulated_api_invalid_arguments_raise(args: dict[str, Any], message: str) -> None:
+    worker = ToolWorker(None, max_simulated_duration_s=10)
+    with pytest.raises(ToolArgumentsError) as info:
+        run(_call(worker, "simulated_api", args))
+    assert message in str(info.value)
+    assert info.value.tool == "simulated_api"
+
+
+# --- registry, schemas, errors ----------------------------------------------------
+
+
+def test_schemas_are_openai_tools_without_refs() -> None:
+    schemas = ToolWorker(None, max_simulated_duration_s=42).schemas()
+    assert [s["function"]["name"] for s in schemas] == [
+        "calculator",
+        "http_get",
+        "simulated_api",
+    ]
+    for entry in schemas:
+        assert entry["type"] == "function"
+        params = entry["function"]["parameters"]
+        assert params["type"] == "object" and params["additionalProperties"] is False
+        assert entry["function"]["description"]
+        assert "$ref" not in json.dumps(params) and "$defs" not in params
+    sim = schemas[2]["function"]["parameters"]["properties"]
+    assert {"maximum": 42, "minimum": 0, "type": "number"} in sim["duration_s"]["anyOf"]
+
+
+def test_unknown_tool_lists_known_names() -> None:
+    with pytest.raises(UnknownToolError) as info:
+        run(_call(ToolWorker(None), "rm_rf", {}))
+    assert "calculator, http_get, simulated_api" in str(info.value)
+
+
+def test_arguments_may_be_json_text_and_errors_survive_pickling() -> None:
+    registry = default_registry()
+    args = registry.validate_arguments("calculator", '{"expression": "1 + 1"}')
+    assert args.model_dump() == {"expression": "1 + 1"}
+    with pytest.raises(ToolArgumentsError) as bad_args:
+        registry.validate_arguments("calculator", "{not json")
+    with pytest.raises(UnknownToolError) as unknown:
+        registry.get("nope")
+    # Ray ships exceptions between processes pickled.
+    for exc in (bad_args.value, unknown.value):
+        clone = pickle.loads(pickle.dumps(exc))
+        assert type(clone) is type(exc) and str(clone) == str(exc)
+
+
+# --- worker failures --------------------------------------------------------------
+
+
+class _NoArgs(ToolArgs):
+    pass
+
+
+class _Sleepy(Tool[_NoArgs]):
+    name: ClassVar[str] = "sleepy"
+    description: ClassVar[str] = "sleeps too long"
+    args_model = _NoArgs
+    timeout_s = 0.05
+
+    async def __call__(self, args: _NoArgs) -> ToolOutput:
+        await asyncio.sleep(5)
+        return ToolOutput(output="never")
+
+
+class _Buggy(Tool[_NoArgs]):
+    name: ClassVar[str] = "buggy"
+    description: ClassVar[str] = "has a bug"
+    args_model = _NoArgs
+
+    async def __call__(self, args: _NoArgs) -> ToolOutput:
+        raise KeyError("oops")
+
+
+def test_timeouts_and_bugs_become_failed_results(redis_url: str, namespace: str) -> None:
+    async def scenario() -> tuple[ToolResult, ToolResult, dict[str, Any]]:
+        worker = ToolWorker(
+            redis_url, namespace=namespace, registry=ToolRegistry([_Sleepy(), _Buggy()])
+        )
+        try:
+            slow = await worker.call("sleepy", {})
+            bug = await worker.call("buggy", {})
+            return slow, bug, await worker.summary()
+        finally:
+            await worker.close()
+
+    slow, bug, summary = run(scenario())
+    assert not slow.ok and slow.error == "tool timed out after 0.05 s"
+    assert 0.05 <= slow.duration_s < 0.5
+    assert not bug.ok and bug.error == "internal tool error: KeyError: 'oops'"
+    assert summary["sleepy"].calls_failed == 1 and summary["buggy"].calls_failed == 1
+
+
+# --- stats in Redis ---------------------------------------------------------------
+
+
+def test_worker_records_calls_and_estimates(redis_url: str, namespace: str) -> None:
+    durations = [0.02, 0.04, 0.06, 0.08, 0.10]
+
+    async def scenario() -> tuple[Any, Any, list[ToolResult]]:
+        worker = ToolWorker(redis_url, namespace=namespace)
+        try:
+            results = [await worker.call("simulated_api", {"duration_s": d}) for d in durations]
+            results.append(await worker.call("calculator", {"expression": "1/0"}))
+            return await worker.estimates(), await worker.summary(), results
+        finally:
+            await worker.close()
+
+    estimates, summary, results = run(scenario())
+    sim = estimates["simulated_api"]
+    assert sim.count == 5
+    assert sim.mean_s == pytest.approx(statistics.fmean(r.duration_s for r in results[:5]))
+    assert sim.mean_s == pytest.approx(0.06, abs=0.02)
+    assert sim.last_s == pytest.approx(results[4].duration_s)
+    assert estimates["http_get"].count == 0 and estimates["http_get"].mean_s is None
+
+    failed = results[5]
+    assert not failed.ok and failed.error == "division by zero"
+    assert summary["calculator"].calls_failed == 1 and summary["calculator"].calls_ok == 0
+    assert summary["simulated_api"].calls_ok == 5
+    assert summary["simulated_api"].duration_s_total == pytest.approx(
+        sum(r.duration_s for r in results[:5])
+    )
+
+
+def _result(tool: str, duration_s: float, ok: bool = True) -> ToolResult:
+    return ToolResult(tool=tool, ok=ok, duration_s=duration_s, started_at=datetime.now(UTC))
+
+
+def test_store_percentiles_and_sample_cap(redis_url: str, namespace: str) -> None:
+    async def scenario() -> tuple[Any, Any, Any]:
+        store = ToolStatsStore(redis_url, namespace=namespace, max_samples=10)
+        try:
+            for i in range(1, 21):  # 1..20 s; only the last 10 (11..20) are kept
+                assert await store.record(_result("t", float(i), ok=i % 4 != 0))
+            return (
+                await store.estimate("t"),
+                await store.summary(),
+                await store.estimate("none"),
+            )
+        finally:
+            await store.close()
+
+    est, summary, empty = run(scenario())
+    assert est.count == 10
+    assert est.mean_s == pytest.approx(15.5)
+    assert est.p50_s == pytest.approx(15.5)
+    assert est.p90_s == pytest.approx(19.1)
+    assert est.last_s == 20.0
+    # Counters are not capped: they cover every call ever recorded.
+    assert summary["t"].calls_ok == 15 and summary["t"].calls_failed == 5
+    assert summary["t"].duration_s_total == pytest.approx(210.0)
+    assert empty.count == 0 and empty.mean_s is None and empty.p90_s is None
+
+
+def test_redis_outage_does_not_fail_calls(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis-outage", free_port()).start()
+
+    async def scenario() -> list[Any]:
+        worker = ToolWorker(server.url, namespace="outage")
+        try:
+            before = await worker.call("calculator", {"expression": "2 + 2"})
+            server.stop()
+            during = await worker.call("calculator", {"expression": "3 + 3"})
+            dropped = worker.dropped_records
+            server.start()  # same port, empty (no persistence): records flow again
+            after = await worker.call("calculator", {"expression": "4 + 4"})
+            return [
+                before,
+                during,
+                dropped,
+                after,
+                worker.dropped_records,
+                await worker.estimates(),
+            ]
+        finally:
+            await worker.close()
+
+    try:
+        start = time.monotonic()
+        before, during, dropped, after, dropped_end, estimates = run(scenario())
+    finally:
+        server.stop()
+    assert before.ok and during.ok and after.ok
+    assert during.output == "6"
+    assert dropped == 1 and dropped_end == 1
+    assert estimates["calculator"].count == 1  # only the call after the restart
+    assert time.monotonic() - start < 5  # the outage cost no long retries
+
+
+def test_worker_without_redis_runs_tools() -> None:
+    async def scenario() -> tuple[ToolResult, Any]:
+        worker = ToolWorker(None)
+        return await worker.call("calculator", {"expression": "6 * 7"}), await worker.estimates()
+
+    result, estimates = run(scenario())
+    assert result.ok and result.output == "42" and estimates == {}

@@ -1,0 +1,220 @@
+"""Tool-call statistics in Redis, shared by all tool workers of a deployment.
+
+Per tool we keep the recent durations (a capped list) for duration estimates and
+running counters for Prometheus. Redis is a best-effort side channel here: an
+outage drops records (counted in ``dropped_records``) but never fails a tool call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Sequence
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError
+
+from tool_workers.tools import ToolResult
+
+__all__ = [
+    "StatsUnavailableError",
+    "ToolCallCounts",
+    "ToolDurationEstimate",
+    "ToolStatsStore",
+    "percentile",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SAMPLES = 1000
+# Short timeouts: a record is awaited on the tool-call path, so a hung Redis must
+# cost the caller at most about a second, not redis-py's default retry schedule.
+_SOCKET_TIMEOUT_S = 1.0
+
+_REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+
+class StatsUnavailableError(RuntimeError):
+    """Reading statistics failed because Redis is unreachable or misbehaving."""
+
+
+class ToolDurationEstimate(BaseModel):
+    """Duration statistics of a tool over its recent calls; count=0 and None values without data."""
+
+    tool: str
+    count: int = 0
+    mean_s: float | None = None
+    p50_s: float | None = None
+    p90_s: float | None = None
+    last_s: float | None = None
+
+    @classmethod
+    def from_samples(cls, tool: str, newest_first: Sequence[float]) -> ToolDurationEstimate:
+        if not newest_first:
+            return cls(tool=tool)
+        ordered = sorted(newest_first)
+        return cls(
+            tool=tool,
+            count=len(ordered),
+            mean_s=math.fsum(ordered) / len(ordered),
+            p50_s=percentile(ordered, 0.5),
+            p90_s=percentile(ordered, 0.9),
+            last_s=newest_first[0],
+        )
+
+
+class ToolCallCounts(BaseModel):
+    """Monotonic counters for Prometheus (counter semantics: they only grow)."""
+
+    tool: str
+    calls_ok: int = 0
+    calls_failed: int = 0
+    duration_s_total: float = 0.0
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default) of sorted values."""
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    pos = q * (len(sorted_values) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+class ToolStatsStore:
+    """Async Redis-backed store; use it from one event loop (redis.asyncio's rule)."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        namespace: str = "lamps",
+        max_samples: int = DEFAULT_MAX_SAMPLES,
+    ) -> None:
+        if max_samples < 1:
+            raise ValueError("max_samples must be at least 1")
+        self.namespace = namespace
+        self.max_samples = max_samples
+        self.dropped_records = 0
+        self._failing = False
+        self._redis = aioredis.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_connect_timeout=_SOCKET_TIMEOUT_S,
+            socket_timeout=_SOCKET_TIMEOUT_S,
+            # One immediate retry re-dials a pooled connection that died when Redis
+            # restarted. Not on timeouts: a slow Redis may still apply the first
+            # attempt (a double record), and each retry adds a full timeout to the call.
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+        )
+
+    def _tools_key(self) -> str:
+        return f"{self.namespace}:tools"
+
+    def _durations_key(self, tool: str) -> str:
+        return f"{self.namespace}:tool:{tool}:durations"
+
+    def _counts_key(self, tool: str) -> str:
+        return f"{self.namespace}:tool:{tool}:calls"
+
+    async def record(self, result: ToolResult) -> bool:
+        """Record one call; returns False (and counts a dropped record) if Redis failed.
+
+        "Dropped" means "not confirmed": after a timeout a slow Redis may still apply it.
+
+        Failed calls' durations are kept too: for scheduling what matters is how
+        long a request waited on the tool, whether or not the tool succeeded.
+        """
+        counts_key = self._counts_key(result.tool)
+        durations_key = self._durations_key(result.tool)
+        try:
+            # transaction=True (MULTI/EXEC): readers never see a call counted but not listed.
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.sadd(self._tools_key(), result.tool)
+                pipe.hincrby(counts_key, "calls_ok" if result.ok else "calls_failed", 1)
+                pipe.hincrbyfloat(counts_key, "duration_s_total", result.duration_s)
+                pipe.lpush(durations_key, repr(result.duration_s))
+                pipe.ltrim(durations_key, 0, self.max_samples - 1)
+                await pipe.execute()
+        except _REDIS_FAILURES as exc:
+            self.dropped_records += 1
+            if not self._failing:
+                # Warn once per outage, not once per call.
+                logger.warning(
+                    "tool stats: Redis unavailable, dropping records until it is back: %s",
+                    exc,
+                )
+                self._failing = True
+            return False
+        if self._failing:
+            logger.info(
+                "tool stats: Redis is back (%d records dropped so far)",
+                self.dropped_records,
+            )
+            self._failing = False
+        return True
+
+    async def estimate(self, tool: str) -> ToolDurationEstimate:
+        try:
+            raw = await self._redis.lrange(self._durations_key(tool), 0, -1)
+        except _REDIS_FAILURES as exc:
+            raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
+        return ToolDurationEstimate.from_samples(tool, [float(v) for v in raw])
+
+    async def known_tools(self) -> list[str]:
+        """Tools that have at least one record (in this namespace)."""
+        try:
+            names = await self._redis.smembers(self._tools_key())
+        except _REDIS_FAILURES as exc:
+            raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
+        return sorted(names)
+
+    async def all_estimates(
+        self, tools: Iterable[str] | None = None
+    ) -> dict[str, ToolDurationEstimate]:
+        """Estimates for ``tools`` (default: every tool with records), in one round trip."""
+        names = list(tools) if tools is not None else await self.known_tools()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.lrange(self._durations_key(name), 0, -1)
+                lists = await pipe.execute()
+        except _REDIS_FAILURES as exc:
+            raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
+        return {
+            name: ToolDurationEstimate.from_samples(name, [float(v) for v in raw])
+            for name, raw in zip(names, lists, strict=True)
+        }
+
+    async def summary(self, tools: Iterable[str] | None = None) -> dict[str, ToolCallCounts]:
+        """Per-tool counters (calls ok, calls failed, total seconds) for Prometheus."""
+        names = list(tools) if tools is not None else await self.known_tools()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self._counts_key(name))
+                hashes = await pipe.execute()
+        except _REDIS_FAILURES as exc:
+            raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
+        return {
+            name: ToolCallCounts(
+                tool=name,
+                calls_ok=int(h.get("calls_ok", 0)),
+                calls_failed=int(h.get("calls_failed", 0)),
+                duration_s_total=float(h.get("duration_s_total", 0.0)),
+            )
+            for name, h in zip(names, hashes, strict=True)
+        }
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except _REDIS_FAILURES:
+            return False
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,130 @@
+"""ToolWorker: validates, runs, times and records tool calls.
+
+A plain class so it can be tested without Ray; the serving layer wraps it as a
+Ray Serve deployment or actor. Caller mistakes (unknown tool, bad arguments) raise
+so the HTTP layer can answer 4xx before any generation; everything that goes
+wrong while a tool runs becomes a failed ToolResult, so a request is never lost
+to a tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from tool_workers.registry import ToolRegistry, default_registry
+from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S
+from tool_workers.stats import ToolCallCounts, ToolDurationEstimate, ToolStatsStore
+from tool_workers.tools import ToolError, ToolResult
+
+__all__ = ["ToolWorker"]
+
+logger = logging.getLogger(__name__)
+
+
+class ToolWorker:
+    """Runs tools by name. Use one instance per event loop (the Redis client is loop-bound)."""
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        http_allowlist: Iterable[str] = (),
+        max_simulated_duration_s: float = DEFAULT_MAX_DURATION_S,
+        *,
+        namespace: str = "lamps",
+        registry: ToolRegistry | None = None,
+    ) -> None:
+        self.registry = registry or default_registry(http_allowlist, max_simulated_duration_s)
+        # No Redis URL: tools still run, nothing is recorded and estimates are empty.
+        self.stats = ToolStatsStore(redis_url, namespace=namespace) if redis_url else None
+
+    def schemas(self) -> list[dict[str, Any]]:
+        """The OpenAI ``tools`` list for every registered tool."""
+        return self.registry.schemas()
+
+    def validate(self, name: str, arguments: Mapping[str, Any] | str) -> BaseModel:
+        """Raise UnknownToolError / ToolArgumentsError now, e.g. before admitting a request."""
+        return self.registry.validate_arguments(name, arguments)
+
+    async def call(
+        self, name: str, arguments: Mapping[str, Any] | str, record_as: str | None = None
+    ) -> ToolResult:
+        """Run tool ``name``; failures while running come back as ok=False, never raised.
+
+        ``record_as`` files the call's statistics under another name: a simulated call standing
+        in for an API type of a trace is learned as that API type.
+        """
+        tool = self.registry.get(name)
+        args = tool.parse_arguments(arguments)
+        started_at = datetime.now(UTC)
+        start = time.perf_counter()
+        try:
+            out = await asyncio.wait_for(tool(args), timeout=tool.timeout_s)
+        except ToolError as exc:
+            result = self._failed(name, str(exc), started_at, start)
+        except TimeoutError:
+            result = self._failed(
+                name, f"tool timed out after {tool.timeout_s:g} s", started_at, start
+            )
+        except Exception as exc:
+            # A bug in a tool must not lose the request: report it to the model, log it for us.
+            logger.exception("tool %s raised", name)
+            result = self._failed(
+                name,
+                f"internal tool error: {type(exc).__name__}: {exc}",
+                started_at,
+                start,
+            )
+        else:
+            result = ToolResult(
+                tool=name,
+                ok=True,
+                output=out.output,
+                duration_s=time.perf_counter() - start,
+                started_at=started_at,
+                num_tokens=out.num_tokens,
+            )
+        if record_as is not None:
+            result = result.model_copy(update={"tool": record_as})
+        if self.stats is not None:
+            await self.stats.record(result)  # never raises on Redis trouble
+        return result
+
+    @staticmethod
+    def _failed(name: str, error: str, started_at: datetime, start: float) -> ToolResult:
+        return ToolResult(
+            tool=name,
+            ok=False,
+            error=error,
+            duration_s=time.perf_counter() - start,
+            started_at=started_at,
+        )
+
+    async def estimates(self) -> dict[str, ToolDurationEstimate]:
+        """Duration estimates for every registered tool (count=0 where no data).
+
+        Raises StatsUnavailableError if Redis cannot be read.
+        """
+        if self.stats is None:
+            return {}
+        return await self.stats.all_estimates(self.registry.names())
+
+    async def summary(self) -> dict[str, ToolCallCounts]:
+        """Per-tool call counters for Prometheus; raises StatsUnavailableError if Redis fails."""
+        if self.stats is None:
+            return {}
+        return await self.stats.summary(self.registry.names())
+
+    @property
+    def dropped_records(self) -> int:
+        return self.stats.dropped_records if self.stats is not None else 0
+
+    async def close(self) -> None:
+        if self.stats is not None:
+            await self.stats.close()
