@@ -25,6 +25,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatMessage,
 )
 from vllm.entrypoints.openai.engine.protocol import DeltaMessage, UsageInfo
+from vllm.exceptions import VLLMClientError
 
 from deployments.api_models import (
     ChatRequest,
@@ -230,6 +231,8 @@ def _parse(model: type[M], data: M | dict[str, Any]) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestError(_validation_message(exc)) from None
+    except VLLMClientError as exc:  # vLLM's protocol models raise their own from some validators
+        raise RequestError(f"invalid request: {exc}") from None
 
 
 def _validation_message(exc: ValidationError) -> str:

@@ -194,8 +194,8 @@ def _build_smollm2(data_dir: Path, out: Path, template: str) -> None:
     model.tie_weights()
     del gguf_model
     model.save_pretrained(out, safe_serialization=True)
-    # The weights file comes out mode 0600 (written via a temp file); make it readable
-    # like its siblings so workers running under another uid can load it.
+    # safetensors 0.8's save_file creates files mode 0600 regardless of umask; make the
+    # weights readable like their siblings so workers under another uid can load them.
     for weights in out.glob("*.safetensors"):
         weights.chmod(0o644)
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,24 +17,6 @@ from lamps.model import (
     chat_template,
     prepare_models,
 )
-
-
-def _conftest_defines(name: str) -> bool:
-    return any(
-        hasattr(module, name)
-        for key, module in list(sys.modules.items())
-        if key == "conftest" or key.endswith(".conftest")
-    )
-
-
-# Fallback for running this module alone. A module-level fixture would shadow one from
-# conftest.py, hence the guard; once tests/conftest.py provides it, delete this block.
-if not _conftest_defines("prepared_models"):
-
-    @pytest.fixture(scope="session")
-    def prepared_models() -> PreparedModels:
-        return prepare_models(Path(os.environ.get("LAMPS_DATA_DIR", "/work/main/data")))
-
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 CALCULATOR: dict[str, Any] = {

@@ -48,14 +48,6 @@ from tool_workers.tools import ToolError
 # --- fixtures ---------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """One real redis-server for the whole session (the lead moves this to conftest.py)."""
-    server = RedisServer(tmp_path_factory.mktemp("redis"), free_port())
-    with server:
-        yield server.url
-
-
 @pytest.fixture
 def namespace() -> str:
     # Tests share the session's Redis: a fresh namespace keeps their counters apart.

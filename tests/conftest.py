@@ -1,0 +1,52 @@
+"""Session fixtures: one Redis for the unit tests, and one real serving stack (Redis, Ray, Serve,
+a vLLM engine on the real SmolLM2 model) shared by every end-to-end test."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lamps.local_stack import RunningStack, load_serve_config, local_stack
+from lamps.model import PreparedModels, prepare_models
+from lamps.redis_server import RedisServer, free_port
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(os.environ.get("LAMPS_DATA_DIR", PROJECT_DIR / "data"))
+SERVE_CONFIG = PROJECT_DIR / "cluster" / "serve-cpu.yaml"
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def prepared_models() -> PreparedModels:
+    return prepare_models(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with RedisServer(tmp_path_factory.mktemp("redis"), free_port()) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def stack(prepared_models: PreparedModels) -> Iterator[RunningStack]:
+    """The application of cluster/serve-cpu.yaml, as `make serve` runs it, on free ports so a
+    server already running on this machine is left alone."""
+    config = load_serve_config(SERVE_CONFIG)
+    config["http_options"]["port"] = free_port()
+    app = config["applications"][0]
+    app["args"]["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
+    app["args"]["max_tool_calls_limit"] = 8
+    # Small enough that the context-limit tests need no giant prompts.
+    app["args"]["engine"]["max_model_len"] = 2048
+    with local_stack(config, PROJECT_DIR, DATA_DIR) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def http(stack: RunningStack) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=stack.http_url, timeout=300) as client:
+        yield client

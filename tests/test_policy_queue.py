@@ -1,0 +1,57 @@
+"""The waiting queue the scheduler plugin installs orders vLLM's own Request objects by the
+policy: with the vLLM baseline, by the arrival of the whole augmented request."""
+
+from __future__ import annotations
+
+from vllm import SamplingParams
+from vllm.v1.request import Request
+
+from lamps_core import RequestMeta, make_policy
+from lamps_vllm.request_queue import PolicyRequestQueue
+from lamps_vllm.scheduler import LampsScheduler
+
+
+def request(engine_id: str, engine_arrival: float, logical_arrival: float | None) -> Request:
+    extra = None
+    if logical_arrival is not None:
+        meta = RequestMeta(request_id=engine_id.split("-")[0], arrival_time=logical_arrival)
+        extra = meta.to_extra_args()
+    return Request(
+        request_id=engine_id,
+        prompt_token_ids=[1, 2, 3],
+        sampling_params=SamplingParams(max_tokens=4, extra_args=extra),
+        pooling_params=None,
+        arrival_time=engine_arrival,
+    )
+
+
+def queue() -> PolicyRequestQueue:
+    # The plugin's own view function, without building a whole scheduler.
+    view_owner = LampsScheduler.__new__(LampsScheduler)
+    view_owner._lamps_meta = {}
+    return PolicyRequestQueue(make_policy("vllm"), view_owner._queued_view)
+
+
+def test_resumed_segment_keeps_its_requests_place() -> None:
+    q = queue()
+    newcomer = request("b-s0", engine_arrival=10.0, logical_arrival=10.0)
+    resumed = request("a-s1", engine_arrival=12.0, logical_arrival=5.0)  # request a came first
+    plain = request("c", engine_arrival=11.0, logical_arrival=None)  # not from our serving layer
+    for r in (newcomer, resumed, plain):
+        q.add_request(r)
+    assert [r.request_id for r in q] == ["a-s1", "b-s0", "c"]
+    assert q.peek_request() is resumed
+    assert [q.pop_request().request_id for _ in range(3)] == ["a-s1", "b-s0", "c"]
+    assert not q
+
+
+def test_remove_and_prepend_keep_policy_order() -> None:
+    q = queue()
+    rs = [request(f"r{i}-s0", engine_arrival=float(i), logical_arrival=float(i)) for i in range(5)]
+    for r in rs:
+        q.add_request(r)
+    q.remove_requests([rs[1], rs[3]])
+    assert [r.request_id for r in q] == ["r0-s0", "r2-s0", "r4-s0"]
+    first = q.pop_request()
+    q.prepend_request(first)  # vLLM prepends a request it could not schedule this step
+    assert q.peek_request() is first and len(q) == 3

@@ -1,0 +1,73 @@
+"""Another Ray Serve application calls LAMPS through a handle, without HTTP."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import ray.cloudpickle
+from ray import serve
+
+from lamps.local_stack import RunningStack
+from tests.conftest import MODEL
+
+pytestmark = pytest.mark.engine
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Calculus:
+    """A second application: asks LAMPS a question through the `lamps` app's handle."""
+
+    def __init__(self) -> None:
+        self._lamps = serve.get_app_handle("lamps")
+
+    async def __call__(self, question: str) -> dict[str, Any]:
+        response = await self._lamps.chat.remote(
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": question}],
+                "tools": [{"type": "function", "function": {"name": "calculator"}}],
+                "tool_choice": "required",
+                "max_tokens": 48,
+            }
+        )
+        return response.model_dump(mode="json")
+
+
+def test_second_app_calls_through_a_handle(stack: RunningStack) -> None:
+    # Replicas cannot import the tests folder: ship this module's code by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    handle = serve.run(Calculus.bind(), name="calculus", route_prefix="/calculus")
+    try:
+        body = handle.remote("What is 1234*5678?").result(timeout_s=300)
+    finally:
+        serve.delete("calculus")
+    [execution] = body["tool_executions"]
+    assert execution["name"] == "calculator"
+    assert execution["output"] == "7006652"
+    assert "7006652" in body["choices"][0]["message"]["content"]
+
+
+def test_handle_errors_are_typed(stack: RunningStack) -> None:
+    from lamps_vllm.errors import RequestError, UnknownModelError
+
+    lamps = serve.get_app_handle("lamps")
+    with pytest.raises(UnknownModelError, match="gpt-9"):
+        lamps.chat.remote(
+            {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}
+        ).result()
+    with pytest.raises(RequestError, match="api_time"):
+        lamps.replay.remote(
+            {
+                "segments": [
+                    {
+                        "prompt_tokens": 4,
+                        "completion_tokens": 1,
+                        "api_time": -1,
+                        "api_token_length": 1,
+                    },
+                    {"prompt_tokens": 6, "completion_tokens": 1},
+                ]
+            }
+        ).result()
