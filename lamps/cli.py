@@ -16,8 +16,12 @@ DEFAULT_SERVE_CONFIG = PROJECT_DIR / "cluster" / "serve-cpu.yaml"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lamps", description=__doc__)
-    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
-                        help="models, caches, Redis files (default: %(default)s)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="models, caches, Redis files (default: %(default)s)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     model = commands.add_parser("model", help="the embedded models")
@@ -25,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     model_commands.add_parser("prepare", help="build the SmolLM2 and tiny dummy model folders")
 
     serve_cmd = commands.add_parser("serve", help="serve locally until Ctrl-C")
-    serve_cmd.add_argument("--config", type=Path, default=DEFAULT_SERVE_CONFIG,
-                           help="Serve config (default: %(default)s)")
+    serve_cmd.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_SERVE_CONFIG,
+        help="Serve config (default: %(default)s)",
+    )
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -43,8 +51,10 @@ def _prepare(data_dir: Path) -> int:
 
     started = time.monotonic()
     models = prepare_models(data_dir)
-    print(f"models ready in {time.monotonic() - started:.1f} s:\n  {models.smollm2}\n"
-          f"  {models.tiny_dummy}")
+    print(
+        f"models ready in {time.monotonic() - started:.1f} s:\n  {models.smollm2}\n"
+        f"  {models.tiny_dummy}"
+    )
     return 0
 
 
@@ -53,12 +63,15 @@ def _serve(config_path: Path, data_dir: Path) -> int:
     from lamps.model import prepare_models
 
     prepare_models(data_dir)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack like Ctrl-C does
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as Ctrl-C does
     started = time.monotonic()
     try:
         with local_stack(load_serve_config(config_path), PROJECT_DIR, data_dir) as stack:
-            print(f"LAMPS serving on {stack.http_url} (ready in {time.monotonic() - started:.0f} s);"
-                  " Ctrl-C stops everything", flush=True)
+            print(
+                f"LAMPS serving on {stack.http_url} (ready in {time.monotonic() - started:.0f} s);"
+                " Ctrl-C stops everything",
+                flush=True,
+            )
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:

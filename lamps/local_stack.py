@@ -8,8 +8,11 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 RAY_NODE_IP = "127.0.0.2"  # Ray rewrites 127.0.0.1 to the machine's address; this stays local
 OBJECT_STORE_BYTES = 512 * 1024 * 1024
+STACK_MARK = "LAMPS_STACK_ID"
 
 
 class StackError(RuntimeError):
@@ -72,14 +76,16 @@ def local_stack(
 ) -> Iterator[RunningStack]:
     schema = ServeDeploySchema.model_validate(config)
     redis_url = _single_redis_url(schema)
-    os.environ.update(engine_environment(project_dir, data_dir))
+    # Every process started from here on inherits this mark, which finds them at the end even
+    # after Ctrl-C killed their parents (the terminal signals Ray's daemons too).
+    stack_id = uuid.uuid4().hex
+    os.environ.update(engine_environment(project_dir, data_dir), **{STACK_MARK: stack_id})
     ray_temp = Path(tempfile.mkdtemp(prefix="lamps-ray-"))
     redis_server = _redis_for(redis_url, data_dir)
-    ours = psutil.Process()
-    descendants: list[psutil.Process] = []
     try:
         if redis_server is not None:
             redis_server.start()
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(
             include_dashboard=False,
             object_store_memory=OBJECT_STORE_BYTES,
@@ -89,6 +95,9 @@ def local_stack(
             namespace="serve",
             logging_level=logging.WARNING,
         )
+        # Ray's driver aborts on SIGTERM, which would skip the cleanup below: restore ours.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
         client = serve_api.serve_start(
             http_options=schema.http_options.model_dump(),
             proxy_location=schema.proxy_location,
@@ -98,16 +107,13 @@ def local_stack(
         http = schema.http_options
         yield RunningStack(f"http://{http.host}:{http.port}", redis_url, schema)
     finally:
-        # Remember every process we started (engine-core processes are grandchildren of Ray
-        # workers) so that none survives, however Ray's own shutdown goes.
-        descendants = ours.children(recursive=True)
         with contextlib.suppress(Exception):
             serve.shutdown()
         with contextlib.suppress(Exception):
             ray.shutdown()
         if redis_server is not None:
             redis_server.stop()
-        _reap(descendants)
+        _reap(_marked_processes(stack_id))
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
@@ -148,6 +154,17 @@ def _wait_running(schema: ServeDeploySchema, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise StackError(f"Serve applications not running after {timeout_s:.0f} s: {states}")
         time.sleep(1.0)
+
+
+def _marked_processes(stack_id: str) -> list[psutil.Process]:
+    """Processes of this stack still alive: Ray's daemons and workers, vLLM engine cores."""
+    me = os.getpid()
+    marked = []
+    for p in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if p.pid != me and p.environ().get(STACK_MARK) == stack_id:
+                marked.append(p)
+    return marked
 
 
 def _reap(processes: list[psutil.Process]) -> None:
