@@ -62,12 +62,17 @@ class TraceRequest(BaseModel):
     model: str | None = None
     request_id: str | None = Field(default=None, min_length=1, max_length=128)
     segments: list[TraceSegment] = Field(min_length=1)
+    policy: str | None = Field(
+        default=None, description="Schedule this request with another policy than the engine's."
+    )
+    policy_options: dict[str, Any] | None = None
 
 
 class TraceSegmentResult(BaseModel):
     index: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = Field(description="Prompt tokens found in the KV cache (not recomputed).")
     queue_and_prefill_s: float = Field(description="Submission to first token of the segment.")
     decode_s: float
     api_duration_s: float | None

@@ -49,7 +49,12 @@ class EngineReplica:
             yield event
 
     async def replay(
-        self, request_id: str, script: TraceScript, arrival_time: float
+        self,
+        request_id: str,
+        script: TraceScript,
+        arrival_time: float,
+        policy: str | None = None,
+        policy_options: dict[str, Any] | None = None,
     ) -> TraceOutcome:
         return await run_trace(
             self._engine,
@@ -59,6 +64,8 @@ class EngineReplica:
             script,
             self._call_tool,
             arrival_time,
+            policy,
+            policy_options,
         )
 
     def stats(self) -> dict[str, Any]:

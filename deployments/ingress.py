@@ -38,6 +38,7 @@ from deployments.api_models import (
     TraceSegmentResult,
 )
 from deployments.metrics import EngineStatsBoard, render_prometheus
+from lamps_core.policies import POLICY_NAMES
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, TextDelta, ToolExecution
 from lamps_vllm.errors import (
@@ -201,6 +202,7 @@ def _trace_response(outcome: TraceOutcome, model: str) -> TraceResponse:
                 index=s.index,
                 prompt_tokens=s.prompt_tokens,
                 completion_tokens=s.completion_tokens,
+                cached_tokens=s.cached_tokens,
                 queue_and_prefill_s=s.first_token_at - s.started_at,
                 decode_s=s.finished_at - s.first_token_at,
                 api_duration_s=s.api_call.duration_s if s.api_call else None,
@@ -308,8 +310,14 @@ class Ingress:
                 f"the script reaches a context of {script.total_tokens} tokens; this model's "
                 f"context is {self.settings.max_model_len} tokens"
             )
+        if request.policy is not None and request.policy not in POLICY_NAMES:
+            raise RequestError(
+                f"unknown policy {request.policy!r}; known: {', '.join(POLICY_NAMES)}"
+            )
         request_id = request.request_id or f"trace-{uuid.uuid4().hex}"
-        outcome = await self._engine.replay.remote(request_id, script, time.time())
+        outcome = await self._engine.replay.remote(
+            request_id, script, time.time(), request.policy, request.policy_options
+        )
         return _trace_response(outcome, self.settings.served_model_name)
 
     # ---- HTTP ----

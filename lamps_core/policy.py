@@ -1,13 +1,16 @@
 """The interface every scheduling policy implements, and the views of requests it decides on.
 
 The vLLM scheduler plugin builds these views from engine requests; simulators build them from
-traces. A policy answers two questions: in which order waiting requests run (`priority`, lowest
-first), and what happens to a request's KV cache while its API call runs (`strategy_for_call`).
+traces. A policy answers three questions: in which order waiting requests run (`priority`,
+lowest first); what happens to a request's KV cache when it stops for an API call
+(`strategy_for_call`); and, while calls run, which preserved requests give their memory up
+(`review_paused`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
@@ -24,21 +27,37 @@ class Strategy(StrEnum):
 
 
 @dataclass(slots=True)
+class EngineView:
+    """The engine as the scheduler sees it at one step."""
+
+    now: float  # wall clock, time.time()
+    running_tokens: int  # tokens held by running requests (C_batch)
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+
+
+@dataclass(slots=True)
 class QueuedRequest:
-    """A waiting engine request as a policy sees it."""
+    """A waiting engine request (one segment of an augmented request) as a policy sees it."""
 
     engine_request_id: str
     arrival_time: float  # of the whole augmented request, wall clock
     context_tokens: int  # tokens the request holds when it runs (prompt + output so far)
+    generated_tokens: int  # tokens this segment has generated (non-zero after a preemption)
+    queued_at: float  # when this engine request was queued, wall clock
+    passed_over: int  # scheduler steps it has waited while others were scheduled
     meta: RequestMeta | None  # absent for requests that did not come through our serving layer
 
 
 @dataclass(slots=True)
 class PausedCall:
-    """A request that has just stopped for an API call."""
+    """A request stopped for an API call, with what its KV cache is doing."""
 
     engine_request_id: str
     context_tokens: int
+    paused_at: float  # wall clock
+    strategy: Strategy  # what is done with its KV cache now
     meta: RequestMeta | None
 
 
@@ -52,9 +71,17 @@ class SchedulingPolicy(ABC):
     rerank_every_steps: ClassVar[int] = 0
 
     @abstractmethod
-    def priority(self, request: QueuedRequest, now: float) -> Priority:
+    def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
         """Sort key of a waiting request: lower runs first."""
 
     @abstractmethod
-    def strategy_for_call(self, call: PausedCall) -> Strategy:
-        """How to hold the KV cache of `call`'s request during its API call."""
+    def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
+        """How to hold the KV cache of `call`'s request when its API call starts."""
+
+    def review_paused(
+        self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
+    ) -> list[tuple[PausedCall, Strategy]]:
+        """Called while requests are paused with their KV cache preserved, and `blocks_needed`
+        more blocks would let the next waiting request run (0 when none is waiting for memory).
+        Returns the preserved calls to move to another strategy, and which."""
+        return []

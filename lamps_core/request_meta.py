@@ -30,6 +30,12 @@ class RequestMeta(BaseModel):
     remaining_segments: list[TraceSegment] | None = Field(
         default=None, description="Oracle knowledge from a trace script: this segment and the rest."
     )
+    policy: str | None = Field(
+        default=None,
+        description="Policy that schedules this request, instead of the engine's default: lets "
+        "a benchmark run several policies one after another on one engine.",
+    )
+    policy_options: dict[str, Any] | None = Field(default=None, description="Options of `policy`.")
 
     def to_extra_args(self) -> dict[str, Any]:
         return {META_KEY: self.model_dump(mode="json", exclude_none=True)}

@@ -17,6 +17,9 @@ class SchedulerPluginConfig(BaseModel):
 
     policy: str = Field(default="vllm", description=f"One of {', '.join(POLICY_NAMES)}.")
     policy_options: dict[str, Any] = Field(default_factory=dict)
+    max_preserve_s: float = Field(
+        default=600.0, gt=0, description="Longest a paused request's KV cache is held for it."
+    )
 
     def to_additional_config(self) -> dict[str, Any]:
         return {ADDITIONAL_CONFIG_KEY: self.model_dump()}

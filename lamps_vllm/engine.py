@@ -61,7 +61,9 @@ class EngineSettings(BaseModel):
             enforce_eager=self.enforce_eager,
             async_scheduling=self.async_scheduling,
             seed=self.seed,
-            disable_log_stats=False,  # our stat logger needs the scheduler's statistics
+            # Our stat logger (passed to AsyncLLM) still gets the scheduler's statistics; vLLM's
+            # own loggers stay off (they would also misread our keys in kv_connector_stats).
+            disable_log_stats=True,
             scheduler_cls=_SCHEDULERS[self.async_scheduling],
             additional_config=self.scheduler.to_additional_config(),
         )

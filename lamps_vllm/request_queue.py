@@ -1,4 +1,4 @@
-"""A vLLM `RequestQueue` whose order is a `lamps_core` policy's priority.
+"""A vLLM `RequestQueue` ordered by a priority function (a `lamps_core` policy's).
 
 vLLM's scheduler only peeks, pops, prepends and removes; it never looks at how the queue orders
 requests, so replacing its FCFS deque with this queue changes the order and nothing else.
@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 from vllm.v1.core.sched.request_queue import RequestQueue
 from vllm.v1.request import Request
 
-from lamps_core.policy import Priority, QueuedRequest, SchedulingPolicy
+from lamps_core.policy import EngineView, Priority
 
 # (priority, insertion number, request): the number breaks ties in insertion order and keeps
 # heapq from ever comparing two Request objects.
@@ -22,17 +21,21 @@ _Entry = tuple[Priority, int, Request]
 
 
 class PolicyRequestQueue(RequestQueue):
-    def __init__(self, policy: SchedulingPolicy, view: Callable[[Request], QueuedRequest]) -> None:
-        self._policy = policy
-        self._view = view
+    def __init__(
+        self,
+        priority: Callable[[Request, EngineView], Priority],
+        engine_view: Callable[[], EngineView],
+    ) -> None:
+        self._priority = priority
+        self._engine_view = engine_view
         self._heap: list[_Entry] = []
         self._counter = itertools.count()
 
-    def _entry(self, request: Request, now: float) -> _Entry:
-        return (self._policy.priority(self._view(request), now), next(self._counter), request)
+    def _entry(self, request: Request, engine: EngineView) -> _Entry:
+        return (self._priority(request, engine), next(self._counter), request)
 
     def add_request(self, request: Request) -> None:
-        heapq.heappush(self._heap, self._entry(request, time.time()))
+        heapq.heappush(self._heap, self._entry(request, self._engine_view()))
 
     def pop_request(self) -> Request:
         if not self._heap:
@@ -50,8 +53,9 @@ class PolicyRequestQueue(RequestQueue):
         self.add_request(request)
 
     def prepend_requests(self, requests: RequestQueue) -> None:
+        engine = self._engine_view()
         for request in requests:
-            self.add_request(request)
+            heapq.heappush(self._heap, self._entry(request, engine))
 
     def remove_request(self, request: Request) -> None:
         self.remove_requests((request,))
@@ -61,9 +65,9 @@ class PolicyRequestQueue(RequestQueue):
         self._heap = [entry for entry in self._heap if id(entry[2]) not in gone]
         heapq.heapify(self._heap)
 
-    def rerank(self, now: float) -> None:
+    def rerank(self, engine: EngineView) -> None:
         """Recompute every priority: for policies whose priorities change while requests wait."""
-        self._heap = [self._entry(entry[2], now) for entry in self._heap]
+        self._heap = [self._entry(entry[2], engine) for entry in self._heap]
         heapq.heapify(self._heap)
 
     def __bool__(self) -> bool:

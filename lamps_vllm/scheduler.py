@@ -1,17 +1,24 @@
 """The scheduler plugin (`scheduler_cls`): vLLM's scheduler with a `lamps_core` policy deciding
-the order of waiting requests and the handling of requests that stop for an API call.
+the order of waiting requests and what a request's KV cache does while its API call runs.
 
-KV block bookkeeping stays vLLM's; this class only swaps the waiting queues for policy-ordered
-ones and consults the policy when a request pauses. `LampsScheduler` is for engines without async
-scheduling (the CPU backend); `LampsAsyncScheduler` for GPUs, where subclassing the synchronous
-scheduler would turn async scheduling off.
+KV block bookkeeping stays vLLM's. This class swaps the waiting queues for policy-ordered ones,
+and when a segment ends in an API call it applies the policy's strategy to the finished engine
+request's blocks:
+- Discard: freed as vLLM frees them (they stay findable in the prefix cache until reused);
+- Preserve: not freed; the request's block table is kept under its engine id until the next
+  segment of the same augmented request has been scheduled (and has taken those blocks from the
+  prefix cache), or until the policy demotes the call to free memory.
+`LampsScheduler` is for engines without async scheduling (the CPU backend); `LampsAsyncScheduler`
+for GPUs, where subclassing the synchronous scheduler would turn async scheduling off.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -20,7 +27,14 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from lamps_core.policies import make_policy
-from lamps_core.policy import PausedCall, QueuedRequest, Strategy
+from lamps_core.policy import (
+    EngineView,
+    PausedCall,
+    Priority,
+    QueuedRequest,
+    SchedulingPolicy,
+    Strategy,
+)
 from lamps_core.request_meta import RequestMeta
 from lamps_vllm.config import SchedulerPluginConfig
 from lamps_vllm.request_queue import PolicyRequestQueue
@@ -29,6 +43,25 @@ logger = logging.getLogger(__name__)
 
 # Finishes that end a segment normally; aborted requests are not pausing for an API call.
 _SEGMENT_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+STATS_KEY = "lamps"  # our statistics ride in SchedulerStats.kv_connector_stats under this key
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """What the plugin remembers of an engine request while it is in the scheduler."""
+
+    meta: RequestMeta | None
+    queued_at: float
+    scheduling_steps_at_queue: int
+
+
+@dataclass(slots=True)
+class _Paused:
+    """A request paused in an API call whose KV blocks the plugin holds (Preserve)."""
+
+    request: Request  # the finished segment: its engine id still owns the blocks
+    call: PausedCall
+    num_blocks: int
 
 
 class LampsScheduler(Scheduler):
@@ -36,59 +69,212 @@ class LampsScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        config = SchedulerPluginConfig.from_additional_config(self.vllm_config.additional_config)
-        self.lamps_policy = make_policy(config.policy, **config.policy_options)
-        self._lamps_meta: dict[str, RequestMeta | None] = {}
-        self._lamps_steps = 0
-        self.lamps_strategy_counts: Counter[Strategy] = Counter()
-        self.waiting = PolicyRequestQueue(self.lamps_policy, self._queued_view)
-        self.skipped_waiting = PolicyRequestQueue(self.lamps_policy, self._queued_view)
-        logger.info("LAMPS scheduler running policy %r", config.policy)
+        self.lamps_config = SchedulerPluginConfig.from_additional_config(
+            self.vllm_config.additional_config
+        )
+        self._policies: dict[str, SchedulingPolicy] = {}
+        self.lamps_policy = self._policy(self.lamps_config.policy, self.lamps_config.policy_options)
+        self._tracked: dict[str, _Tracked] = {}
+        self._preserved: dict[str, _Paused] = {}  # by augmented request id
+        self._pausing: tuple[PausedCall, Strategy] | None = None  # set during _free_request
+        self._steps = 0
+        self._scheduling_steps = 0  # steps in which some waiting request was scheduled
+        self.lamps_counts: Counter[str] = Counter()
+        self.waiting = PolicyRequestQueue(self._priority, self._engine_view)
+        self.skipped_waiting = PolicyRequestQueue(self._priority, self._engine_view)
+        logger.info("LAMPS scheduler running policy %r", self.lamps_config.policy)
 
-    def _meta(self, request: Request) -> RequestMeta | None:
-        # Parsed once per engine request: the queue asks for views on every insertion.
-        if request.request_id not in self._lamps_meta:
+    # ---- policies ----
+
+    def _policy(self, name: str, options: dict[str, Any]) -> SchedulingPolicy:
+        key = json.dumps([name, options], sort_keys=True)
+        if key not in self._policies:
+            self._policies[key] = make_policy(name, **options)
+        return self._policies[key]
+
+    def _policy_for(self, meta: RequestMeta | None) -> SchedulingPolicy:
+        """The request's own policy if it names one (a benchmark switching policies on one
+        engine), else the engine's."""
+        if meta is None or meta.policy is None:
+            return self.lamps_policy
+        key = json.dumps([meta.policy, meta.policy_options or {}], sort_keys=True)
+        if key not in self._policies:
+            try:
+                self._policies[key] = make_policy(meta.policy, **(meta.policy_options or {}))
+            except ValueError as exc:
+                # The serving layer validates policies; a request that still names a bad one
+                # must not take the engine down with it. Remembered, so logged once.
+                logger.warning(
+                    "policy %r refused (%s); using %r", meta.policy, exc, self.lamps_config.policy
+                )
+                self._policies[key] = self.lamps_policy
+        return self._policies[key]
+
+    def _priority(self, request: Request, engine: EngineView) -> Priority:
+        view = self._queued_view(request)
+        return self._policy_for(view.meta).priority(view, engine)
+
+    # ---- views for the policy ----
+
+    def _engine_view(self) -> EngineView:
+        pool = self.kv_cache_manager.block_pool
+        return EngineView(
+            now=time.time(),
+            running_tokens=sum(r.num_tokens for r in self.running),
+            free_blocks=pool.get_num_free_blocks(),
+            total_blocks=pool.num_gpu_blocks - 1,  # less vLLM's null block
+            block_size=self.block_size,
+        )
+
+    def _track(self, request: Request) -> _Tracked:
+        tracked = self._tracked.get(request.request_id)
+        if tracked is None:
             params = request.sampling_params
-            extra = params.extra_args if params is not None else None
-            self._lamps_meta[request.request_id] = RequestMeta.from_extra_args(extra)
-        return self._lamps_meta[request.request_id]
+            meta = RequestMeta.from_extra_args(params.extra_args if params else None)
+            tracked = _Tracked(meta, time.time(), self._scheduling_steps)
+            self._tracked[request.request_id] = tracked
+        return tracked
 
     def _queued_view(self, request: Request) -> QueuedRequest:
-        meta = self._meta(request)
+        tracked = self._track(request)
+        meta = tracked.meta
         return QueuedRequest(
             engine_request_id=request.request_id,
             arrival_time=meta.arrival_time if meta else request.arrival_time,
             context_tokens=request.num_tokens,
+            generated_tokens=request.num_output_tokens,
+            queued_at=tracked.queued_at,
+            passed_over=self._scheduling_steps - tracked.scheduling_steps_at_queue,
             meta=meta,
         )
 
-    def _rerank_if_due(self) -> None:
-        every = self.lamps_policy.rerank_every_steps
-        self._lamps_steps += 1
-        if every and self._lamps_steps % every == 0:
-            now = time.time()
-            self.waiting.rerank(now)
-            self.skipped_waiting.rerank(now)
+    # ---- the step ----
+
+    def add_request(self, request: Request) -> None:
+        self._track(request)
+        super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        self._rerank_if_due()
-        return super().schedule(*args, **kwargs)
+        self._steps += 1
+        every = min((p.rerank_every_steps for p in self._policies.values()), default=0)
+        if every and self._steps % every == 0:
+            view = self._engine_view()
+            self.waiting.rerank(view)
+            self.skipped_waiting.rerank(view)
+        if self._preserved:
+            self._review_preserved()
+        output = super().schedule(*args, **kwargs)
+        if output.scheduled_new_reqs:
+            self._scheduling_steps += 1
+            self._release_resumed(output)
+        return output
+
+    def _blocks_needed(self) -> int:
+        """Blocks short of letting every running request grow a block and the head of the
+        waiting queue start: what preserved KV caches stand in the way of."""
+        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        wanted = len(self.running)
+        if self.waiting:
+            head = self.waiting.peek_request()
+            wanted += -(-head.num_tokens // self.block_size)
+        return max(0, wanted - free)
+
+    def _review_preserved(self) -> None:
+        now = time.time()
+        for logical_id, paused in list(self._preserved.items()):
+            if now - paused.call.paused_at > self.lamps_config.max_preserve_s:
+                # The continuation never came (client gone): stop holding memory for it.
+                self._release(logical_id, reason="expired")
+        if not self._preserved:
+            return
+        # Each paused call is reviewed by the policy that paused it.
+        by_policy: dict[int, tuple[SchedulingPolicy, list[PausedCall]]] = {}
+        for paused in self._preserved.values():
+            policy = self._policy_for(paused.call.meta)
+            by_policy.setdefault(id(policy), (policy, []))[1].append(paused.call)
+        engine, needed = self._engine_view(), self._blocks_needed()
+        decisions = [
+            decision
+            for policy, calls in by_policy.values()
+            for decision in policy.review_paused(calls, engine, needed)
+        ]
+        for call, strategy in decisions:
+            if strategy is not Strategy.PRESERVE and call.meta is not None:
+                self.lamps_counts[f"demoted_to_{strategy.value}"] += 1
+                self._release(call.meta.request_id, reason=f"demoted to {strategy.value}")
+
+    def _release_resumed(self, output: SchedulerOutput) -> None:
+        """The next segment of a preserved request has its blocks now (its prefix-cache lookup
+        took them, raising their reference counts): drop the paused segment's hold."""
+        for new in output.scheduled_new_reqs:
+            tracked = self._tracked.get(new.req_id)
+            meta = tracked.meta if tracked is not None else None
+            if meta is not None and meta.request_id in self._preserved:
+                self._release(meta.request_id, reason="resumed")
+
+    def _release(self, logical_id: str, reason: str) -> None:
+        paused = self._preserved.pop(logical_id)
+        self._free_request_blocks(paused.request)
+        self.lamps_counts[f"preserve_released_{reason.split()[0]}"] += 1
+
+    # ---- segment ends ----
 
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        self._on_request_freed(request)
-        return super()._free_request(request, *args, **kwargs)
+        self._pausing = self._pause_strategy(request)
+        try:
+            return super()._free_request(request, *args, **kwargs)
+        finally:
+            self._pausing = None
 
-    def _on_request_freed(self, request: Request) -> None:
-        meta = self._lamps_meta.pop(request.request_id, None)
+    def _pause_strategy(self, request: Request) -> tuple[PausedCall, Strategy] | None:
+        tracked = self._tracked.pop(request.request_id, None)
+        meta = tracked.meta if tracked else None
         if meta is None or not meta.ends_in_api_call or request.status not in _SEGMENT_END:
+            return None
+        call = PausedCall(
+            engine_request_id=request.request_id,
+            context_tokens=request.num_tokens,
+            paused_at=time.time(),
+            strategy=Strategy.DISCARD,
+            meta=meta,
+        )
+        strategy = self._policy_for(meta).strategy_for_call(call, self._engine_view())
+        if strategy is Strategy.SWAP:
+            # No swap path in this engine yet: the policies are told so; count if one asks.
+            self.lamps_counts["swap_unavailable"] += 1
+            strategy = Strategy.DISCARD
+        if strategy is Strategy.PRESERVE and not self.cache_config.enable_prefix_caching:
+            # The continuation finds preserved blocks only through the prefix cache.
+            strategy = Strategy.DISCARD
+        call.strategy = strategy
+        self.lamps_counts[f"calls_{strategy.value}"] += 1
+        return call, strategy
+
+    def _free_blocks(self, request: Request) -> None:
+        pausing = self._pausing
+        if pausing is None or pausing[1] is not Strategy.PRESERVE:
+            super()._free_blocks(request)
             return
-        call = PausedCall(request.request_id, request.num_tokens, meta)
-        strategy = self.lamps_policy.strategy_for_call(call)
-        self.lamps_strategy_counts[strategy] += 1
-        if strategy is not Strategy.DISCARD:
-            # Holding or moving blocks past the end of an engine request needs the KV connector
-            # of the strategy work; until a policy can ask for it, blocks are freed as vLLM does.
-            logger.warning("strategy %s not available in this engine; discarding", strategy)
+        call, _ = pausing
+        assert call.meta is not None
+        # Keep the block table: only the request object leaves the scheduler.
+        del self.requests[request.request_id]
+        blocks = self.kv_cache_manager.get_block_ids(request.request_id)
+        self._preserved[call.meta.request_id] = _Paused(request, call, sum(len(g) for g in blocks))
+
+    # ---- statistics ----
+
+    def make_stats(self, *args: Any, **kwargs: Any) -> Any:
+        stats = super().make_stats(*args, **kwargs)
+        if stats is not None:
+            ours = {
+                "policy": self.lamps_config.policy,
+                "preserved_requests": len(self._preserved),
+                "preserved_blocks": sum(p.num_blocks for p in self._preserved.values()),
+                **self.lamps_counts,
+            }
+            stats.kv_connector_stats = {**(stats.kv_connector_stats or {}), STATS_KEY: ours}
+        return stats
 
 
 class LampsAsyncScheduler(LampsScheduler, AsyncScheduler):

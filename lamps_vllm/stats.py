@@ -3,12 +3,14 @@ stat loggers registered on `AsyncLLM`; this one keeps the latest for metrics and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.config import VllmConfig
 from vllm.v1.metrics.loggers import StatLoggerBase
 from vllm.v1.metrics.stats import IterationStats, SchedulerStats
+
+from lamps_vllm.scheduler import STATS_KEY
 
 
 @dataclass
@@ -21,6 +23,9 @@ class EngineStatsSnapshot:
     prefix_cache_hits: int = 0  # tokens found, cumulative
     prompt_tokens: int = 0  # cumulative
     generation_tokens: int = 0  # cumulative
+    # The scheduler plugin's own figures (policy, preserved requests and blocks, strategy
+    # counts), which reach us inside SchedulerStats.kv_connector_stats.
+    scheduler: dict[str, Any] = field(default_factory=dict)
 
     @property
     def kv_blocks_free(self) -> int:
@@ -60,6 +65,9 @@ class _Recorder(StatLoggerBase):
             snap.kv_blocks_used = round(scheduler_stats.kv_cache_usage * snap.kv_blocks_total)
             snap.prefix_cache_queries += scheduler_stats.prefix_cache_stats.queries
             snap.prefix_cache_hits += scheduler_stats.prefix_cache_stats.hits
+            ours = (scheduler_stats.kv_connector_stats or {}).get(STATS_KEY)
+            if ours is not None:
+                snap.scheduler = dict(ours)
         if iteration_stats is not None:
             snap.prompt_tokens += iteration_stats.num_prompt_tokens
             snap.generation_tokens += iteration_stats.num_generation_tokens

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import xgrammar
 from vllm.sampling_params import StructuredOutputsParams
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
@@ -20,6 +21,17 @@ TOOL_CALL_START = Hermes2ProToolParser.tool_call_start_token
 TOOL_CALL_END = Hermes2ProToolParser.tool_call_end_token
 
 ToolMode = Literal["none", "auto", "required"] | str  # a str other than these names a function
+
+
+# Shapes a forced call's string arguments must take while decoding (not what the tool accepts,
+# which is more): a calculator expression is numbers joined by at least one operator, with one
+# level of parentheses. Without it the 135M embedded model writes "1234.5678" for "1234*5678".
+_NUMBER = r"[0-9]+(\.[0-9]{1,4})?"
+_OPERATOR = r" ?(\*\*|//|[-+*/%]) ?"
+_TERM = rf"(\( ?{_NUMBER}({_OPERATOR}{_NUMBER})+ ?\)|{_NUMBER})"
+DECODING_PATTERNS: dict[tuple[str, str], str] = {
+    ("calculator", "expression"): rf"^ ?-?{_TERM}({_OPERATOR}-?{_TERM})+ ?$",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,22 +42,49 @@ class ParsedToolCall:
 
 
 def forced_call_constraint(tools: list[dict[str, Any]], mode: ToolMode) -> StructuredOutputsParams:
-    """JSON schema allowing exactly one call to one of `tools` (or to the function `mode` names)."""
+    """JSON schema allowing exactly one call to one of `tools` (or to the function `mode` names).
+
+    Two things keep a small model (SmolLM2-135M) on track, measured on 10 arithmetic questions
+    (correct calculator calls 1/8 before, 7/10 after):
+    * the JSON is compact, exactly as the template's in-context calls are written
+      (`{"name": ..., "arguments": {...}}`); with free whitespace the model drifts into
+      indented JSON and loops inside strings. vLLM only exposes that switch engine-wide
+      (`disable_any_whitespace` in a request is ignored), so the schema is compiled here with
+      xgrammar into a grammar without free whitespace, falling back to the JSON schema;
+    * string arguments with a known shape get a `pattern`: the calculator's expression must
+      be numbers joined by at least one operator, which stops "3.5" for "3.5 * 4" and
+      "1234.5678" for "1234*5678".
+    """
     chosen = [t for t in tools if mode == "required" or t["function"]["name"] == mode]
-    alternatives = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "enum": [t["function"]["name"]]},
-                "arguments": t["function"].get("parameters") or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in chosen
-    ]
+    alternatives = []
+    for t in chosen:
+        name = t["function"]["name"]
+        # A copy: the caller's tool schemas stay as they are.
+        parameters = json.loads(json.dumps(t["function"].get("parameters") or {"type": "object"}))
+        for arg, prop in (parameters.get("properties") or {}).items():
+            pattern = DECODING_PATTERNS.get((name, arg))
+            if pattern and isinstance(prop, dict) and prop.get("type") == "string":
+                # The pattern bounds the length itself; xgrammar cannot combine both.
+                prop.pop("minLength", None)
+                prop.pop("maxLength", None)
+                prop["pattern"] = pattern
+        alternatives.append(
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    "arguments": parameters,
+                },
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema = alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}
-    return StructuredOutputsParams(json=schema)
+    try:
+        grammar = xgrammar.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False)
+    except Exception:  # a schema xgrammar cannot compile: vLLM's own JSON-schema path
+        return StructuredOutputsParams(json=schema)
+    return StructuredOutputsParams(grammar=str(grammar))
 
 
 def parse_forced_call(text: str) -> ParsedToolCall | None:

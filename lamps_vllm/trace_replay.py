@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -31,6 +32,7 @@ class SegmentRecord:
     index: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int  # of the prompt, found in the engine's KV cache: the rest was recomputed
     started_at: float  # wall clock, when the segment was submitted to the engine
     first_token_at: float
     finished_at: float
@@ -73,7 +75,10 @@ async def run_trace(
     script: TraceScript,
     call_tool: CallTool,
     arrival_time: float | None = None,
+    policy: str | None = None,
+    policy_options: dict[str, Any] | None = None,
 ) -> TraceOutcome:
+    """Run `script` as one augmented request; `policy` overrides the engine's for it."""
     check_fits(script, max_model_len)
     arrival = arrival_time if arrival_time is not None else time.time()
     # Seeded by the request id: distinct requests get distinct prompts (no accidental prefix
@@ -90,6 +95,8 @@ async def run_trace(
             segment_index=index,
             ends_in_api_call=seg.has_api_call,
             remaining_segments=script.segments[index:],
+            policy=policy,
+            policy_options=policy_options,
         )
         params = SamplingParams(
             max_tokens=seg.completion_tokens,
@@ -101,10 +108,12 @@ async def run_trace(
         started = time.time()
         first_token_at = 0.0
         token_ids: list[int] = []
+        cached = 0
         async for output in engine.generate(
             TokensPrompt(prompt_token_ids=context), params, f"{request_id}-s{index}"
         ):
             token_ids = list(output.outputs[0].token_ids)
+            cached = output.num_cached_tokens or 0
             if not first_token_at and token_ids:
                 first_token_at = time.time()
         finished = time.time()
@@ -122,6 +131,7 @@ async def run_trace(
                 index,
                 seg.prompt_tokens,
                 len(token_ids),
+                cached,
                 started,
                 first_token_at,
                 finished,

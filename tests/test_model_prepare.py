@@ -136,13 +136,16 @@ def test_tool_calls_and_responses(tokenizer: Any, as_string: bool) -> None:
         {"name": "calculator", "arguments": args},
         {"name": "calculator", "arguments": {"expression": "1/3"}},
     ]
-    # Both results in one user turn, then the generation prompt.
+    # Both results in one user turn with the question restated, then the generation prompt;
+    # once results are in, the tools block is left out (SmolLM2-135M echoes results otherwise).
     assert prompt.endswith(
         "<|im_start|>user\n"
-        "<tool_response>\n391\n</tool_response>\n"
-        "<tool_response>\n0.333\n</tool_response><|im_end|>\n"
+        "<tool_response>391</tool_response>\n"
+        "<tool_response>0.333</tool_response>\n"
+        'Use this result to answer the question "Compute both." in one sentence.<|im_end|>\n'
         "<|im_start|>assistant\n"
     )
+    assert "<tools>" not in prompt
 
 
 def test_tool_call_without_content(tokenizer: Any) -> None:

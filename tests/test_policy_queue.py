@@ -6,7 +6,7 @@ from __future__ import annotations
 from vllm import SamplingParams
 from vllm.v1.request import Request
 
-from lamps_core import RequestMeta, make_policy
+from lamps_core import EngineView, RequestMeta, make_policy
 from lamps_vllm.request_queue import PolicyRequestQueue
 from lamps_vllm.scheduler import LampsScheduler
 
@@ -28,8 +28,12 @@ def request(engine_id: str, engine_arrival: float, logical_arrival: float | None
 def queue() -> PolicyRequestQueue:
     # The plugin's own view function, without building a whole scheduler.
     view_owner = LampsScheduler.__new__(LampsScheduler)
-    view_owner._lamps_meta = {}
-    return PolicyRequestQueue(make_policy("vllm"), view_owner._queued_view)
+    view_owner._tracked = {}
+    view_owner._scheduling_steps = 0
+    view_owner._policies = {}
+    view_owner.lamps_policy = make_policy("vllm")
+    engine = EngineView(now=0.0, running_tokens=0, free_blocks=100, total_blocks=100, block_size=16)
+    return PolicyRequestQueue(view_owner._priority, lambda: engine)
 
 
 def test_resumed_segment_keeps_its_requests_place() -> None:

@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the scheduling code (pure Python, no engine)."""

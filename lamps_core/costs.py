@@ -1,0 +1,132 @@
+"""What one engine's work costs in time and memory: the constants INFERCEPT's waste formulas and
+LAMPS's memory-over-time score are written in.
+
+The engine profiler measures these on the replica actually serving (prefill and swap timings at a
+few sizes, fitted by `fit_linear`; `M` from the model config) and caches them on disk as the dict
+of `EngineCosts.to_dict`, so every value here is a plain number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# INFERCEPT's chunk size for chunked recompute: the batch size (tokens) at which a forward pass
+# saturates the GPU, so a recompute chunk up to it rides along with the batch almost for free.
+DEFAULT_SATURATION_TOKENS = 384
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """M: the KV cache one token occupies, a key and a value vector per layer and KV head."""
+    for name, value in (
+        ("num_layers", num_layers),
+        ("num_kv_heads", num_kv_heads),
+        ("head_dim", head_dim),
+        ("dtype_bytes", dtype_bytes),
+    ):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def fit_linear(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares `(intercept, slope)` of seconds against tokens.
+
+    With one distinct token count there is no slope to fit; that is a profiling mistake, so it
+    raises rather than return a flat line that would make every size cost the same.
+    """
+    if len(points) < 2:
+        raise ValueError(f"a linear fit needs at least 2 points, got {len(points)}")
+    n = len(points)
+    mean_x = math.fsum(x for x, _ in points) / n
+    mean_y = math.fsum(y for _, y in points) / n
+    sxx = math.fsum((x - mean_x) ** 2 for x, _ in points)
+    if sxx == 0.0:
+        raise ValueError("a linear fit needs at least 2 distinct token counts")
+    sxy = math.fsum((x - mean_x) * (y - mean_y) for x, y in points)
+    slope = sxy / sxx
+    return mean_y - slope * mean_x, slope
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCosts:
+    """Time and memory constants of one engine (model, GPU, parallelism).
+
+    `t_fwd` and `t_swap` are the linear fits INFERCEPT profiles. `decode_step_s` is separate
+    because one decode step of a whole batch is not the prefill of one token: prefill's slope is
+    per token of a long sequence, a decode step is dominated by reading the weights once.
+    """
+
+    kv_bytes_per_token: int  # M
+    fwd_intercept_s: float  # T_fwd(C) = fwd_intercept_s + fwd_slope_s · C
+    fwd_slope_s: float
+    swap_slope_s: float  # T_swap(C) = swap_intercept_s + swap_slope_s · C, one way
+    decode_step_s: float  # wall time of one decode iteration of the batch
+    swap_intercept_s: float = 0.0
+    saturation_tokens: int = DEFAULT_SATURATION_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.kv_bytes_per_token < 1:
+            raise ValueError(f"kv_bytes_per_token must be >= 1, got {self.kv_bytes_per_token}")
+        if self.saturation_tokens < 1:
+            raise ValueError(f"saturation_tokens must be >= 1, got {self.saturation_tokens}")
+        for name in (
+            "fwd_intercept_s",
+            "fwd_slope_s",
+            "swap_intercept_s",
+            "swap_slope_s",
+            "decode_step_s",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+
+    def t_fwd(self, tokens: float) -> float:
+        """Seconds to prefill `tokens` tokens; nothing runs (0 s) for none."""
+        if tokens <= 0:
+            return 0.0
+        return self.fwd_intercept_s + self.fwd_slope_s * tokens
+
+    def t_swap(self, tokens: float) -> float:
+        """Seconds to copy `tokens` tokens' KV one way between GPU and host; 0 s for none."""
+        if tokens <= 0:
+            return 0.0
+        return self.swap_intercept_s + self.swap_slope_s * tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineCosts:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown engine cost field(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    @classmethod
+    def coerce(cls, value: EngineCosts | Mapping[str, Any]) -> EngineCosts:
+        """Costs given as an object (the profiler) or a dict (a Serve config pinning them)."""
+        if isinstance(value, EngineCosts):
+            return value
+        if isinstance(value, Mapping):
+            return cls.from_dict(value)
+        raise ValueError(f"costs must be EngineCosts or a mapping, got {type(value).__name__}")
+
+
+# The INFERCEPT artifact's GPT-J 6B on one A100, fp16: T_fwd a = 0.0463 ms/token, c = 10 ms;
+# per-token swap latency 40 µs from its scheduler; M = 2·28 layers·16 heads·256·2 bytes. The decode
+# step is an assumption (about 30 ms for a batch of that model). For simulations and benchmarks;
+# a serving engine uses its own profile.
+GPTJ_6B_ARTIFACT = EngineCosts(
+    kv_bytes_per_token=kv_bytes_per_token(28, 16, 256, 2),
+    fwd_intercept_s=0.010,
+    fwd_slope_s=0.0463e-3,
+    swap_slope_s=4e-5,
+    decode_step_s=0.030,
+)

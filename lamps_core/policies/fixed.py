@@ -1,0 +1,40 @@
+"""First come first served with one strategy for every API call: the what-if baselines
+("always preserve", "always discard") the strategy-choosing policies are measured against."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lamps_core.policy import (
+    EngineView,
+    PausedCall,
+    Priority,
+    QueuedRequest,
+    SchedulingPolicy,
+    Strategy,
+)
+
+
+class FixedStrategyPolicy(SchedulingPolicy):
+    name = "fixed"
+
+    def __init__(self, strategy: str = "preserve") -> None:
+        self.strategy = Strategy(strategy)
+
+    def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
+        return (request.arrival_time,)
+
+    def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
+        return self.strategy
+
+    def review_paused(
+        self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
+    ) -> list[tuple[PausedCall, Strategy]]:
+        # Preserved memory goes back only when others need it, longest-paused first.
+        demoted: list[tuple[PausedCall, Strategy]] = []
+        for call in sorted(paused, key=lambda c: c.paused_at):
+            if blocks_needed <= 0:
+                break
+            demoted.append((call, Strategy.DISCARD))
+            blocks_needed -= -(-call.context_tokens // engine.block_size)
+        return demoted

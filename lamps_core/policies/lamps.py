@@ -1,0 +1,254 @@
+"""LAMPS: rank waiting requests by the memory-over-time of their remaining work (`scoring.py`),
+handle each API call with the strategy predicted for it, and promote starving requests.
+
+A request's score depends only on its context, its prediction and the engine load when it was
+scored, so it is computed once per (engine request, context length, predictor version) and reused:
+a re-rank costs a dictionary lookup and the starvation test per request. The queue is re-ranked
+every `rerank_every_steps` steps because waiting time enters the order only through the guard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+
+from lamps_core.costs import EngineCosts
+from lamps_core.policies.infercept import (
+    SwapBudget,
+    blocks_of,
+    check_swap_budget,
+    release_option,
+)
+from lamps_core.policy import (
+    EngineView,
+    PausedCall,
+    Priority,
+    QueuedRequest,
+    SchedulingPolicy,
+    Strategy,
+)
+from lamps_core.predictors import (
+    DEFAULT_API_S,
+    DEFAULT_API_TOKENS,
+    DEFAULT_DECODE_TOKENS,
+    PredictionDefaults,
+    Predictor,
+    make_predictor,
+)
+from lamps_core.scoring import score_remaining
+from lamps_core.starvation import (
+    DEFAULT_MAX_PASSED_OVER,
+    RANKED,
+    StarvationGuard,
+    promoted_priority,
+)
+from lamps_core.waste import argmin_strategy, min_waste_strategy, strategy_wastes
+
+DEFAULT_RERANK_EVERY_STEPS = 10
+# Plans of requests that finish without a call are popped only by `forget`; past this many the
+# oldest half goes (a dropped plan is only recomputed, never wrong).
+_MAX_PLANS = 1 << 15
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What was predicted for a queued request when it was scored."""
+
+    context_tokens: int  # the context it was scored at; a preempted request comes back longer
+    version: int  # the predictor's version then
+    priority: Priority
+    next_call: Strategy | None  # the predicted strategy of the call ending this segment
+    next_call_s: float  # its predicted duration
+
+
+class LampsPolicy(SchedulingPolicy):
+    name = "lamps"
+
+    def __init__(
+        self,
+        *,
+        costs: EngineCosts,
+        predictor: str | Predictor = "oracle",
+        noise: float | None = None,
+        seed: int = 0,
+        default_decode_tokens: int = DEFAULT_DECODE_TOKENS,
+        default_api_s: float = DEFAULT_API_S,
+        default_api_tokens: int = DEFAULT_API_TOKENS,
+        swap: bool = True,
+        swap_budget_tokens: int | None = None,
+        max_wait_s: float | None = None,
+        max_passed_over: int | None = DEFAULT_MAX_PASSED_OVER,
+        rerank_every_steps: int = DEFAULT_RERANK_EVERY_STEPS,
+    ) -> None:
+        if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
+            raise ValueError(f"rerank_every_steps must be an int >= 0, got {rerank_every_steps!r}")
+        self.costs = costs
+        defaults = PredictionDefaults(default_decode_tokens, default_api_s, default_api_tokens)
+        self.predictor = make_predictor(predictor, noise=noise, seed=seed, defaults=defaults)
+        self.allow_swap = swap
+        self.swap_budget_tokens = check_swap_budget(swap_budget_tokens)
+        self.guard = StarvationGuard(max_wait_s, max_passed_over)
+        # An instance value shadowing the interface's class default: it is an option here.
+        self.rerank_every_steps = rerank_every_steps  # type: ignore[misc]
+        self._plans: dict[str, _Plan] = {}
+        # Predicted durations of calls under way: engine request id -> (predictor version, s).
+        self._call_s: dict[str, tuple[int, float]] = {}
+
+    def update_api_estimates(self, estimates: Mapping[str, float]) -> None:
+        """New per-API-type mean durations for an estimates predictor (no-op for the others)."""
+        self.predictor.update(estimates)
+
+    def forget(self, engine_request_id: str) -> None:
+        """Drops what is remembered of a finished engine request."""
+        self._plans.pop(engine_request_id, None)
+        self._call_s.pop(engine_request_id, None)
+
+    # Ranking
+
+    def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
+        if self.guard.is_starving(request, engine):
+            return promoted_priority(request)
+        plan = self._plans.get(request.engine_request_id)
+        if (
+            plan is None
+            or plan.context_tokens != request.context_tokens
+            or plan.version != self.predictor.version
+        ):
+            plan = self._plan(request, engine)
+        return plan.priority
+
+    def _plan(self, request: QueuedRequest, engine: EngineView) -> _Plan:
+        prediction = self.predictor.predict(request.meta, request.generated_tokens)
+        scored = score_remaining(
+            request.context_tokens,
+            prediction,
+            self.costs,
+            other_tokens=engine.running_tokens,
+            allow_swap=self.allow_swap,
+        )
+        plan = _Plan(
+            context_tokens=request.context_tokens,
+            version=self.predictor.version,
+            priority=(
+                RANKED,
+                scored.memory_time,
+                request.arrival_time,
+                request.engine_request_id,
+            ),
+            next_call=scored.next_call,
+            next_call_s=prediction.api_s,
+        )
+        if len(self._plans) >= _MAX_PLANS:
+            for stale in list(islice(self._plans, _MAX_PLANS // 2)):
+                del self._plans[stale]
+        self._plans[request.engine_request_id] = plan
+        return plan
+
+    # Calls
+
+    def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
+        # The strategy predicted when the request was ranked (from its predicted pre-call length),
+        # applied at once: preserved first only when Preserve is the prediction.
+        plan = self._plans.pop(call.engine_request_id, None)
+        version = self.predictor.version
+        if plan is not None and plan.version == version and plan.next_call is not None:
+            strategy, call_s = plan.next_call, plan.next_call_s
+        else:  # not ranked under this predictor, or a call its prediction did not foresee
+            call_s = self.predictor.call_duration(call.meta)
+            tokens = call.context_tokens
+            strategy = min_waste_strategy(
+                tokens,
+                call_s,
+                engine.running_tokens,
+                engine.running_tokens + tokens,
+                self.costs,
+                allow_swap=self.allow_swap,
+            )
+        if strategy is Strategy.PRESERVE:
+            self._call_s[call.engine_request_id] = (version, call_s)
+        return strategy
+
+    def _predicted_call_s(self, call: PausedCall) -> float:
+        version = self.predictor.version
+        known = self._call_s.get(call.engine_request_id)
+        if known is not None and known[0] == version:
+            return known[1]
+        seconds = self.predictor.call_duration(call.meta)
+        self._call_s[call.engine_request_id] = (version, seconds)
+        return seconds
+
+    def review_paused(
+        self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
+    ) -> list[tuple[PausedCall, Strategy]]:
+        costs, running = self.costs, engine.running_tokens
+        candidates: list[tuple[dict[Strategy, float], PausedCall]] = []
+        for call in paused:
+            if call.strategy is not Strategy.PRESERVE:
+                continue
+            # A call that has outlived its prediction lasts at least as long as it has run: past
+            # that point LAMPS falls back to INFERCEPT's elapsed-time estimate.
+            api_s = max(self._predicted_call_s(call), engine.now - call.paused_at)
+            tokens = call.context_tokens
+            wastes = strategy_wastes(
+                tokens, api_s, running, running + tokens, costs, allow_swap=self.allow_swap
+            )
+            candidates.append((wastes, call))
+        self._forget_calls_except(paused)
+
+        budget = SwapBudget(self.swap_budget_tokens)
+        moves: list[tuple[PausedCall, Strategy]] = []
+        freed = 0
+        kept: list[tuple[dict[Strategy, float], PausedCall]] = []
+        # 1. Preserved calls whose predicted strategy is no longer Preserve (a longer estimate, an
+        #    overrun, a heavier batch) go to it; most wasteful first, so they get the swap budget.
+        candidates.sort(
+            key=lambda wc: (-wc[0][Strategy.PRESERVE], wc[1].paused_at, wc[1].engine_request_id)
+        )
+        for wastes, call in candidates:
+            if argmin_strategy(wastes) is not Strategy.PRESERVE:
+                target, releasing = release_option(
+                    call, engine, costs, allow_swap=self.allow_swap, budget=budget
+                )
+                # Over the swap budget the fallback is discard, which may not beat preserving.
+                if releasing < wastes[Strategy.PRESERVE]:
+                    if target is Strategy.SWAP:
+                        budget.take(call.context_tokens)
+                    moves.append((call, target))
+                    freed += blocks_of(call.context_tokens, engine.block_size)
+                    continue
+            kept.append((wastes, call))
+        if freed >= blocks_needed:
+            return moves
+
+        # 2. Memory is needed. The artifact "demotes paused requests whose waste is below the
+        #    current maximum to their predicted strategy": the preserved calls are those predicted
+        #    to be cheapest kept, so what is ranked is the waste their demotion costs (the best of
+        #    discard and swap). Demoting cheapest first frees memory for the least waste, and the
+        #    call whose demotion costs the current maximum goes last, only if nothing else covers
+        #    `blocks_needed` (unlike the artifact, which would never free it, a single preserved
+        #    call can still be freed).
+        kept.sort(
+            key=lambda wc: (
+                min(w for s, w in wc[0].items() if s is not Strategy.PRESERVE),
+                wc[1].paused_at,
+                wc[1].engine_request_id,
+            )
+        )
+        for _, call in kept:
+            if freed >= blocks_needed:
+                break
+            target, _ = release_option(
+                call, engine, costs, allow_swap=self.allow_swap, budget=budget
+            )
+            if target is Strategy.SWAP:
+                budget.take(call.context_tokens)
+            moves.append((call, target))
+            freed += blocks_of(call.context_tokens, engine.block_size)
+        return moves
+
+    def _forget_calls_except(self, paused: Sequence[PausedCall]) -> None:
+        # Durations of calls no longer paused (returned, or no longer preserved) are not needed.
+        if len(self._call_s) > len(paused):
+            live = {call.engine_request_id for call in paused}
+            self._call_s = {rid: v for rid, v in self._call_s.items() if rid in live}

@@ -1,0 +1,265 @@
+"""What a policy believes about a request's future: how much it still decodes, whether an API call
+follows, how long that call lasts and how many tokens it returns.
+
+- `OraclePredictor`: the trace's own numbers (`RequestMeta.remaining_segments`), every segment.
+- `NoisyOraclePredictor`: the oracle with `N(0, p·x)` added to every duration and length `x`, the
+  LAMPS evaluation's sensitivity test. Each segment's draw comes from an RNG seeded by
+  (seed, request id, segment index), so it is the same whichever order requests are asked about
+  and whichever segment of the request asks.
+- `ToolEstimatePredictor`: call durations from per-API-type means that the engine refreshes from
+  the tool workers' records; lengths from the trace when it has them. It looks one call ahead.
+
+A request without a trace (chat, or no meta at all) gets `PredictionDefaults`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from lamps_core.request_meta import RequestMeta
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentForecast:
+    """One segment still ahead (or under way): decode, then maybe an API call."""
+
+    decode_tokens: int  # tokens still to decode in it
+    api_s: float | None  # duration of the call ending it; None: no call, or the forecast ends here
+    api_tokens: int = 0  # tokens the call appends to the context
+    api_type: str | None = None
+
+    @property
+    def has_call(self) -> bool:
+        return self.api_s is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The forecast of a request's remaining work, current segment first."""
+
+    segments: tuple[SegmentForecast, ...]
+
+    def __post_init__(self) -> None:
+        if not self.segments:
+            raise ValueError("a prediction needs at least the current segment")
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens decoded before the next call (or to the end)."""
+        return self.segments[0].decode_tokens
+
+    @property
+    def has_call(self) -> bool:
+        return self.segments[0].has_call
+
+    @property
+    def api_s(self) -> float:
+        """The next call's duration; 0 s when none follows."""
+        return self.segments[0].api_s or 0.0
+
+    @property
+    def api_tokens(self) -> int:
+        return self.segments[0].api_tokens
+
+    @property
+    def remaining_decode_tokens(self) -> int:
+        """Decode tokens over every forecast segment."""
+        return sum(s.decode_tokens for s in self.segments)
+
+
+DEFAULT_DECODE_TOKENS = 128
+DEFAULT_API_S = 1.0
+DEFAULT_API_TOKENS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionDefaults:
+    """What is assumed where nothing is known (chat requests, requests without meta)."""
+
+    decode_tokens: int = DEFAULT_DECODE_TOKENS
+    api_s: float = DEFAULT_API_S
+    api_tokens: int = DEFAULT_API_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.decode_tokens < 1:
+            raise ValueError(f"default_decode_tokens must be >= 1, got {self.decode_tokens}")
+        if not (math.isfinite(self.api_s) and self.api_s >= 0):
+            raise ValueError(f"default_api_s must be a finite number >= 0, got {self.api_s}")
+        if self.api_tokens < 0:
+            raise ValueError(f"default_api_tokens must be >= 0, got {self.api_tokens}")
+
+    def prediction(
+        self, meta: RequestMeta | None, generated_tokens: int, api_s: float | None = None
+    ) -> Prediction:
+        """The current segment (ending in a call only when the meta says one is forced), and,
+        after a call, one more segment of default length."""
+        decode = max(self.decode_tokens - generated_tokens, 1)
+        if meta is None or not meta.ends_in_api_call:
+            return Prediction((SegmentForecast(decode, None),))
+        call_s = self.api_s if api_s is None else api_s
+        return Prediction(
+            (
+                SegmentForecast(decode, call_s, self.api_tokens),
+                SegmentForecast(self.decode_tokens, None),
+            )
+        )
+
+
+class Predictor(ABC):
+    """Predictions for requests; `version` changes whenever the same request would now be
+    predicted differently, so callers caching predictions know to drop them."""
+
+    version: int = 0
+
+    def __init__(self, defaults: PredictionDefaults | None = None) -> None:
+        self.defaults = defaults or PredictionDefaults()
+
+    @abstractmethod
+    def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
+        """The remaining work of the segment `meta` describes, which has decoded
+        `generated_tokens` already (non-zero after a preemption)."""
+
+    def update(self, estimates: Mapping[str, float]) -> None:  # noqa: B027 (optional hook)
+        """New per-API-type mean durations (seconds); ignored by predictors that do not use them."""
+
+    def call_duration(self, meta: RequestMeta | None) -> float:
+        """Predicted seconds of the API call that ends the segment `meta` describes. A segment
+        can stop for a call nobody foresaw (a chat turn that chose a tool): the default then."""
+        prediction = self.predict(meta)
+        return prediction.api_s if prediction.has_call else self.defaults.api_s
+
+
+class OraclePredictor(Predictor):
+    def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
+        if meta is None or not meta.remaining_segments:
+            return self.defaults.prediction(meta, generated_tokens)
+        forecasts = [
+            SegmentForecast(
+                seg.completion_tokens, seg.api_time, seg.api_token_length or 0, seg.api_type
+            )
+            for seg in meta.remaining_segments
+        ]
+        return Prediction(_after_generated(forecasts, generated_tokens))
+
+
+class NoisyOraclePredictor(Predictor):
+    def __init__(self, p: float, seed: int = 0, defaults: PredictionDefaults | None = None) -> None:
+        if not (math.isfinite(p) and p >= 0):
+            raise ValueError(f"noise must be a finite number >= 0, got {p}")
+        super().__init__(defaults)
+        self.p = p
+        self.seed = seed
+
+    def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
+        if meta is None or not meta.remaining_segments:
+            return self.defaults.prediction(meta, generated_tokens)
+        forecasts = []
+        for offset, seg in enumerate(meta.remaining_segments):
+            rng = random.Random(f"{self.seed}:{meta.request_id}:{meta.segment_index + offset}")
+            # Always three draws in this order, so a segment's draws never depend on its fields.
+            decode_noise, api_noise, tokens_noise = (rng.gauss(0.0, 1.0) for _ in range(3))
+            decode = max(round(seg.completion_tokens * (1 + self.p * decode_noise)), 1)
+            api_s = None
+            api_tokens = 0
+            if seg.api_time is not None:
+                api_s = max(seg.api_time * (1 + self.p * api_noise), 0.0)
+                returned = seg.api_token_length or 0
+                api_tokens = max(round(returned * (1 + self.p * tokens_noise)), 0)
+            forecasts.append(SegmentForecast(decode, api_s, api_tokens, seg.api_type))
+        return Prediction(_after_generated(forecasts, generated_tokens))
+
+
+class ToolEstimatePredictor(Predictor):
+    """Durations from `estimates` (API type -> mean seconds), else `defaults.api_s`."""
+
+    def __init__(
+        self,
+        estimates: Mapping[str, float] | None = None,
+        defaults: PredictionDefaults | None = None,
+    ) -> None:
+        super().__init__(defaults)
+        self._estimates: dict[str, float] = {}
+        if estimates:
+            self.update(estimates)
+        self.version = 0
+
+    @property
+    def estimates(self) -> Mapping[str, float]:
+        return dict(self._estimates)
+
+    def update(self, estimates: Mapping[str, float]) -> None:
+        new = {}
+        for api_type, seconds in estimates.items():
+            if not (math.isfinite(seconds) and seconds >= 0):
+                raise ValueError(f"estimate for {api_type!r} must be finite and >= 0: {seconds}")
+            new[api_type] = float(seconds)
+        # Bumping the version makes callers recompute every cached score, so only on a change.
+        if new != self._estimates:
+            self._estimates = new
+            self.version += 1
+
+    def duration(self, api_type: str | None) -> float:
+        if api_type is None:
+            return self.defaults.api_s
+        return self._estimates.get(api_type, self.defaults.api_s)
+
+    def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
+        if meta is None or not meta.remaining_segments:
+            # No trace: no API type either, so the default duration.
+            return self.defaults.prediction(meta, generated_tokens, self.duration(None))
+        current, *rest = meta.remaining_segments
+        if current.api_time is None:
+            last = SegmentForecast(current.completion_tokens, None)
+            return Prediction(_after_generated([last], generated_tokens))
+        call = SegmentForecast(
+            current.completion_tokens,
+            self.duration(current.api_type),
+            current.api_token_length or 0,
+            current.api_type,
+        )
+        # One call ahead: the decode after it, and the forecast ends there.
+        forecasts = [call, SegmentForecast(rest[0].completion_tokens, None)] if rest else [call]
+        return Prediction(_after_generated(forecasts, generated_tokens))
+
+
+def _after_generated(
+    forecasts: list[SegmentForecast], generated_tokens: int
+) -> tuple[SegmentForecast, ...]:
+    """Takes what the current segment has decoded already off its forecast."""
+    first = forecasts[0]
+    remaining = max(first.decode_tokens - generated_tokens, 0)
+    forecasts[0] = SegmentForecast(remaining, first.api_s, first.api_tokens, first.api_type)
+    return tuple(forecasts)
+
+
+PREDICTOR_KINDS = ("oracle", "noisy", "estimates")
+
+
+def make_predictor(
+    kind: str | Predictor,
+    *,
+    noise: float | None = None,
+    seed: int = 0,
+    defaults: PredictionDefaults | None = None,
+) -> Predictor:
+    """The predictor a policy's options name (`predictor`, `noise`, `seed`); a ready `Predictor`
+    (one the engine keeps a handle on to `update`) is used as it is."""
+    if isinstance(kind, Predictor):
+        if noise is not None:
+            raise ValueError("option noise applies only to predictor 'noisy', not a given object")
+        return kind
+    if kind not in PREDICTOR_KINDS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_KINDS)}; got {kind!r}")
+    if kind == "noisy":
+        if noise is None:
+            raise ValueError("predictor 'noisy' needs the option noise (p, the relative std dev)")
+        return NoisyOraclePredictor(noise, seed, defaults)
+    if noise is not None:
+        raise ValueError(f"option noise applies only to predictor 'noisy', not {kind!r}")
+    if kind == "oracle":
+        return OraclePredictor(defaults)
+    return ToolEstimatePredictor(defaults=defaults)

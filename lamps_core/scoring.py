@@ -1,0 +1,92 @@
+"""LAMPS's rank: the area under a request's memory-versus-time curve for its remaining work, in
+byte·seconds, given the strategy predicted for each of its calls. Lowest runs first.
+
+With `M` the KV bytes per token, `δ` = `costs.decode_step_s` and the prediction's segments
+`i = 0..k` (the current one first), each decoding `d_i` tokens and then maybe calling an API for
+`T_i` s that returns `r_i` tokens:
+
+    C_0   = the request's context now (prompt and whatever it has generated)
+    C'_i  = C_i + d_i                       context when call i starts
+    C_i+1 = C'_i + r_i                      context when segment i+1 starts
+
+    decode_i = δ · d_i · (C_i + d_i/2) · M  memory grows linearly from C_i to C'_i over d_i steps
+    call_i   = T_i · C'_i · M               Preserve: holds C'_i for the whole call
+             = T_fwd(C'_i) · C'_i · M       Discard: holds nothing, then re-prefills C'_i
+             = 2 · T_swap(C'_i) · C'_i · M  Swap: holds nothing, pays the copy out and back in
+
+    score = Σ_i (decode_i + call_i)
+
+The strategy of call `i` is `min_waste_strategy(C'_i, T_i, C_other, C_other + C'_i)` (INFERCEPT's
+waste, `waste.py`) with `C_other` the tokens running now: the strategy LAMPS predicts for a call
+before it happens. Unlike the waste, a call's score counts only the request's own memory, because
+the score ranks requests against each other.
+
+How many segments are summed is the predictor's horizon: all remaining ones for the oracle, the
+next call and the decode after it for tool estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lamps_core.costs import EngineCosts
+from lamps_core.policy import Strategy
+from lamps_core.predictors import Prediction
+from lamps_core.waste import min_waste_strategy
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredPlan:
+    memory_time: float  # byte·seconds over the forecast
+    next_call: Strategy | None  # the strategy predicted for the next call; None if none follows
+
+
+def decode_memory_time(context_tokens: float, decode_tokens: float, costs: EngineCosts) -> float:
+    return (
+        costs.decode_step_s
+        * decode_tokens
+        * (context_tokens + decode_tokens / 2)
+        * costs.kv_bytes_per_token
+    )
+
+
+def call_memory_time(
+    context_tokens: float, api_s: float, strategy: Strategy, costs: EngineCosts
+) -> float:
+    m = costs.kv_bytes_per_token
+    if strategy is Strategy.PRESERVE:
+        return api_s * context_tokens * m
+    if strategy is Strategy.DISCARD:
+        return costs.t_fwd(context_tokens) * context_tokens * m
+    return 2 * costs.t_swap(context_tokens) * context_tokens * m
+
+
+def score_remaining(
+    context_tokens: int,
+    prediction: Prediction,
+    costs: EngineCosts,
+    *,
+    other_tokens: int,
+    allow_swap: bool = True,
+) -> ScoredPlan:
+    total = 0.0
+    next_call: Strategy | None = None
+    context = float(context_tokens)
+    for index, segment in enumerate(prediction.segments):
+        total += decode_memory_time(context, segment.decode_tokens, costs)
+        context += segment.decode_tokens
+        if segment.api_s is None:
+            break  # the request ends here, or the forecast does
+        strategy = min_waste_strategy(
+            context,
+            segment.api_s,
+            other_tokens,
+            other_tokens + context,
+            costs,
+            allow_swap=allow_swap,
+        )
+        if index == 0:
+            next_call = strategy
+        total += call_memory_time(context, segment.api_s, strategy, costs)
+        context += segment.api_tokens
+    return ScoredPlan(total, next_call)

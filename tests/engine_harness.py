@@ -1,0 +1,60 @@
+"""A real vLLM engine (tiny dummy-weight model) on its own event loop, for tests that look at
+the engine directly: block counts, cached tokens, the scheduler plugin's figures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from lamps_vllm.engine import EngineSettings, start_engine
+from lamps_vllm.stats import EngineStatsSnapshot
+
+T = TypeVar("T")
+
+
+class EngineHarness:
+    """AsyncLLM keeps background tasks on the loop it was started from, so every coroutine
+    that uses it runs on one loop in a thread of its own."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self.engine, self._stats = self.run(self._start())
+        self.vocab_size = self.engine.model_config.get_vocab_size()
+
+    async def _start(self) -> Any:
+        return start_engine(self.settings)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 300) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def stats(self) -> EngineStatsSnapshot:
+        return self._stats.snapshot
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def tiny_settings(model: Path, **overrides: Any) -> EngineSettings:
+    # 4 layers x 2 KV heads x 64 x K,V x fp32 = 4 KiB a token: 16 MiB is 4096 tokens, 256
+    # blocks of 16, small enough that a few requests fill it.
+    return EngineSettings.model_validate(
+        {
+            "model": model,
+            "served_model_name": "tiny",
+            "load_format": "dummy",
+            "max_model_len": 2048,
+            "kv_cache_bytes": 16 * 1024 * 1024,
+            "block_size": 16,
+            "max_num_seqs": 32,
+            **overrides,
+        }
+    )

@@ -1,0 +1,165 @@
+"""Each strategy does to a paused request's KV blocks what it says, on the real engine: Preserve
+keeps them resident and out of the prefix cache's reach until the request resumes, Discard
+frees them, memory pressure demotes preserved requests, and a drained engine is empty."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from lamps.model import PreparedModels
+from lamps_core.trace import TraceScript
+from lamps_vllm.trace_replay import TraceOutcome, run_trace
+from tests.engine_harness import EngineHarness, tiny_settings
+from tool_workers.tools import ToolResult
+from tool_workers.worker import ToolWorker
+
+BLOCK = 16
+PROMPT, DECODE = 200, 24  # the paused request holds 224 tokens in 14 blocks
+# KV exists for every token but the last one sampled (never fed back): 223 tokens, of which
+# the prefix cache can serve the 13 full blocks.
+REUSABLE = (PROMPT + DECODE - 1) // BLOCK * BLOCK
+SCRIPT = TraceScript.model_validate(
+    {
+        "segments": [
+            {
+                "prompt_tokens": PROMPT,
+                "completion_tokens": DECODE,
+                "api_time": 0.05,
+                "api_token_length": 8,
+            },
+            {"prompt_tokens": PROMPT + DECODE + 8, "completion_tokens": 8},
+        ]
+    }
+)
+PRESERVE = ("fixed", {"strategy": "preserve"})
+DISCARD = ("fixed", {"strategy": "discard"})
+
+
+@pytest.fixture(scope="module")
+def harness(prepared_models: PreparedModels) -> Iterator[EngineHarness]:
+    h = EngineHarness(tiny_settings(prepared_models.tiny_dummy))
+    yield h
+    h.close()
+
+
+async def filler(
+    h: EngineHarness, requests: int, prompt_tokens: int, concurrently: int, decode: int = 2
+) -> None:
+    """Unrelated requests with fresh prompts: they take blocks, and evict cached ones."""
+    rng = random.Random()
+
+    async def one() -> None:
+        prompt = [rng.randrange(1000, h.vocab_size) for _ in range(prompt_tokens)]
+        params = SamplingParams(max_tokens=decode, min_tokens=decode, ignore_eos=True)
+        async for _ in h.engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, f"filler-{uuid.uuid4().hex}"
+        ):
+            pass
+
+    for start in range(0, requests, concurrently):
+        await asyncio.gather(*(one() for _ in range(min(concurrently, requests - start))))
+
+
+def replay(
+    h: EngineHarness, policy: tuple[str, dict[str, Any]], during_call: Any = None
+) -> tuple[TraceOutcome, dict[str, Any]]:
+    """Replay SCRIPT; `during_call` runs while the request is paused, then the engine's
+    figures are read, still inside the pause."""
+    worker = ToolWorker(redis_url=None)
+    seen: dict[str, Any] = {}
+
+    async def call_tool(name: str, args: dict[str, Any], record_as: str | None) -> ToolResult:
+        if during_call is not None:
+            await during_call()
+        await asyncio.sleep(0.2)  # let the engine publish a step's statistics
+        seen.update(used=h.stats.kv_blocks_used, **h.stats.scheduler)
+        return await worker.call(name, args, record_as)
+
+    async def go() -> TraceOutcome:
+        return await run_trace(
+            h.engine,
+            h.vocab_size,
+            2048,
+            f"req-{uuid.uuid4().hex}",
+            SCRIPT,
+            call_tool,
+            policy=policy[0],
+            policy_options=policy[1],
+        )
+
+    return h.run(go()), seen
+
+
+def test_preserve_keeps_blocks_resident_through_the_call(harness: EngineHarness) -> None:
+    outcome, during = replay(harness, PRESERVE)
+    assert during["preserved_requests"] == 1
+    assert during["preserved_blocks"] == -(-(PROMPT + DECODE) // BLOCK)
+    assert during["used"] >= (PROMPT + DECODE) // BLOCK
+    resumed = outcome.segments[1]
+    assert resumed.cached_tokens == REUSABLE
+
+
+def test_discard_frees_blocks_during_the_call(harness: EngineHarness) -> None:
+    _, during = replay(harness, DISCARD)
+    assert during["preserved_requests"] == 0
+    assert during["used"] == 0
+
+
+def test_preserved_blocks_survive_eviction_pressure(harness: EngineHarness) -> None:
+    # Sequential fillers cycle the whole free pool (16 x 30 blocks > 256): a discarded request's
+    # cached blocks are evicted, a preserved request's are not.
+    def churn() -> Any:
+        return filler(harness, requests=16, prompt_tokens=480, concurrently=2)
+
+    discarded, _ = replay(harness, DISCARD, churn)
+    preserved, during = replay(harness, PRESERVE, churn)
+    assert discarded.segments[1].cached_tokens == 0  # recomputed in full
+    assert preserved.segments[1].cached_tokens == REUSABLE
+    assert during["preserved_requests"] == 1
+
+
+def test_memory_pressure_demotes_preserved_requests(harness: EngineHarness) -> None:
+    before = harness.stats.scheduler.get("demoted_to_discard", 0)
+
+    # Eight concurrent requests growing to 496 + 40 tokens want 8 x 34 blocks, more than the 241
+    # left beside the preserved request's 14: they all run only if it gives its blocks up.
+    def crowd() -> Any:
+        return filler(harness, requests=8, prompt_tokens=496, concurrently=8, decode=40)
+
+    outcome, during = replay(harness, PRESERVE, crowd)
+    assert during.get("demoted_to_discard") == before + 1, during
+    assert during["preserved_requests"] == 0
+    assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
+
+
+def test_drained_engine_holds_nothing(harness: EngineHarness) -> None:
+    async def many() -> None:
+        await asyncio.gather(
+            *(
+                run_trace(
+                    harness.engine,
+                    harness.vocab_size,
+                    2048,
+                    f"drain-{i}",
+                    SCRIPT,
+                    lambda n, a, r: ToolWorker(None).call(n, a, r),
+                    policy=PRESERVE[0] if i % 2 else DISCARD[0],
+                    policy_options=PRESERVE[1] if i % 2 else DISCARD[1],
+                )
+                for i in range(6)
+            )
+        )
+        await filler(harness, requests=1, prompt_tokens=16, concurrently=1)  # one more step
+
+    harness.run(many())
+    assert harness.stats.kv_blocks_used == 0
+    assert harness.stats.scheduler["preserved_requests"] == 0
+    assert harness.stats.running_requests == 0 and harness.stats.waiting_requests == 0

@@ -1,0 +1,309 @@
+"""The INFERCEPT, SJF and LAMPS policies and their registry, on hand-built queues.
+
+Costs: M = 1000 B/token, T_fwd(C) = 0.01 + 0.001·C s, T_swap(C) = 0.0001·C s, one decode step
+0.01 s, saturation 384 tokens; blocks of 16 tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lamps_core.costs import EngineCosts
+from lamps_core.policies import POLICY_NAMES, UnknownPolicyError, make_policy
+from lamps_core.policies.fcfs_discard import VllmPolicy
+from lamps_core.policies.lamps import LampsPolicy
+from lamps_core.policy import EngineView, PausedCall, QueuedRequest, SchedulingPolicy, Strategy
+from lamps_core.predictors import ToolEstimatePredictor
+from lamps_core.request_meta import RequestMeta
+from lamps_core.trace import TraceSegment
+
+COSTS = EngineCosts(
+    kv_bytes_per_token=1000,
+    fwd_intercept_s=0.01,
+    fwd_slope_s=0.001,
+    swap_slope_s=0.0001,
+    decode_step_s=0.01,
+)
+P, S, D = Strategy.PRESERVE, Strategy.SWAP, Strategy.DISCARD
+
+
+def engine(now: float = 100.0, running: int = 1000) -> EngineView:
+    return EngineView(
+        now=now, running_tokens=running, free_blocks=0, total_blocks=1000, block_size=16
+    )
+
+
+def trace_meta(
+    request_id: str, segments: list[tuple[int, float | None, int]], prompt: int = 100
+) -> RequestMeta:
+    """Segments as (completion tokens, api seconds or None, returned tokens) from `prompt`."""
+    built = []
+    context = prompt
+    for completion, api_s, returned in segments:
+        built.append(
+            TraceSegment(
+                prompt_tokens=context,
+                completion_tokens=completion,
+                api_time=api_s,
+                api_token_length=returned if api_s is not None else None,
+            )
+        )
+        context += completion + returned
+    return RequestMeta(
+        request_id=request_id,
+        arrival_time=0.0,
+        ends_in_api_call=built[0].has_api_call,
+        remaining_segments=built,
+    )
+
+
+def queued(
+    rid: str,
+    arrival: float = 0.0,
+    context: int = 100,
+    meta: RequestMeta | None = None,
+    passed_over: int = 0,
+) -> QueuedRequest:
+    return QueuedRequest(
+        engine_request_id=rid,
+        arrival_time=arrival,
+        context_tokens=context,
+        generated_tokens=0,
+        queued_at=arrival,
+        passed_over=passed_over,
+        meta=meta,
+    )
+
+
+def paused(
+    rid: str,
+    context: int,
+    paused_at: float,
+    strategy: Strategy = P,
+    meta: RequestMeta | None = None,
+) -> PausedCall:
+    return PausedCall(rid, context, paused_at, strategy, meta)
+
+
+def order(policy: SchedulingPolicy, requests: list[QueuedRequest], view: EngineView) -> list[str]:
+    return [r.engine_request_id for r in sorted(requests, key=lambda r: policy.priority(r, view))]
+
+
+# Registry
+
+
+def test_registry_knows_every_policy_and_keeps_vllm() -> None:
+    assert {"vllm", "infercept", "sjf", "lamps"} <= set(POLICY_NAMES)
+    assert isinstance(make_policy("vllm"), VllmPolicy)
+    assert isinstance(make_policy("vllm", costs=COSTS), VllmPolicy)  # costs it does not need
+    lamps = make_policy("lamps", costs=COSTS.to_dict(), predictor="noisy", noise=0.1, seed=3)
+    assert isinstance(lamps, LampsPolicy) and lamps.costs == COSTS
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("lamps", {"nosie": 0.1}, "'nosie' for policy 'lamps'"),
+        ("infercept", {"predictor": "oracle"}, "'predictor' for policy 'infercept'"),
+        ("vllm", {"swap": False}, "'swap' for policy 'vllm'"),
+        ("lamps", {"max_wait_s": "soon"}, "option 'max_wait_s'"),
+        ("sjf", {"swap_budget_tokens": 1.5}, "option 'swap_budget_tokens'"),
+        ("lamps", {"predictor": "noisy"}, "needs the option noise"),
+        ("sjf", {"noise": 0.2}, "noise applies only"),
+        ("lamps", {"rerank_every_steps": -1}, "rerank_every_steps"),
+        ("lamps", {"max_passed_over": -5}, "max_passed_over"),
+    ],
+)
+def test_bad_options_are_named(name: str, options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_policy(name, costs=COSTS, **options)
+
+
+def test_missing_costs_and_unknown_policy_are_errors() -> None:
+    with pytest.raises(ValueError, match="needs the engine's costs"):
+        make_policy("lamps")
+    with pytest.raises(UnknownPolicyError, match="known: vllm, infercept, sjf, lamps"):
+        make_policy("lifo", costs=COSTS)
+
+
+# INFERCEPT
+
+
+def test_infercept_is_fcfs_by_augmented_arrival_with_ids_breaking_ties() -> None:
+    policy = make_policy("infercept", costs=COSTS)
+    requests = [queued("b", arrival=2.0), queued("c", arrival=1.0), queued("a", arrival=2.0)]
+    assert order(policy, requests, engine()) == ["c", "a", "b"]
+    assert policy.strategy_for_call(paused("x", 400, 100.0), engine()) is P
+
+
+def test_infercept_leaves_preserve_once_elapsed_time_passes_break_even() -> None:
+    # C = 400, 1000 tokens running: W_D = 502 000, W_S = 112 000, W_P = elapsed·400 000.
+    no_swap = make_policy("infercept", costs=COSTS, swap=False)  # break-even 1.255 s
+    call = paused("x", 400, paused_at=100.0)
+    assert no_swap.review_paused([call], engine(now=101.2), 0) == []
+    assert no_swap.review_paused([call], engine(now=101.3), 0) == [(call, D)]
+    with_swap = make_policy("infercept", costs=COSTS)  # break-even 0.28 s
+    assert with_swap.review_paused([call], engine(now=100.25), 0) == []
+    assert with_swap.review_paused([call], engine(now=100.3), 0) == [(call, S)]
+    # Calls already discarded or swapped are not its business.
+    assert with_swap.review_paused([paused("y", 400, 0.0, D)], engine(), 0) == []
+
+
+def test_infercept_swap_budget_goes_to_the_most_wasteful_call() -> None:
+    policy = make_policy("infercept", costs=COSTS, swap_budget_tokens=500)
+    oldest = paused("a", 400, paused_at=90.0)  # W_P = 4 000 000: swapped
+    middle = paused("c", 400, paused_at=95.0)  # 2 000 000 > W_D: discarded, budget gone
+    recent = paused("b", 400, paused_at=99.0)  # 400 000 < W_D: kept until the next review
+    moves = policy.review_paused([recent, middle, oldest], engine(now=100.0), 0)
+    assert moves == [(oldest, S), (middle, D)]
+
+
+def test_infercept_frees_preserved_calls_to_cover_blocks_needed() -> None:
+    policy = make_policy("infercept", costs=COSTS)
+    # All under break-even; W_P = 16 000, 32 000, 24 000; blocks 10, 20, 30.
+    x = paused("x", 160, paused_at=99.9)
+    y = paused("y", 320, paused_at=99.9)
+    z = paused("z", 480, paused_at=99.95)
+    assert policy.review_paused([x, y, z], engine(now=100.0), 0) == []
+    # Most wasteful first until 25 blocks are covered: y (20), then z (30).
+    assert policy.review_paused([x, y, z], engine(now=100.0), 25) == [(y, S), (z, S)]
+    assert len(policy.review_paused([x, y, z], engine(now=100.0), 60)) == 3
+
+
+# SJF and LAMPS on a crafted queue
+
+# A decodes 10 + 5 tokens around a 2 s call; B decodes 20 + 5 around a 5 s call. With 2000 tokens
+# running and no swap path, A's call is cheapest preserved (W_P 220 000 < W_D 246 600) and B's
+# discarded (W_D 267 800 < W_P 600 000). LAMPS scores (byte·s):
+#   A: 0.01·10·(100+5)·1000 + 2·110·1000 + 0.01·5·(110+2.5)·1000 = 10 500 + 220 000 + 5 625
+#   B: 0.01·20·(100+10)·1000 + 0.13·120·1000 + 0.01·5·(120+2.5)·1000 = 22 000 + 15 600 + 6 125
+SHORT_LONG_CALL = trace_meta("A", [(10, 2.0, 0), (5, None, 0)])
+LONGER_SHORT_HOLD = trace_meta("B", [(20, 5.0, 0), (5, None, 0)])
+BUSY = engine(running=2000)
+
+
+def crafted_queue() -> list[QueuedRequest]:
+    return [
+        queued("A-s0", arrival=1.0, meta=SHORT_LONG_CALL),
+        queued("B-s0", arrival=2.0, meta=LONGER_SHORT_HOLD),
+    ]
+
+
+def test_sjf_ranks_by_predicted_remaining_decode() -> None:
+    policy = make_policy("sjf", costs=COSTS, swap=False)
+    assert order(policy, crafted_queue(), BUSY) == ["A-s0", "B-s0"]  # 15 < 25 tokens
+
+
+def test_lamps_ranks_a_long_preserved_call_behind_a_longer_request_that_discards() -> None:
+    policy = make_policy("lamps", costs=COSTS, swap=False)
+    a, b = crafted_queue()
+    assert policy.priority(a, BUSY)[1] == pytest.approx(236_125)
+    assert policy.priority(b, BUSY)[1] == pytest.approx(43_725)
+    assert order(policy, [a, b], BUSY) == ["B-s0", "A-s0"]
+    # Each call gets the strategy its ranking predicted, applied at once.
+    assert policy.strategy_for_call(paused("A-s0", 110, 100.0, meta=SHORT_LONG_CALL), BUSY) is P
+    assert policy.strategy_for_call(paused("B-s0", 120, 100.0, meta=LONGER_SHORT_HOLD), BUSY) is D
+
+
+def test_lamps_breaks_score_ties_by_arrival_then_id() -> None:
+    policy = make_policy("lamps", costs=COSTS)
+    same = trace_meta("x", [(10, None, 0)])
+    requests = [
+        queued("b", arrival=1.0, meta=same),
+        queued("a", arrival=1.0, meta=same),
+        queued("c", arrival=0.5, meta=same),
+    ]
+    assert order(policy, requests, engine()) == ["c", "a", "b"]
+
+
+def test_starvation_guard_promotes_a_request_that_never_ran() -> None:
+    policy = make_policy("lamps", costs=COSTS, max_passed_over=100, max_wait_s=None)
+    huge = trace_meta("H", [(5000, None, 0)], prompt=4000)
+    small = trace_meta("s", [(5, None, 0)])
+    never_ran = queued("H-s0", arrival=5.0, context=4000, meta=huge, passed_over=101)
+    older_starving = queued("O-s0", arrival=1.0, context=4000, meta=huge, passed_over=150)
+    fresh = queued("s-s0", arrival=9.0, meta=small)
+    order_now = order(policy, [fresh, never_ran, older_starving], engine())
+    assert order_now == ["O-s0", "H-s0", "s-s0"]  # promoted first, by arrival among them
+    at_threshold = queued("H-s0", arrival=5.0, context=4000, meta=huge, passed_over=100)
+    assert order(policy, [at_threshold, fresh], engine()) == ["s-s0", "H-s0"]
+
+
+def test_starvation_guard_by_age_and_disabled() -> None:
+    huge = trace_meta("H", [(5000, None, 0)], prompt=4000)
+    old = queued("H-s0", arrival=0.0, context=4000, meta=huge)
+    fresh = queued("s-s0", arrival=99.0, meta=trace_meta("s", [(5, None, 0)]))
+    by_age = make_policy("lamps", costs=COSTS, max_wait_s=60.0)
+    assert order(by_age, [fresh, old], engine(now=100.0)) == ["H-s0", "s-s0"]
+    assert order(by_age, [fresh, old], engine(now=50.0)) == ["s-s0", "H-s0"]
+    off = make_policy("lamps", costs=COSTS, max_wait_s=None, max_passed_over=None)
+    old.passed_over = 10**6
+    assert order(off, [fresh, old], engine(now=1e6)) == ["s-s0", "H-s0"]
+
+
+def test_lamps_rerank_period_is_an_option() -> None:
+    assert make_policy("lamps", costs=COSTS).rerank_every_steps == 10
+    assert make_policy("lamps", costs=COSTS, rerank_every_steps=3).rerank_every_steps == 3
+    assert SchedulingPolicy.rerank_every_steps == 0  # the interface default is untouched
+    assert make_policy("sjf", costs=COSTS).rerank_every_steps == 0
+
+
+def test_lamps_rescores_when_tool_estimates_change() -> None:
+    estimates = ToolEstimatePredictor()
+    policy = make_policy("lamps", costs=COSTS, predictor=estimates, swap=False)
+    typed = RequestMeta(
+        request_id="t",
+        arrival_time=0.0,
+        ends_in_api_call=True,
+        remaining_segments=[
+            TraceSegment(
+                prompt_tokens=100,
+                completion_tokens=10,
+                api_time=0.1,
+                api_token_length=0,
+                api_type="slow_tool",
+            ),
+            TraceSegment(prompt_tokens=110, completion_tokens=5),
+        ],
+    )
+    request = queued("t-s0", meta=typed)
+    before = policy.priority(request, BUSY)
+    assert policy.priority(request, BUSY) == before  # cached, same answer
+    policy.update_api_estimates({"slow_tool": 2.0})  # A's numbers: preserved for 2 s
+    assert policy.priority(request, BUSY)[1] == pytest.approx(236_125)
+    assert policy.priority(request, BUSY) != before
+
+
+def test_lamps_review_demotes_calls_whose_prediction_is_not_preserve() -> None:
+    # Predicted 0.01 s: preserve (W_P 4 000). Once it has run 0.3 s the estimate is 0.3 s and
+    # swap (W_S 112 000 < 120 000) wins, as INFERCEPT would decide.
+    policy = make_policy("lamps", costs=COSTS)
+    short = trace_meta("q", [(300, 0.01, 0), (5, None, 0)])
+    call = paused("q-s0", 400, paused_at=100.0, meta=short)
+    assert policy.strategy_for_call(call, engine(now=100.0)) is P
+    assert policy.review_paused([call], engine(now=100.1), 0) == []
+    assert policy.review_paused([call], engine(now=100.3), 0) == [(call, S)]
+
+
+def test_lamps_frees_cheapest_demotions_first_when_memory_is_needed() -> None:
+    # Both predicted preserve (0.01 s calls). Demoting x (swap, W_S 37 120) is cheaper than z
+    # (W_S 142 080), so x goes first and covers the 10 blocks; INFERCEPT would take z.
+    policy = make_policy("lamps", costs=COSTS)
+    x = paused("x", 160, 100.0, meta=trace_meta("x", [(60, 0.01, 0), (5, None, 0)]))
+    z = paused("z", 480, 100.0, meta=trace_meta("z", [(380, 0.01, 0), (5, None, 0)]))
+    view = engine(now=100.005)
+    assert policy.review_paused([z, x], view, 0) == []
+    assert policy.review_paused([z, x], view, 10) == [(x, S)]
+    assert policy.review_paused([z, x], view, 11) == [(x, S), (z, S)]
+    infercept = make_policy("infercept", costs=COSTS)
+    assert infercept.review_paused([z, x], view, 10) == [(z, S)]
+
+
+def test_lamps_forgets_finished_requests() -> None:
+    policy = make_policy("lamps", costs=COSTS)
+    assert isinstance(policy, LampsPolicy)
+    request, _ = crafted_queue()
+    policy.priority(request, BUSY)
+    assert request.engine_request_id in policy._plans
+    policy.forget(request.engine_request_id)
+    assert request.engine_request_id not in policy._plans
