@@ -25,24 +25,31 @@ from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
 
 logger = logging.getLogger(__name__)
 
+API_ESTIMATES_REFRESH_S = 5.0
+
 
 class EngineReplica:
-    def __init__(
+    async def __init__(
         self, engine: dict[str, Any], tool_worker: DeploymentHandle, redis_url: str | None
     ) -> None:
         self.settings = EngineSettings.model_validate(engine)
         self._tools = tool_worker
-        self._engine, self._stats = start_engine(self.settings)
+        self._engine, self._stats = await start_engine(self.settings)
         self._tokenizer = self._engine.get_tokenizer()
         self._vocab_size = self._engine.model_config.get_vocab_size()
         self._max_model_len = self.settings.max_model_len
         self._paused_in_tool_calls = 0
         replica_id = _replica_id()
         self._board = EngineStatsBoard(redis_url) if redis_url else None
-        self._publisher = asyncio.get_event_loop().create_task(self._publish_stats(replica_id))
+        self._api_estimates: dict[str, float] = {}
+        self._background = [
+            asyncio.create_task(self._publish_stats(replica_id)),
+            asyncio.create_task(self._refresh_api_estimates()),
+        ]
 
     async def chat(self, plan: ChatPlan) -> AsyncIterator[ChatEvent]:
         """Stream the events of one chat request (text deltas, tool executions, outcome)."""
+        plan.api_estimates = self._api_estimates or None
         async for event in run_chat(
             self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool
         ):
@@ -66,6 +73,7 @@ class EngineReplica:
             arrival_time,
             policy,
             policy_options,
+            self._api_estimates or None,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -113,6 +121,19 @@ class EngineReplica:
         while True:
             await self._board.publish(replica_id, self.settings.served_model_name, self.stats())
             await asyncio.sleep(1.0)
+
+    async def _refresh_api_estimates(self) -> None:
+        """What calls of each tool take, from the tool workers' Redis records; it travels to the
+        scheduler with every request (RequestMeta.api_estimates)."""
+        while True:
+            try:
+                estimates = await self._tools.estimates.remote()
+                self._api_estimates = {
+                    name: e.mean_s for name, e in estimates.items() if e.count and e.mean_s
+                }
+            except Exception as exc:  # Redis or the worker down: keep the last estimates
+                logger.warning("cannot refresh tool duration estimates: %s", exc)
+            await asyncio.sleep(API_ESTIMATES_REFRESH_S)
 
     def __del__(self) -> None:
         # Serve calls this on shutdown: stop the engine-core process with the replica.

@@ -10,11 +10,12 @@ lowest first); what happens to a request's KV cache when it stops for an API cal
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
+from lamps_core.costs import EngineCosts
 from lamps_core.request_meta import RequestMeta
 
 
@@ -61,14 +62,16 @@ class PausedCall:
     meta: RequestMeta | None
 
 
-Priority = tuple[float, ...]
+# Compared element by element; ties end in the request id so an order is always defined.
+Priority = tuple[float | str, ...]
 
 
 class SchedulingPolicy(ABC):
     name: ClassVar[str]
     # How often (in scheduler steps) the waiting queue is re-ranked; 0 means a request's priority
-    # is fixed when it is queued, so the queue never needs re-sorting.
-    rerank_every_steps: ClassVar[int] = 0
+    # is fixed when it is queued, so the queue never needs re-sorting. A policy may set it per
+    # instance from its options.
+    rerank_every_steps: int = 0
 
     @abstractmethod
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
@@ -77,6 +80,17 @@ class SchedulingPolicy(ABC):
     @abstractmethod
     def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
         """How to hold the KV cache of `call`'s request when its API call starts."""
+
+    def update_api_estimates(self, estimates: Mapping[str, float]) -> None:  # noqa: B027
+        """Mean API duration (s) per API type, learned from the tool workers' records."""
+
+    def forget(self, engine_request_id: str) -> None:  # noqa: B027
+        """The engine request left the scheduler: drop what the policy kept about it."""
+
+    def update_costs(self, costs: EngineCosts) -> None:
+        """The engine's costs were measured again; policies that use them keep the new ones."""
+        if hasattr(self, "costs"):
+            self.costs = costs
 
     def review_paused(
         self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int

@@ -27,6 +27,14 @@ class RequestMeta(BaseModel):
         default=False,
         description="The segment is known to end in an API call (forced call, trace).",
     )
+    api_type: str | None = Field(
+        default=None, description="The API (tool) the call ending this segment uses, when known."
+    )
+    api_estimates: dict[str, float] | None = Field(
+        default=None,
+        description="Mean duration (s) per API type from the tool workers' records, as the "
+        "serving layer last read them: how the scheduler's predictions learn durations.",
+    )
     remaining_segments: list[TraceSegment] | None = Field(
         default=None, description="Oracle knowledge from a trace script: this segment and the rest."
     )

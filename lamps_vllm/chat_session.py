@@ -49,6 +49,8 @@ class ChatPlan:
     max_tool_calls: int
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, seed, stop
     arrival_time: float = field(default_factory=time.time)
+    # Set by the engine replica: what the tool workers' records say calls take (by tool).
+    api_estimates: dict[str, float] | None = None
 
 
 @dataclass
@@ -183,11 +185,16 @@ def _segment_mode(plan: ChatPlan, segment: int, calls_made: int) -> ToolMode:
 
 def _sampling_params(plan: ChatPlan, mode: ToolMode, budget: int, segment: int) -> SamplingParams:
     forced = mode not in ("none", "auto")
+    # A forced call's tool is known before it is made when one tool is possible.
+    names = [t["function"]["name"] for t in plan.tools]
+    api_type = mode if mode in names else (names[0] if forced and len(names) == 1 else None)
     meta = RequestMeta(
         request_id=plan.request_id,
         arrival_time=plan.arrival_time,
         segment_index=segment,
         ends_in_api_call=forced,
+        api_type=api_type,
+        api_estimates=plan.api_estimates,
     )
     stop = list(plan.sampling.get("stop") or [])
     if mode == "auto":

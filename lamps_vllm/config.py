@@ -17,6 +17,12 @@ class SchedulerPluginConfig(BaseModel):
 
     policy: str = Field(default="vllm", description=f"One of {', '.join(POLICY_NAMES)}.")
     policy_options: dict[str, Any] = Field(default_factory=dict)
+    swap_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Host<->device copy rate of the swap path; measured (host memory copy) "
+        "when unset, which is right for CPU engines only.",
+    )
     max_preserve_s: float = Field(
         default=600.0, gt=0, description="Longest a paused request's KV cache is held for it."
     )

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from lamps_vllm.config import SchedulerPluginConfig
@@ -69,12 +72,33 @@ class EngineSettings(BaseModel):
         )
 
 
-def start_engine(settings: EngineSettings) -> tuple[AsyncLLM, EngineStatsLogger]:
-    """Start the engine (its core runs in a child process) and return it with its stats."""
+async def start_engine(settings: EngineSettings) -> tuple[AsyncLLM, EngineStatsLogger]:
+    """Start the engine (its core runs in a child process), let its scheduler measure what
+    prefills and decode steps cost, and return it with its statistics."""
     stats = EngineStatsLogger()
     started = time.monotonic()
     engine = AsyncLLM.from_engine_args(settings.engine_args(), stat_loggers=[stats.factory])
+    await warm_up(engine, settings.max_model_len)
     logger.info(
-        "engine for %s started in %.1f s", settings.served_model_name, time.monotonic() - started
+        "engine for %s started and measured in %.1f s",
+        settings.served_model_name,
+        time.monotonic() - started,
     )
     return engine, stats
+
+
+async def warm_up(engine: AsyncLLM, max_model_len: int) -> None:
+    """Prefills of a few sizes, one at a time, then a short decode: the steps the scheduler
+    plugin fits T_fwd and the decode step time on (lamps_vllm.profiling)."""
+    vocab = engine.model_config.get_vocab_size()
+    rng = random.Random(0)
+    sizes = [n for n in (32, 128, 512, 1024) if n < max_model_len]
+    runs = [(n, 1) for n in sizes for _ in range(2)] + [(16, 24)]
+    for i, (prompt_tokens, decode_tokens) in enumerate(runs):
+        # Fresh random prompts: a prefix-cache hit would time a shorter prefill than asked.
+        prompt = [rng.randrange(1000, vocab) for _ in range(prompt_tokens)]
+        params = SamplingParams(max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True)
+        async for _ in engine.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, f"lamps-warm-up-{i}"
+        ):
+            pass

@@ -19,14 +19,16 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from vllm import envs
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from lamps_core.policies import make_policy
+from lamps_core.policies import make_policy, policy_options
 from lamps_core.policy import (
     EngineView,
     PausedCall,
@@ -37,6 +39,7 @@ from lamps_core.policy import (
 )
 from lamps_core.request_meta import RequestMeta
 from lamps_vllm.config import SchedulerPluginConfig
+from lamps_vllm.profiling import StepProfiler, cost_cache_file, host_copy_seconds_per_byte
 from lamps_vllm.request_queue import PolicyRequestQueue
 
 logger = logging.getLogger(__name__)
@@ -72,6 +75,24 @@ class LampsScheduler(Scheduler):
         self.lamps_config = SchedulerPluginConfig.from_additional_config(
             self.vllm_config.additional_config
         )
+        self.lamps_profiler = StepProfiler(
+            kv_bytes_per_token=self._kv_bytes_per_token(),
+            swap_seconds_per_byte=(
+                1.0 / self.lamps_config.swap_bytes_per_s
+                if self.lamps_config.swap_bytes_per_s
+                else host_copy_seconds_per_byte()
+            ),
+            cache_file=cost_cache_file(
+                Path(envs.VLLM_CACHE_ROOT),
+                self.vllm_config.model_config.model,
+                self.vllm_config.model_config.dtype,
+                self.block_size,
+                self.vllm_config.device_config.device_type,
+            ),
+        )
+        self._step_started: dict[int, tuple[float, int, int]] = {}
+        self._api_estimates: dict[str, float] = {}
+        self._last_output_at = 0.0
         self._policies: dict[str, SchedulingPolicy] = {}
         self.lamps_policy = self._policy(self.lamps_config.policy, self.lamps_config.policy_options)
         self._tracked: dict[str, _Tracked] = {}
@@ -89,8 +110,15 @@ class LampsScheduler(Scheduler):
     def _policy(self, name: str, options: dict[str, Any]) -> SchedulingPolicy:
         key = json.dumps([name, options], sort_keys=True)
         if key not in self._policies:
-            self._policies[key] = make_policy(name, **options)
+            if "swap" in policy_options(name) and not self._can_swap():
+                options = {**options, "swap": False}  # no swap path in this engine
+            policy = make_policy(name, costs=self.lamps_profiler.costs, **options)
+            policy.update_api_estimates(self._api_estimates)
+            self._policies[key] = policy
         return self._policies[key]
+
+    def _can_swap(self) -> bool:
+        return False
 
     def _policy_for(self, meta: RequestMeta | None) -> SchedulingPolicy:
         """The request's own policy if it names one (a benchmark switching policies on one
@@ -100,7 +128,7 @@ class LampsScheduler(Scheduler):
         key = json.dumps([meta.policy, meta.policy_options or {}], sort_keys=True)
         if key not in self._policies:
             try:
-                self._policies[key] = make_policy(meta.policy, **(meta.policy_options or {}))
+                self._policy(meta.policy, meta.policy_options or {})
             except ValueError as exc:
                 # The serving layer validates policies; a request that still names a bad one
                 # must not take the engine down with it. Remembered, so logged once.
@@ -113,6 +141,35 @@ class LampsScheduler(Scheduler):
     def _priority(self, request: Request, engine: EngineView) -> Priority:
         view = self._queued_view(request)
         return self._policy_for(view.meta).priority(view, engine)
+
+    # ---- engine costs, measured on the steps this scheduler runs ----
+
+    def _kv_bytes_per_token(self) -> int:
+        groups = self.kv_cache_config.kv_cache_groups
+        per_block = sum(g.kv_cache_spec.page_size_bytes * len(g.layer_names) for g in groups)
+        return per_block // self.block_size
+
+    def _step_scheduled(self, output: SchedulerOutput) -> None:
+        counts = output.num_scheduled_tokens.values()
+        prefill = sum(n for n in counts if n > 1)
+        decode = sum(1 for n in counts if n == 1)
+        self._step_started[id(output)] = (time.perf_counter(), prefill, decode)
+
+    def _step_finished(self, output: SchedulerOutput) -> None:
+        started = self._step_started.pop(id(output), None)
+        now = time.perf_counter()
+        if started is not None and (started[1] or started[2]):
+            # With async scheduling the next step is scheduled before this one's output
+            # returns: its time runs from the later of its scheduling and the last output.
+            seconds = now - max(started[0], self._last_output_at)
+            if self.lamps_profiler.observe(started[1], started[2], seconds):
+                for policy in self._policies.values():
+                    policy.update_costs(self.lamps_profiler.costs)
+        self._last_output_at = now
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, *args: Any) -> Any:
+        self._step_finished(scheduler_output)
+        return super().update_from_output(scheduler_output, *args)
 
     # ---- views for the policy ----
 
@@ -151,7 +208,11 @@ class LampsScheduler(Scheduler):
     # ---- the step ----
 
     def add_request(self, request: Request) -> None:
-        self._track(request)
+        meta = self._track(request).meta
+        if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
+            self._api_estimates = dict(meta.api_estimates)
+            for policy in self._policies.values():
+                policy.update_api_estimates(self._api_estimates)
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
@@ -164,6 +225,7 @@ class LampsScheduler(Scheduler):
         if self._preserved:
             self._review_preserved()
         output = super().schedule(*args, **kwargs)
+        self._step_scheduled(output)
         if output.scheduled_new_reqs:
             self._scheduling_steps += 1
             self._release_resumed(output)
@@ -229,6 +291,8 @@ class LampsScheduler(Scheduler):
     def _pause_strategy(self, request: Request) -> tuple[PausedCall, Strategy] | None:
         tracked = self._tracked.pop(request.request_id, None)
         meta = tracked.meta if tracked else None
+        for policy in self._policies.values():
+            policy.forget(request.request_id)
         if meta is None or not meta.ends_in_api_call or request.status not in _SEGMENT_END:
             return None
         call = PausedCall(
@@ -269,6 +333,7 @@ class LampsScheduler(Scheduler):
         if stats is not None:
             ours = {
                 "policy": self.lamps_config.policy,
+                "costs": self.lamps_profiler.costs.to_dict(),
                 "preserved_requests": len(self._preserved),
                 "preserved_blocks": sum(p.num_blocks for p in self._preserved.values()),
                 **self.lamps_counts,

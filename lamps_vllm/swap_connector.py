@@ -62,7 +62,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -211,6 +210,7 @@ class SwapStats:
     served_by_prefix_cache: int = 0  # continuations whose saved prefix was still cached locally
     dropped: int = 0  # entries dropped: prompt mismatch, `drop`, reset
     pending_jobs: int = 0
+    tokens_in: int = 0  # tokens loaded from the host pool (whole blocks)
     seconds_out: float = 0.0  # worker time spent copying out / in (slowest worker per step)
     seconds_in: float = 0.0
 
@@ -351,6 +351,14 @@ class LampsSwapConnector(KVConnectorBase_V1):
         self._drop_entry(entry)
         return True
 
+    def drop_stale(self, max_age_s: float) -> int:
+        """Drop entries saved more than `max_age_s` seconds ago; returns how many."""
+        cutoff = time.time() - max_age_s
+        stale = [e for e in self._entries.values() if e.created < cutoff]
+        for entry in stale:
+            self._drop_entry(entry)
+        return len(stale)
+
     def has_entry(self, logical_id: str) -> bool:
         return logical_id in self._entries
 
@@ -424,19 +432,31 @@ class LampsSwapConnector(KVConnectorBase_V1):
         entry = self._entries.get(logical[0])
         if entry is None or logical[1] <= entry.segment_index:
             return 0, False
-        n_saved = len(entry.token_ids)
-        prompt = request.prompt_token_ids
-        if prompt is None or list(prompt[:n_saved]) != entry.token_ids:
+        matched = self._matched_tokens(entry.token_ids, request.prompt_token_ids)
+        if matched == 0:
             logger.info("swap entry of %s does not match its continuation; dropped", logical[0])
             self._drop_entry(entry)
             return 0, False
         # Whole blocks only, and leave at least one prompt token to compute.
-        limit = min(n_saved, (request.num_tokens - 1) // self._block_size * self._block_size)
+        limit = min(matched, (request.num_tokens - 1) // self._block_size * self._block_size)
         external = 0
         if num_computed_tokens % self._block_size == 0:
             external = max(0, limit - num_computed_tokens)
         self._plans[request.request_id] = (logical[0], num_computed_tokens, external)
         return external, False
+
+    def _matched_tokens(self, saved: list[int], prompt: Any) -> int:
+        """Leading whole blocks of `saved` that the prompt repeats, in tokens. KV at a position
+        depends only on the tokens up to it, so a continuation that diverges from the saved
+        context (a chat template re-rendering the last turn, say) still reuses the blocks before
+        the first difference."""
+        if prompt is None:
+            return 0
+        bs = self._block_size
+        n = 0
+        while n + bs <= len(saved) and list(prompt[n : n + bs]) == saved[n : n + bs]:
+            n += bs
+        return n
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -459,6 +479,7 @@ class LampsSwapConnector(KVConnectorBase_V1):
         dst = _first_group_block_ids(blocks)[first : first + n]
         src = entry.host_slots[first : first + n]
         assert len(dst) == n and len(src) == n, (len(dst), len(src), n)
+        self._stats.tokens_in += external
         del self._entries[logical_id]  # consumed; slots freed when the copy-in is acknowledged
         job = SwapJob(self._new_job_id(), dst, src)
         self._in_jobs.append(job)
@@ -594,6 +615,13 @@ class LampsSwapConnector(KVConnectorBase_V1):
         kid = self._kernel_ids(job.block_ids, self._layers[0].device)
         non_blocking = self._host.is_pinned()
         runs = self._runs(job.host_slots)
+        if dim == 0 and kid.device == self._host.device:
+            # KV cache in host memory (CPU backend), blocks first: gather straight into the pool.
+            for layer, kv in enumerate(self._layers):
+                for pos, slot, length in runs:
+                    dst = self._host[layer, slot : slot + length].view(length * sub, *kv.shape[1:])
+                    torch.index_select(kv, 0, kid[pos * sub : (pos + length) * sub], out=dst)
+            return
         for layer, kv in enumerate(self._layers):
             blocks = kv.index_select(dim, kid).movedim(dim, 0)
             blocks = blocks.reshape(n, sub, *blocks.shape[1:])

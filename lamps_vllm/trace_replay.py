@@ -77,6 +77,7 @@ async def run_trace(
     arrival_time: float | None = None,
     policy: str | None = None,
     policy_options: dict[str, Any] | None = None,
+    api_estimates: dict[str, float] | None = None,
 ) -> TraceOutcome:
     """Run `script` as one augmented request; `policy` overrides the engine's for it."""
     check_fits(script, max_model_len)
@@ -95,6 +96,8 @@ async def run_trace(
             segment_index=index,
             ends_in_api_call=seg.has_api_call,
             remaining_segments=script.segments[index:],
+            api_type=seg.api_type,
+            api_estimates=api_estimates,
             policy=policy,
             policy_options=policy_options,
         )

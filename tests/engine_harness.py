@@ -28,7 +28,7 @@ class EngineHarness:
         self.vocab_size = self.engine.model_config.get_vocab_size()
 
     async def _start(self) -> Any:
-        return start_engine(self.settings)
+        return await start_engine(self.settings)
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 300) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)

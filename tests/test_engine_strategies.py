@@ -163,3 +163,14 @@ def test_drained_engine_holds_nothing(harness: EngineHarness) -> None:
     assert harness.stats.kv_blocks_used == 0
     assert harness.stats.scheduler["preserved_requests"] == 0
     assert harness.stats.running_requests == 0 and harness.stats.waiting_requests == 0
+
+
+def test_costs_are_measured_on_this_engine(harness: EngineHarness) -> None:
+    costs = harness.stats.scheduler["costs"]
+    # 4 layers x 2 KV heads x 64 dims x key and value x 4 bytes (float32)
+    assert costs["kv_bytes_per_token"] == 4 * 2 * 64 * 2 * 4
+    # Measured by the start-up prefills, not the placeholder of an unmeasured engine.
+    assert costs["fwd_slope_s"] not in (0.0, 1e-4)
+    assert costs["fwd_intercept_s"] + costs["fwd_slope_s"] * 1024 > costs["fwd_intercept_s"]
+    assert 0 < costs["decode_step_s"] < 1.0
+    assert costs["swap_slope_s"] > 0

@@ -29,7 +29,7 @@ class Calculus:
                 "messages": [{"role": "user", "content": question}],
                 "tools": [{"type": "function", "function": {"name": "calculator"}}],
                 "tool_choice": "required",
-                "max_tokens": 48,
+                "max_tokens": 96,
             }
         )
         return response.model_dump(mode="json")

@@ -25,15 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import Request, RequestStatus
 
-pytest.importorskip("vllm")
-
-from vllm import LLM, SamplingParams  # noqa: E402
-from vllm.inputs import TokensPrompt  # noqa: E402
-from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.request import Request, RequestStatus  # noqa: E402
-
-from lamps_core.request_meta import RequestMeta  # noqa: E402
+from lamps_core.request_meta import RequestMeta
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MODEL_SRC = PROJECT_DIR / "data" / "models" / "tiny-dummy"
@@ -280,40 +277,44 @@ def test_output_depends_on_the_prefix(engine: Engine) -> None:
     assert a[1] != b[1]
 
 
+def swap_segment0(engine: Engine, logical: str, cont: list[int], out0: list[int]) -> Any:
+    seg0 = engine.generate(cont[:PROMPT_TOKENS], params(logical, 0, SEGMENT_TOKENS, "swap"))
+    assert list(seg0.outputs[0].token_ids) == out0
+    assert engine.sched.marked[logical] is True
+    assert engine.conn.has_entry(logical)
+    return seg0
+
+
 def test_swap_out_then_prefix_cache_serves_continuation(engine: Engine) -> None:
     conn = engine.conn
     engine.drain()
-    out0, cont, ref = reference(engine, seed=10)
-    engine.drain()
+    out0, cont, ref, ref_digests = reference(engine, seed=10)
     before = conn.swap_stats()
     free0 = engine.free_blocks()
 
-    seg0 = engine.generate(cont[:PROMPT_TOKENS], params("s10", 0, SEGMENT_TOKENS, "swap"))
-    assert list(seg0.outputs[0].token_ids) == out0
-    assert engine.sched.marked["s10"] is True
-    assert conn.has_entry("s10")
+    seg0 = swap_segment0(engine, "s10", cont, out0)
     assert engine.free_blocks() < free0, "blocks are kept until copied out"
+    assert engine.digests(engine.blocks_of(seg0)[: SAVED_TOKENS // BLOCK]) == ref_digests
 
     steps = engine.drain()
     after = conn.swap_stats()
-    n_blocks = (PROMPT_TOKENS + SEGMENT_TOKENS - 1) // BLOCK
-    nbytes = n_blocks * conn.bytes_per_block
-    assert steps >= 1
+    nbytes = SAVED_TOKENS // BLOCK * conn.bytes_per_block
+    # 4 layers x 2 KV heads x 64 dims x (K, V) x 4 bytes per token, 16 tokens per block
+    assert conn.bytes_per_block == 4 * 2 * 64 * 2 * 4 * BLOCK
+    assert steps == 1, "copied out in the next engine step"
     assert engine.free_blocks() == free0, "blocks freed after the copy-out"
     assert after.swapped_out_requests == before.swapped_out_requests + 1
     assert after.bytes_out - before.bytes_out == nbytes
     assert after.host_pool_bytes_in_use == nbytes
     assert after.entries == 1
-    # 4 layers x 2 KV heads x 64 dims x (K, V) x 4 bytes per token, 16 tokens per block
-    assert conn.bytes_per_block == 4 * 2 * 64 * 2 * 4 * BLOCK
 
-    # The blocks are still cached: the continuation is served from the prefix cache, the host
+    # The blocks are still in the prefix cache: the continuation is served from it, and the host
     # entry is dropped without a copy-in.
     got = engine.generate(cont, params("s10", 1, 16, logprobs=5))
     engine.drain()
-    assert got.num_cached_tokens == ref.num_cached_tokens == n_blocks * BLOCK
-    assert answer(got) == answer(ref)
     final = conn.swap_stats()
+    assert got.num_cached_tokens == SAVED_TOKENS
+    assert answer(got) == answer(ref)
     assert final.served_by_prefix_cache == before.served_by_prefix_cache + 1
     assert final.swapped_in_requests == before.swapped_in_requests
     assert final.host_pool_bytes_in_use == 0 and final.entries == 0
@@ -322,42 +323,41 @@ def test_swap_out_then_prefix_cache_serves_continuation(engine: Engine) -> None:
 def test_swap_in_after_prefix_cache_eviction(engine: Engine) -> None:
     conn = engine.conn
     engine.drain()
-    out0, cont, ref = reference(engine, seed=20)
-    engine.drain()
+    out0, cont, ref, ref_digests = reference(engine, seed=20)
     before = conn.swap_stats()
     free0 = engine.free_blocks()
 
-    seg0 = engine.generate(cont[:PROMPT_TOKENS], params("s20", 0, SEGMENT_TOKENS, "swap"))
-    assert list(seg0.outputs[0].token_ids) == out0
-    n_blocks = (PROMPT_TOKENS + SEGMENT_TOKENS - 1) // BLOCK
-    seg0_blocks = engine.blocks_of(seg0)[:n_blocks]
-    saved_digests = engine.digests(seg0_blocks)  # still held: the copy-out has not run yet
+    seg0 = swap_segment0(engine, "s20", cont, out0)
+    seg0_blocks = engine.blocks_of(seg0)[: SAVED_TOKENS // BLOCK]
+    assert engine.digests(seg0_blocks) == ref_digests  # still held: not copied out yet
     engine.drain()
     assert engine.free_blocks() == free0
     out_stats = conn.swap_stats()
 
+    t0 = time.perf_counter()
     evict_prefix_cache(engine, seed=20)
     engine.drain()
-    assert engine.digests(seg0_blocks) != saved_digests, "the filler reused those blocks"
+    filler_s = time.perf_counter() - t0
+    assert engine.digests(seg0_blocks) != ref_digests, "the filler reused those blocks"
+    assert conn.swap_stats().entries == 1
 
     got = engine.generate(cont, params("s20", 1, 16, logprobs=5))
     engine.drain()
     after = conn.swap_stats()
-    nbytes = n_blocks * conn.bytes_per_block
-    # All saved blocks came from the host pool (a prefix-cache hit would have shortened the load).
+    nbytes = SAVED_TOKENS // BLOCK * conn.bytes_per_block
+    # All saved blocks came from the host pool: a prefix-cache hit would have shortened the load.
     assert after.swapped_in_requests == before.swapped_in_requests + 1
     assert after.bytes_in - before.bytes_in == nbytes
     assert after.served_by_prefix_cache == before.served_by_prefix_cache
-    assert got.num_cached_tokens == n_blocks * BLOCK
+    assert got.num_cached_tokens == SAVED_TOKENS
     # The same KV bytes, and the same answer as with the prefix cache holding the blocks.
-    cont_blocks = engine.blocks_of(got)[:n_blocks]
-    assert engine.digests(cont_blocks) == saved_digests
+    assert engine.digests(engine.blocks_of(got)[: SAVED_TOKENS // BLOCK]) == ref_digests
     assert answer(got) == answer(ref)
     assert after.host_pool_bytes_in_use == 0 and after.entries == 0
     print(
-        f"\nswap of {n_blocks * BLOCK} tokens ({nbytes} bytes): "
+        f"\nswap of {SAVED_TOKENS} tokens ({nbytes} bytes): "
         f"out {(out_stats.seconds_out - before.seconds_out) * 1e3:.2f} ms, "
-        f"in {(after.seconds_in - before.seconds_in) * 1e3:.2f} ms"
+        f"in {(after.seconds_in - out_stats.seconds_in) * 1e3:.2f} ms; filler {filler_s:.1f} s"
     )
 
 
@@ -367,17 +367,16 @@ def test_swap_out_held_blocks(engine: Engine) -> None:
     conn = engine.conn
     sched = engine.sched
     engine.drain()
-    _, cont, ref = reference(engine, seed=30)
-    engine.drain()
+    _, cont, ref, ref_digests = reference(engine, seed=30)
     before = conn.swap_stats()
     free0 = engine.free_blocks()
 
     engine.generate(cont[:PROMPT_TOKENS], params("s30", 0, SEGMENT_TOKENS, "hold"))
-    engine.drain()
+    assert engine.drain() == 0, "nothing pending: vLLM is done with the request"
     held = sched.held.pop("s30")
-    n_blocks = held.num_tokens // BLOCK
-    assert engine.free_blocks() == free0 - len(held.blocks), "the plugin holds the blocks"
-    saved_digests = engine.digests([b.block_id for b in held.blocks[:n_blocks]])
+    assert held.num_tokens == PROMPT_TOKENS + SEGMENT_TOKENS - 1
+    block_ids = [b.block_id for b in held.blocks]
+    assert engine.free_blocks() == free0 - len(block_ids), "the plugin holds the blocks"
 
     done: list[bool] = []
 
@@ -388,25 +387,29 @@ def test_swap_out_held_blocks(engine: Engine) -> None:
     assert conn.swap_out_held(
         held.engine_request_id,
         "s30",
-        [b.block_id for b in held.blocks],
+        block_ids,
         held.num_tokens,
         held.token_ids,
         on_done,
         segment_index=held.segment_index,
     )
     assert not done
-    engine.drain()  # the engine steps on its own (has_pending_push_work) until the copy is done
+    assert sched.has_requests(), "the engine's busy loop keeps stepping until the copy is done"
+    assert engine.drain() >= 1
     assert done == [True]
     assert engine.free_blocks() == free0
-    assert conn.swap_stats().bytes_out - before.bytes_out == n_blocks * conn.bytes_per_block
+    assert (
+        conn.swap_stats().bytes_out - before.bytes_out
+        == SAVED_TOKENS // BLOCK * conn.bytes_per_block
+    )
 
     assert engine.llm.reset_prefix_cache()  # nothing of it left in the KV cache
     got = engine.generate(cont, params("s30", 1, 16, logprobs=5))
     engine.drain()
     after = conn.swap_stats()
-    assert got.num_cached_tokens == n_blocks * BLOCK
-    assert after.bytes_in - before.bytes_in == n_blocks * conn.bytes_per_block
-    assert engine.digests(engine.blocks_of(got)[:n_blocks]) == saved_digests
+    assert got.num_cached_tokens == SAVED_TOKENS
+    assert after.bytes_in - before.bytes_in == SAVED_TOKENS // BLOCK * conn.bytes_per_block
+    assert engine.digests(engine.blocks_of(got)[: SAVED_TOKENS // BLOCK]) == ref_digests
     assert answer(got) == answer(ref)
     assert after.host_pool_bytes_in_use == 0 and after.entries == 0
 
@@ -426,20 +429,40 @@ def test_refused_when_the_pool_is_full(engine: Engine) -> None:
     assert after.entries == 0 and after.host_pool_bytes_in_use == 0
 
 
-def test_mismatched_continuation_drops_the_entry(engine: Engine) -> None:
+def test_diverging_continuation_loads_the_matching_blocks(engine: Engine) -> None:
+    """A continuation that repeats only part of the saved context (say, a chat template that
+    re-renders the last turn) loads the whole blocks before the first difference."""
     conn = engine.conn
     engine.drain()
     prompt = tokens(50, 200)
-    engine.generate(prompt, params("s50", 0, 20, "swap"))
+    seg0 = engine.generate(prompt, params("s50", 0, 20, "swap"))
+    saved = engine.digests(engine.blocks_of(seg0)[: 219 // BLOCK])
     engine.drain()
-    assert conn.has_entry("s50")
+    assert engine.llm.reset_prefix_cache()
     before = conn.swap_stats()
-    other = tokens(51, 260)  # not a continuation of the saved context
-    got = engine.generate(other, params("s50", 1, 4))
+    cont = prompt + list(seg0.outputs[0].token_ids)[:5] + tokens(52, 30)  # differs at 205
+    matched = 205 // BLOCK * BLOCK
+    got = engine.generate(cont, params("s50", 1, 4))
+    engine.drain()
+    after = conn.swap_stats()
+    assert got.num_cached_tokens == matched
+    assert after.tokens_in - before.tokens_in == matched
+    assert engine.digests(engine.blocks_of(got)[: matched // BLOCK]) == saved[: matched // BLOCK]
+    assert after.host_pool_bytes_in_use == 0 and after.entries == 0
+
+
+def test_unrelated_prompt_drops_the_entry(engine: Engine) -> None:
+    conn = engine.conn
+    engine.drain()
+    engine.generate(tokens(60, 200), params("s60", 0, 20, "swap"))
+    engine.drain()
+    assert conn.has_entry("s60")
+    before = conn.swap_stats()
+    got = engine.generate(tokens(61, 260), params("s60", 1, 4))  # not its continuation
     engine.drain()
     after = conn.swap_stats()
     assert got.num_cached_tokens == 0
-    assert not conn.has_entry("s50")
+    assert not conn.has_entry("s60")
     assert after.dropped == before.dropped + 1
     assert after.swapped_in_requests == before.swapped_in_requests
     assert after.host_pool_bytes_in_use == 0

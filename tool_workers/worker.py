@@ -107,13 +107,14 @@ class ToolWorker:
         )
 
     async def estimates(self) -> dict[str, ToolDurationEstimate]:
-        """Duration estimates for every registered tool (count=0 where no data).
+        """Duration estimates of every tool and API type with records (calls filed under
+        `record_as` included: the API types of traces).
 
         Raises StatsUnavailableError if Redis cannot be read.
         """
         if self.stats is None:
             return {}
-        return await self.stats.all_estimates(self.registry.names())
+        return await self.stats.all_estimates()
 
     async def summary(self) -> dict[str, ToolCallCounts]:
         """Per-tool call counters for Prometheus; raises StatsUnavailableError if Redis fails."""

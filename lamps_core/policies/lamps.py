@@ -90,7 +90,7 @@ class LampsPolicy(SchedulingPolicy):
         self.swap_budget_tokens = check_swap_budget(swap_budget_tokens)
         self.guard = StarvationGuard(max_wait_s, max_passed_over)
         # An instance value shadowing the interface's class default: it is an option here.
-        self.rerank_every_steps = rerank_every_steps  # type: ignore[misc]
+        self.rerank_every_steps = rerank_every_steps
         self._plans: dict[str, _Plan] = {}
         # Predicted durations of calls under way: engine request id -> (predictor version, s).
         self._call_s: dict[str, tuple[int, float]] = {}
