@@ -16,6 +16,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 )
 
 from lamps_core.trace import TraceSegment
+from lamps_vllm.trace_replay import TraceOutcome
 
 
 class ChatRequest(ChatCompletionRequest):
@@ -85,3 +86,25 @@ class TraceResponse(BaseModel):
     ttft_s: float
     latency_s: float
     segments: list[TraceSegmentResult]
+
+    @classmethod
+    def from_outcome(cls, outcome: TraceOutcome, model: str) -> TraceResponse:
+        return cls(
+            request_id=outcome.request_id,
+            model=model,
+            ttft_s=outcome.ttft_s,
+            latency_s=outcome.latency_s,
+            segments=[
+                TraceSegmentResult(
+                    index=s.index,
+                    prompt_tokens=s.prompt_tokens,
+                    completion_tokens=s.completion_tokens,
+                    cached_tokens=s.cached_tokens,
+                    queue_and_prefill_s=s.first_token_at - s.started_at,
+                    decode_s=s.finished_at - s.first_token_at,
+                    api_duration_s=s.api_call.duration_s if s.api_call else None,
+                    api_ok=s.api_call.ok if s.api_call else None,
+                )
+                for s in outcome.segments
+            ],
+        )

@@ -91,6 +91,14 @@ class EngineReplica:
             "generation_tokens": snap.generation_tokens,
         }
 
+    def scheduler_stats(self) -> dict[str, Any]:
+        """The scheduler plugin's figures: policy, engine costs, strategy counts, held memory."""
+        return dict(self._stats.snapshot.scheduler)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget cached KV blocks (between benchmark runs, so one cannot help the next)."""
+        return await self._engine.reset_prefix_cache()
+
     async def check_health(self) -> None:
         await self._engine.check_health()
 

@@ -35,7 +35,6 @@ from deployments.api_models import (
     ToolExecutionInfo,
     TraceRequest,
     TraceResponse,
-    TraceSegmentResult,
 )
 from deployments.metrics import EngineStatsBoard, render_prometheus
 from lamps_core.policies import POLICY_NAMES
@@ -48,7 +47,6 @@ from lamps_vllm.errors import (
     UnknownModelError,
     UnsupportedParameterError,
 )
-from lamps_vllm.trace_replay import TraceOutcome
 from tool_workers.stats import StatsUnavailableError, ToolCallCounts, ToolStatsStore
 
 app = FastAPI(title="LAMPS", description="Serving for tool-augmented LLMs")
@@ -191,28 +189,6 @@ async def _sse(first: ChatStreamChunk, rest: AsyncIterator[ChatStreamChunk]) -> 
     yield "data: [DONE]\n\n"
 
 
-def _trace_response(outcome: TraceOutcome, model: str) -> TraceResponse:
-    return TraceResponse(
-        request_id=outcome.request_id,
-        model=model,
-        ttft_s=outcome.ttft_s,
-        latency_s=outcome.latency_s,
-        segments=[
-            TraceSegmentResult(
-                index=s.index,
-                prompt_tokens=s.prompt_tokens,
-                completion_tokens=s.completion_tokens,
-                cached_tokens=s.cached_tokens,
-                queue_and_prefill_s=s.first_token_at - s.started_at,
-                decode_s=s.finished_at - s.first_token_at,
-                api_duration_s=s.api_call.duration_s if s.api_call else None,
-                api_ok=s.api_call.ok if s.api_call else None,
-            )
-            for s in outcome.segments
-        ],
-    )
-
-
 async def _json_body(raw: Request) -> Any:
     body = await raw.body()
     try:
@@ -318,7 +294,7 @@ class Ingress:
         outcome = await self._engine.replay.remote(
             request_id, script, time.time(), request.policy, request.policy_options
         )
-        return _trace_response(outcome, self.settings.served_model_name)
+        return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 
     # ---- HTTP ----
 

@@ -36,12 +36,25 @@ def main(argv: list[str] | None = None) -> int:
         help="Serve config (default: %(default)s)",
     )
 
+    bench = commands.add_parser(
+        "bench", help="run policies side by side on one engine and compare them"
+    )
+    from lamps.bench import add_arguments
+
+    add_arguments(bench)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "model":
         return _prepare(args.data_dir)
     if args.command == "serve":
         return _serve(args.config, args.data_dir)
+    if args.command == "bench":
+        from lamps.bench import main as bench_main
+        from lamps.model import prepare_models
+
+        prepare_models(args.data_dir)
+        return bench_main(args, PROJECT_DIR, args.data_dir)
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -73,7 +73,10 @@ def local_stack(
     project_dir: Path,
     data_dir: Path,
     deploy_timeout_s: float = 600.0,
+    log_to_driver: bool = True,
 ) -> Iterator[RunningStack]:
+    """Run `config`'s applications until the context exits; `log_to_driver=False` keeps the
+    replicas' logs in Ray's session folder instead of this process's output (tests)."""
     schema = ServeDeploySchema.model_validate(config)
     redis_url = _single_redis_url(schema)
     # Every process started from here on inherits this mark, which finds them at the end even
@@ -94,6 +97,7 @@ def local_stack(
             _temp_dir=str(ray_temp),
             namespace="serve",
             logging_level=logging.WARNING,
+            log_to_driver=log_to_driver,
         )
         # Ray's driver aborts on SIGTERM, which would skip the cleanup below: restore ours.
         if threading.current_thread() is threading.main_thread():

@@ -48,7 +48,13 @@ class EngineSettings(BaseModel):
     )
     async_scheduling: bool = Field(default=False, description="True on GPUs.")
     seed: int = 0
-    scheduler: SchedulerPluginConfig = Field(default_factory=SchedulerPluginConfig)
+    skip_tokenizer_init: bool = Field(
+        default=False, description="Token-id prompts only (dummy models without a tokenizer)."
+    )
+    scheduler: SchedulerPluginConfig | None = Field(
+        default_factory=SchedulerPluginConfig,
+        description="The LAMPS scheduler plugin; null runs vLLM's own scheduler (baselines).",
+    )
 
     def engine_args(self) -> AsyncEngineArgs:
         return AsyncEngineArgs(
@@ -67,8 +73,9 @@ class EngineSettings(BaseModel):
             # Our stat logger (passed to AsyncLLM) still gets the scheduler's statistics; vLLM's
             # own loggers stay off (they would also misread our keys in kv_connector_stats).
             disable_log_stats=True,
-            scheduler_cls=_SCHEDULERS[self.async_scheduling],
-            additional_config=self.scheduler.to_additional_config(),
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            scheduler_cls=_SCHEDULERS[self.async_scheduling] if self.scheduler else None,
+            additional_config=self.scheduler.to_additional_config() if self.scheduler else {},
         )
 
 

@@ -92,6 +92,8 @@ class LampsScheduler(Scheduler):
         )
         self._step_started: dict[int, tuple[float, int, int]] = {}
         self._api_estimates: dict[str, float] = {}
+        self._held_block_seconds = 0.0
+        self._held_since = time.monotonic()
         self._last_output_at = 0.0
         self._policies: dict[str, SchedulingPolicy] = {}
         self.lamps_policy = self._policy(self.lamps_config.policy, self.lamps_config.policy_options)
@@ -275,6 +277,7 @@ class LampsScheduler(Scheduler):
                 self._release(meta.request_id, reason="resumed")
 
     def _release(self, logical_id: str, reason: str) -> None:
+        self._account_held_memory()
         paused = self._preserved.pop(logical_id)
         self._free_request_blocks(paused.request)
         self.lamps_counts[f"preserve_released_{reason.split()[0]}"] += 1
@@ -324,18 +327,30 @@ class LampsScheduler(Scheduler):
         # Keep the block table: only the request object leaves the scheduler.
         del self.requests[request.request_id]
         blocks = self.kv_cache_manager.get_block_ids(request.request_id)
+        self._account_held_memory()
         self._preserved[call.meta.request_id] = _Paused(request, call, sum(len(g) for g in blocks))
+
+    def _account_held_memory(self) -> None:
+        """Integrate the blocks held for paused requests over time, up to now: the memory
+        waste of Preserve (INFERCEPT's "memory wasted during calls"), in block-seconds."""
+        now = time.monotonic()
+        held = sum(p.num_blocks for p in self._preserved.values())
+        self._held_block_seconds += held * (now - self._held_since)
+        self._held_since = now
 
     # ---- statistics ----
 
     def make_stats(self, *args: Any, **kwargs: Any) -> Any:
         stats = super().make_stats(*args, **kwargs)
         if stats is not None:
+            self._account_held_memory()
             ours = {
                 "policy": self.lamps_config.policy,
+                "block_size": self.block_size,
                 "costs": self.lamps_profiler.costs.to_dict(),
                 "preserved_requests": len(self._preserved),
                 "preserved_blocks": sum(p.num_blocks for p in self._preserved.values()),
+                "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
             }
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}), STATS_KEY: ours}

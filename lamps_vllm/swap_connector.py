@@ -33,8 +33,10 @@ Who does what, and when
   metadata and the scheduler side calls the plugin's `on_done` (in `update_connector_output`).
   `has_pending_push_work` keeps the engine stepping while such a job is outstanding.
 * Swap in: `get_num_new_matched_tokens` finds the entry by the logical id in
-  `extra_args["lamps"]`, checks that the prompt starts with the saved tokens, and reports the whole
-  saved blocks beyond the local prefix-cache hit; `update_state_after_alloc` turns that into a
+  `extra_args["lamps"]` (for a later `segment_index` than the saved one), finds how many whole
+  saved blocks the prompt repeats (all of them for prompt = old prompt + output + API tokens; the
+  blocks before the first difference otherwise; none: the entry is dropped), and reports those
+  beyond the local prefix-cache hit; `update_state_after_alloc` turns that into a
   copy-in job (host slots -> the request's new blocks); the worker copies in `start_load_kv`,
   synchronously, before the forward pass (`load_kv_async=False`). The slots go back to the pool
   when the worker acknowledges the job. If the prefix cache already covers the entry, nothing is
@@ -49,6 +51,11 @@ continuation that arrives before the copy-out was acknowledged can already be lo
 step. On a GPU all copies go on the current stream (ordered with the forward pass and with each
 other: a slot freed after a copy-in and reused by a later copy-out cannot be overwritten early);
 `get_finished` waits on an event recorded after the step's copies before reporting them done.
+(A side stream would let copy-outs overlap the forward pass; not needed on CPU, left for later.)
+
+Not supported: hybrid KV cache groups (HMA: Mamba, sliding-window mixes) -- vLLM turns the hybrid
+manager off for a connector without `SupportsHMA`; the cross-layer KV layout
+(`prefer_cross_layer_blocks` stays False).
 """
 
 from __future__ import annotations
@@ -135,6 +142,98 @@ def _block_layout(kv: torch.Tensor, num_blocks: int) -> tuple[int, int]:
         if dim < kv.dim() and kv.shape[dim] > num_blocks and kv.shape[dim] % num_blocks == 0:
             return dim, kv.shape[dim] // num_blocks
     raise ValueError(f"no block dimension of size {num_blocks} in KV cache shape {tuple(kv.shape)}")
+
+
+class HostPool:
+    """The worker's host copy of swapped blocks, and the two copies (KV cache <-> pool).
+
+    One tensor `(layers, slots, kernel blocks per block, *per-kernel-block shape)`: a slot holds one
+    engine block of every layer, and a run of consecutive slots of one layer is contiguous, so a
+    copy to or from the GPU is one `cudaMemcpyAsync` per layer and run. Pinned when the KV cache
+    is on a GPU, so `non_blocking=True` copies are really asynchronous."""
+
+    def __init__(self, kv_caches: list[torch.Tensor], num_blocks: int, num_slots: int) -> None:
+        layers: list[torch.Tensor] = []
+        seen: set[int] = set()
+        for t in kv_caches:
+            if t.data_ptr() not in seen:  # layers that share one KV cache
+                seen.add(t.data_ptr())
+                layers.append(t)
+        first = layers[0]
+        for t in layers:
+            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
+                raise ValueError("LampsSwapConnector needs one KV cache shape for all layers")
+        self.layers = layers
+        self.block_dim, self.sub = _block_layout(first, num_blocks)
+        dim = self.block_dim
+        self.rest = tuple(first.shape[:dim]) + tuple(first.shape[dim + 1 :])
+        self.device = first.device
+        self.bytes_per_block = sum(t.numel() * t.element_size() for t in layers) // num_blocks
+        self.pinned = first.device.type == "cuda" and torch.cuda.is_available()
+        self.host = torch.empty(
+            (len(layers), num_slots, self.sub, *self.rest),
+            dtype=first.dtype,
+            pin_memory=self.pinned,
+        )
+
+    def describe(self) -> str:
+        return (
+            f"{len(self.layers)} KV tensors of shape {tuple(self.layers[0].shape)} (block dim "
+            f"{self.block_dim}, {self.sub} kernel blocks per block), host pool "
+            f"{tuple(self.host.shape)} {self.host.numel() * self.host.element_size() / 2**20:.1f} "
+            f"MiB{' pinned' if self.pinned else ''}"
+        )
+
+    def _kernel_ids(self, block_ids: list[int]) -> torch.Tensor:
+        ids = torch.tensor(block_ids, dtype=torch.long)
+        if self.sub > 1:
+            ids = (ids[:, None] * self.sub + torch.arange(self.sub)[None, :]).reshape(-1)
+        return ids.to(self.device)
+
+    @staticmethod
+    def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
+        """(position in the job, first slot, length) of each run of consecutive slots."""
+        runs: list[tuple[int, int, int]] = []
+        for i, s in enumerate(slots):
+            if runs and runs[-1][1] + runs[-1][2] == s:
+                p, f, n = runs[-1]
+                runs[-1] = (p, f, n + 1)
+            else:
+                runs.append((i, s, 1))
+        return runs
+
+    def copy_out(self, block_ids: list[int], slots: list[int]) -> None:
+        """KV cache blocks `block_ids[i]` -> host slots `slots[i]`."""
+        n, sub, dim = len(block_ids), self.sub, self.block_dim
+        kid = self._kernel_ids(block_ids)
+        runs = self._runs(slots)
+        if dim == 0 and not self.pinned:
+            # KV cache in host memory (CPU backend), blocks first: gather straight into the pool.
+            for layer, kv in enumerate(self.layers):
+                for pos, slot, length in runs:
+                    dst = self.host[layer, slot : slot + length].view(length * sub, *self.rest)
+                    torch.index_select(kv, 0, kid[pos * sub : (pos + length) * sub], out=dst)
+            return
+        for layer, kv in enumerate(self.layers):
+            blocks = kv.index_select(dim, kid).movedim(dim, 0)
+            blocks = blocks.reshape(n, sub, *self.rest)
+            for pos, slot, length in runs:
+                self.host[layer, slot : slot + length].copy_(
+                    blocks[pos : pos + length], non_blocking=self.pinned
+                )
+
+    def copy_in(self, block_ids: list[int], slots: list[int]) -> None:
+        """Host slots `slots[i]` -> KV cache blocks `block_ids[i]`."""
+        n, sub, dim = len(block_ids), self.sub, self.block_dim
+        kid = self._kernel_ids(block_ids)
+        runs = self._runs(slots)
+        for layer, kv in enumerate(self.layers):
+            parts = [
+                self.host[layer, slot : slot + length].to(self.device, non_blocking=self.pinned)
+                for _, slot, length in runs
+            ]
+            blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
+            kv.index_copy_(dim, kid, blocks.reshape(n * sub, *self.rest).movedim(0, dim))
 
 
 # ================================================================================================
@@ -477,7 +576,7 @@ class LampsSwapConnector(KVConnectorBase_V1):
         first = local // self._block_size
         n = external // self._block_size
         dst = _first_group_block_ids(blocks)[first : first + n]
-        src = entry.host_slots[first : first + n]
+        src = entry.host_slots[::-1][first : first + n]
         assert len(dst) == n and len(src) == n, (len(dst), len(src), n)
         self._stats.tokens_in += external
         del self._entries[logical_id]  # consumed; slots freed when the copy-in is acknowledged
@@ -542,109 +641,22 @@ class LampsSwapConnector(KVConnectorBase_V1):
     # ============================================================================================
 
     def _init_worker_side(self) -> None:
-        self._layers: list[torch.Tensor] = []
-        self._block_dim = 0
-        self._sub = 1
-        self._host: torch.Tensor | None = None  # (layers, slots, sub, *per-kernel-block shape)
+        self._pool: HostPool | None = None
         self._sent: set[str] = set()
         self._done: Counter[int] = Counter()
-        self._event: Any = None
+        self._events: list[Any] = []  # CUDA events around this step's copies
         self._seconds_out = 0.0
         self._seconds_in = 0.0
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        seen: set[int] = set()
-        layers: list[torch.Tensor] = []
-        for name in kv_caches:
-            t = kv_caches[name]
-            if t.data_ptr() in seen:  # layers that share a KV cache
-                continue
-            seen.add(t.data_ptr())
-            layers.append(t)
-        first = layers[0]
-        dim, sub = _block_layout(first, self._num_blocks)
-        for t in layers:
-            if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
-                raise ValueError("LampsSwapConnector needs one KV cache shape for all layers")
-        self._layers, self._block_dim, self._sub = layers, dim, sub
-        rest = tuple(first.shape[:dim]) + tuple(first.shape[dim + 1 :])
-        actual = sum(t.numel() * t.element_size() for t in layers) // self._num_blocks
-        if actual != self._bytes_per_block:
+        self._pool = HostPool(list(kv_caches.values()), self._num_blocks, self._num_slots)
+        if self._pool.bytes_per_block != self._bytes_per_block:
             logger.warning(
                 "KV bytes per block: %d in the tensors, %d in the KV cache config",
-                actual,
+                self._pool.bytes_per_block,
                 self._bytes_per_block,
             )
-        pin = first.device.type == "cuda" and torch.cuda.is_available()
-        self._host = torch.empty(
-            (len(layers), self._num_slots, sub, *rest), dtype=first.dtype, pin_memory=pin
-        )
-        logger.info(
-            "LampsSwapConnector worker: %d KV tensors of shape %s (block dim %d, %d kernel "
-            "blocks per block), host pool %s %.1f MiB%s",
-            len(layers),
-            tuple(first.shape),
-            dim,
-            sub,
-            tuple(self._host.shape),
-            self._host.numel() * self._host.element_size() / 2**20,
-            " pinned" if pin else "",
-        )
-
-    def _kernel_ids(self, block_ids: list[int], device: torch.device) -> torch.Tensor:
-        ids = torch.tensor(block_ids, dtype=torch.long)
-        if self._sub > 1:
-            ids = (ids[:, None] * self._sub + torch.arange(self._sub)[None, :]).reshape(-1)
-        return ids.to(device)
-
-    @staticmethod
-    def _runs(slots: list[int]) -> list[tuple[int, int, int]]:
-        """(position in the job, first slot, length) of each run of consecutive slots."""
-        runs: list[tuple[int, int, int]] = []
-        for i, s in enumerate(slots):
-            if runs and runs[-1][1] + runs[-1][2] == s:
-                p, f, n = runs[-1]
-                runs[-1] = (p, f, n + 1)
-            else:
-                runs.append((i, s, 1))
-        return runs
-
-    def _copy_out(self, job: SwapJob) -> None:
-        assert self._host is not None
-        n, sub, dim = len(job.block_ids), self._sub, self._block_dim
-        kid = self._kernel_ids(job.block_ids, self._layers[0].device)
-        non_blocking = self._host.is_pinned()
-        runs = self._runs(job.host_slots)
-        if dim == 0 and kid.device == self._host.device:
-            # KV cache in host memory (CPU backend), blocks first: gather straight into the pool.
-            for layer, kv in enumerate(self._layers):
-                for pos, slot, length in runs:
-                    dst = self._host[layer, slot : slot + length].view(length * sub, *kv.shape[1:])
-                    torch.index_select(kv, 0, kid[pos * sub : (pos + length) * sub], out=dst)
-            return
-        for layer, kv in enumerate(self._layers):
-            blocks = kv.index_select(dim, kid).movedim(dim, 0)
-            blocks = blocks.reshape(n, sub, *blocks.shape[1:])
-            for pos, slot, length in runs:
-                self._host[layer, slot : slot + length].copy_(
-                    blocks[pos : pos + length], non_blocking=non_blocking
-                )
-
-    def _copy_in(self, job: SwapJob) -> None:
-        assert self._host is not None
-        n, sub, dim = len(job.block_ids), self._sub, self._block_dim
-        device = self._layers[0].device
-        kid = self._kernel_ids(job.block_ids, device)
-        non_blocking = self._host.is_pinned()
-        runs = self._runs(job.host_slots)
-        for layer, kv in enumerate(self._layers):
-            parts = [
-                self._host[layer, slot : slot + length].to(device, non_blocking=non_blocking)
-                for _, slot, length in runs
-            ]
-            blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
-            blocks = blocks.reshape(n * sub, *blocks.shape[2:]).movedim(0, dim)
-            kv.index_copy_(dim, kid, blocks)
+        logger.info("LampsSwapConnector worker: %s", self._pool.describe())
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -652,20 +664,29 @@ class LampsSwapConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         if not isinstance(meta, LampsSwapMetadata) or not (meta.swap_out or meta.swap_in):
             return
-        on_gpu = self._host is not None and self._host.is_pinned()
+        assert self._pool is not None, "register_kv_caches was not called"
+        on_gpu = self._pool.pinned
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if on_gpu else []
         # Copy-outs first: a continuation may be loaded in the same step as its copy-out.
         t0 = time.perf_counter()
+        if events:
+            events[0].record()
         for job in meta.swap_out:
-            self._copy_out(job)
+            self._pool.copy_out(job.block_ids, job.host_slots)
         t1 = time.perf_counter()
+        if events:
+            events[1].record()
         for job in meta.swap_in:
-            self._copy_in(job)
+            self._pool.copy_in(job.block_ids, job.host_slots)
         t2 = time.perf_counter()
-        if on_gpu:
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._seconds_out += t1 - t0
-        self._seconds_in += t2 - t1
+        if events:
+            # Copies run on the current stream, ahead of the forward pass; `get_finished` waits
+            # for them before anything is reported done.
+            events[2].record()
+            self._events = events
+        else:  # synchronous copies in host memory
+            self._seconds_out += t1 - t0
+            self._seconds_in += t2 - t1
         for job in meta.swap_out:
             self._done[job.job_id] += 1
             if job.finished_req_id is not None:
@@ -674,11 +695,12 @@ class LampsSwapConnector(KVConnectorBase_V1):
             self._done[job.job_id] += 1
 
     def _wait_copies(self) -> None:
-        if self._event is not None:
-            t0 = time.perf_counter()
-            self._event.synchronize()
-            self._seconds_out += time.perf_counter() - t0  # GPU copies: time waited for them
-            self._event = None
+        if self._events:
+            start, mid, end = self._events
+            end.synchronize()
+            self._seconds_out += start.elapsed_time(mid) / 1e3
+            self._seconds_in += mid.elapsed_time(end) / 1e3
+            self._events = []
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

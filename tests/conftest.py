@@ -13,6 +13,7 @@ import pytest
 from lamps.local_stack import RunningStack, load_serve_config, local_stack
 from lamps.model import PreparedModels, prepare_models
 from lamps.redis_server import RedisServer, free_port
+from tests.engine_harness import EngineHarness, tiny_settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LAMPS_DATA_DIR", PROJECT_DIR / "data"))
@@ -42,8 +43,16 @@ def stack(prepared_models: PreparedModels) -> Iterator[RunningStack]:
     app["args"]["max_tool_calls_limit"] = 8
     # Small enough that the context-limit tests need no giant prompts.
     app["args"]["engine"]["max_model_len"] = 2048
-    with local_stack(config, PROJECT_DIR, DATA_DIR) as running:
+    with local_stack(config, PROJECT_DIR, DATA_DIR, log_to_driver=False) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def harness(prepared_models: PreparedModels) -> Iterator[EngineHarness]:
+    """A bare engine (tiny dummy model, small KV cache) for tests that look inside it."""
+    h = EngineHarness(tiny_settings(prepared_models.tiny_dummy))
+    yield h
+    h.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,17 +7,14 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from lamps.model import PreparedModels
 from lamps_core.trace import TraceScript
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
-from tests.engine_harness import EngineHarness, tiny_settings
+from tests.engine_harness import EngineHarness
 from tool_workers.tools import ToolResult
 from tool_workers.worker import ToolWorker
 
@@ -41,13 +38,6 @@ SCRIPT = TraceScript.model_validate(
 )
 PRESERVE = ("fixed", {"strategy": "preserve"})
 DISCARD = ("fixed", {"strategy": "discard"})
-
-
-@pytest.fixture(scope="module")
-def harness(prepared_models: PreparedModels) -> Iterator[EngineHarness]:
-    h = EngineHarness(tiny_settings(prepared_models.tiny_dummy))
-    yield h
-    h.close()
 
 
 async def filler(
@@ -169,8 +159,9 @@ def test_costs_are_measured_on_this_engine(harness: EngineHarness) -> None:
     costs = harness.stats.scheduler["costs"]
     # 4 layers x 2 KV heads x 64 dims x key and value x 4 bytes (float32)
     assert costs["kv_bytes_per_token"] == 4 * 2 * 64 * 2 * 4
-    # Measured by the start-up prefills, not the placeholder of an unmeasured engine.
-    assert costs["fwd_slope_s"] not in (0.0, 1e-4)
-    assert costs["fwd_intercept_s"] + costs["fwd_slope_s"] * 1024 > costs["fwd_intercept_s"]
-    assert 0 < costs["decode_step_s"] < 1.0
+    # Measured by the start-up prefills, not the placeholder of an unmeasured engine. (The
+    # tiny model's prefills cost nearly the same at any size: the slope may fit to ~0.)
+    assert (costs["fwd_intercept_s"], costs["fwd_slope_s"]) != (0.01, 1e-4)
+    assert costs["fwd_intercept_s"] > 0 and costs["fwd_slope_s"] >= 0
+    assert 0 < costs["decode_step_s"] < 1.0 and costs["decode_step_s"] != 0.02
     assert costs["swap_slope_s"] > 0

@@ -10,6 +10,10 @@ The model is the tiny config of `data/models/tiny-dummy` with random weights of 
 (uniform ±1e-3) make every logit equal, so the output does not depend on the context at all and
 could not reveal a wrong copy. With these weights it does (`test_output_depends_on_the_prefix`),
 and the tests also compare the KV bytes of the blocks directly.
+
+`test_host_pool_round_trip` checks the copy code alone (no engine) in the KV cache layouts of other
+backends (FlashAttention's block dimension 1, kernel blocks smaller than engine blocks, permuted
+strides), which the CPU engine does not use.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from lamps_core.request_meta import RequestMeta
+from lamps_vllm.swap_connector import HostPool
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 MODEL_SRC = PROJECT_DIR / "data" / "models" / "tiny-dummy"
@@ -186,12 +191,19 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm, sched
+        # An engine core in this process froze the GC heap and cached vLLM's environment
+        # variables: undo both so later engines in this process see their own settings.
+        gc.unfreeze()
         gc.collect()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        import vllm.envs
+
+        if hasattr(vllm.envs, "disable_envs_cache"):
+            vllm.envs.disable_envs_cache()
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -264,6 +276,49 @@ def reference(engine: Engine, seed: int) -> tuple[list[int], list[int], Any, lis
 
 
 # ---- tests ----------------------------------------------------------------------------------
+
+
+def _layouts(num_blocks: int) -> dict[str, list[Any]]:
+    """KV cache tensors (two layers) in the layouts of several backends, logical shapes."""
+    import torch
+
+    def filled(shape: tuple[int, ...]) -> Any:
+        return torch.randn(shape)
+
+    # The logical (N, H, bs, 2D) view of a physically (N, bs, H, 2D) tensor, as a stride order
+    # other than the identity gives it.
+    permuted = [filled((num_blocks, 16, 2, 128)).permute(0, 2, 1, 3) for _ in range(2)]
+    return {
+        "cpu (N, H, bs, 2D)": [filled((num_blocks, 2, 16, 128)) for _ in range(2)],
+        "flash (2, N, bs, H, D)": [filled((2, num_blocks, 16, 2, 64)) for _ in range(2)],
+        "kernel blocks (2N, H, bs/2, 2D)": [filled((2 * num_blocks, 2, 8, 128)) for _ in range(2)],
+        "permuted strides": permuted,
+    }
+
+
+@pytest.mark.parametrize("layout", list(_layouts(4)))
+def test_host_pool_round_trip(layout: str) -> None:
+    """Blocks copied out to scattered host slots and back into other blocks arrive intact, in
+    every layout (the block dimension is found from the shape)."""
+    import torch
+
+    num_blocks = 12
+    layers = _layouts(num_blocks)[layout]
+    original = [t.clone() for t in layers]
+    pool = HostPool(layers, num_blocks, num_slots=16)
+    pool.copy_out([5, 2, 9, 11], [3, 4, 10, 0])  # three runs of slots
+    for t in layers:
+        t.zero_()
+    pool.copy_in([1, 7, 8], [3, 4, 10])
+    pool.copy_in([0], [0])
+    dim, sub = pool.block_dim, pool.sub
+    for before, after in zip(original, layers, strict=True):
+        for src, dst in ((5, 1), (2, 7), (9, 8), (11, 0)):
+            a = before.narrow(dim, src * sub, sub)
+            b = after.narrow(dim, dst * sub, sub)
+            assert torch.equal(a, b), (layout, src, dst)
+        assert not after.narrow(dim, 2 * sub, sub).any()  # untouched blocks stay as they were
+    assert pool.bytes_per_block == 2 * 2 * 16 * 128 * 4
 
 
 def test_output_depends_on_the_prefix(engine: Engine) -> None:

@@ -1,0 +1,479 @@
+"""Results of `lamps bench`: per-request records, per-(policy, rate) summaries, files and plots.
+
+Times in a `RequestResult` are seconds since the run started, on one clock. A summary comes in two
+variants, always labelled:
+
+- `drained`: the run went on until every request finished; a request that did not finish (or
+  ended in an error) is counted as failed, and the latency figures cover the completed ones.
+  Throughput is completed requests (and their output tokens) over the makespan, from the first
+  arrival to the last completion.
+- `horizon`: only what finished within `horizon_s` of the first arrival, as the INFERCEPT/MARS
+  artifacts report; the rest is `unfinished`, not failed, and throughput is over `horizon_s`.
+  Under overload this hides the requests a policy starves, which is why `drained` is the default
+  everywhere here.
+
+Percentiles interpolate linearly between order statistics (numpy's default). Normalized latency is
+INFERCEPT's: (finish - arrival - API time) / output tokens, averaged over completed requests.
+matplotlib is imported only by `plot`, so the rest works where it is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+RESULTS_FORMAT = "lamps-bench-results/1"
+Variant = Literal["drained", "horizon"]
+# Slack for timestamps taken by different threads of one process.
+CLOCK_SLACK_S = 1e-3
+
+
+class RequestResult(BaseModel):
+    """What happened to one request in one run (one policy at one rate)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str
+    policy: str
+    rate: float = Field(description="Offered load of the run, requests/s.")
+    arrival: float = Field(ge=0.0, description="Seconds since the run started.")
+    first_token: float | None = Field(default=None, description="When its first token came (s).")
+    finish: float | None = Field(default=None, description="When its last token came; None if not.")
+    output_tokens: int = Field(default=0, ge=0, description="Tokens decoded over all segments.")
+    api_time: float = Field(default=0.0, ge=0.0, description="Seconds spent in its API calls.")
+    segments: int = Field(default=1, ge=0, description="Segments served.")
+    cached_tokens: int = Field(default=0, ge=0, description="Prompt tokens served from cache.")
+    recomputed_tokens: int = Field(default=0, ge=0, description="Context re-prefilled on resume.")
+    strategies: list[str] | None = Field(
+        default=None, description="Per API call: preserve / discard / swap, when known."
+    )
+    error: str | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RequestResult:
+        for name in ("first_token", "finish"):
+            t = getattr(self, name)
+            if t is not None and t < self.arrival - CLOCK_SLACK_S:
+                raise ValueError(f"{name}={t} is before arrival={self.arrival}")
+        return self
+
+    @property
+    def completed(self) -> bool:
+        return self.finish is not None and self.error is None
+
+    @property
+    def latency(self) -> float | None:
+        return None if self.finish is None else max(0.0, self.finish - self.arrival)
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else max(0.0, self.first_token - self.arrival)
+
+    @property
+    def normalized_latency(self) -> float | None:
+        if self.latency is None or self.output_tokens == 0:
+            return None
+        return max(0.0, self.latency - self.api_time) / self.output_tokens
+
+
+class Metrics(BaseModel):
+    """One variant's figures for one policy at one rate (seconds, tokens)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    variant: Variant
+    label: str
+    requests: int = Field(description="Requests in the run.")
+    completed: int
+    failed: int = Field(description="Errors, plus (drained) requests that never finished.")
+    unfinished: int = Field(description="Not finished (drained: part of failed; horizon: by it).")
+    latency_mean_s: float | None
+    latency_p50_s: float | None
+    latency_p99_s: float | None
+    ttft_mean_s: float | None
+    ttft_p99_s: float | None
+    normalized_latency_mean_s: float | None = Field(description="Seconds per output token.")
+    window_s: float | None = Field(description="Makespan (drained) or the horizon (horizon).")
+    throughput_rps: float | None
+    throughput_tokens_per_s: float | None
+    output_tokens: int
+    cached_tokens: int
+    recomputed_tokens: int
+    strategy_counts: dict[str, int]
+
+
+class PolicySummary(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str
+    rate: float
+    requests: int
+    horizon_s: float | None
+    drained: Metrics
+    horizon: Metrics | None
+
+    def metrics(self, variant: Variant = "drained") -> Metrics | None:
+        return self.drained if variant == "drained" else self.horizon
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The `q`-th percentile (0-100), linear between order statistics; `values` non-empty."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _p(values: Sequence[float], q: float) -> float | None:
+    return percentile(values, q) if values else None
+
+
+def _metrics(
+    variant: Variant,
+    label: str,
+    everything: Sequence[RequestResult],
+    done: Sequence[RequestResult],
+    failed: int,
+    window: float | None,
+    counted: Sequence[RequestResult],
+) -> Metrics:
+    latencies = [r.latency for r in done if r.latency is not None]
+    ttfts = [r.ttft for r in done if r.ttft is not None]
+    normalized = [r.normalized_latency for r in done if r.normalized_latency is not None]
+    tokens = sum(r.output_tokens for r in done)
+    per_s = 1.0 / window if window else None
+    strategies = Counter(s for r in counted for s in (r.strategies or []))
+    return Metrics(
+        variant=variant,
+        label=label,
+        requests=len(everything),
+        completed=len(done),
+        failed=failed,
+        unfinished=sum(r.finish is None and r.error is None for r in everything)
+        if variant == "drained"
+        else len(everything) - len(done) - failed,
+        latency_mean_s=_mean(latencies),
+        latency_p50_s=_p(latencies, 50),
+        latency_p99_s=_p(latencies, 99),
+        ttft_mean_s=_mean(ttfts),
+        ttft_p99_s=_p(ttfts, 99),
+        normalized_latency_mean_s=_mean(normalized),
+        window_s=window,
+        throughput_rps=len(done) * per_s if per_s else None,
+        throughput_tokens_per_s=tokens * per_s if per_s else None,
+        output_tokens=tokens,
+        cached_tokens=sum(r.cached_tokens for r in done),
+        recomputed_tokens=sum(r.recomputed_tokens for r in done),
+        strategy_counts=dict(sorted(strategies.items())),
+    )
+
+
+def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) -> PolicySummary:
+    """Summarize the requests of one run (one policy, one rate); see the module doc."""
+    if not results:
+        raise ValueError("no results to summarize")
+    runs = {(r.policy, r.rate) for r in results}
+    if len(runs) != 1:
+        raise ValueError(f"results of several runs {sorted(runs)}; use summarize_all")
+    if horizon_s is not None and not horizon_s > 0:
+        raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
+    policy, rate = runs.pop()
+    start = min(r.arrival for r in results)
+    done = [r for r in results if r.completed]
+    makespan = max((r.finish or 0.0) for r in done) - start if done else None
+    drained = _metrics(
+        "drained",
+        "drained: every request run to the end; unfinished ones count as failed",
+        results,
+        done,
+        len(results) - len(done),
+        makespan,
+        results,
+    )
+    horizon = None
+    if horizon_s is not None:
+        in_time = [r for r in done if (r.finish or 0.0) - start <= horizon_s]
+        horizon = _metrics(
+            "horizon",
+            f"horizon: only requests finished within {horizon_s:g} s of the first arrival "
+            "(as the artifacts report)",
+            results,
+            in_time,
+            sum(r.error is not None for r in results),
+            horizon_s,
+            in_time,
+        )
+    return PolicySummary(
+        policy=policy,
+        rate=rate,
+        requests=len(results),
+        horizon_s=horizon_s,
+        drained=drained,
+        horizon=horizon,
+    )
+
+
+def summarize_all(
+    results: Iterable[RequestResult], horizon_s: float | None = None
+) -> list[PolicySummary]:
+    """One summary per (policy, rate) found in `results`, sorted by policy then rate."""
+    runs: dict[tuple[str, float], list[RequestResult]] = {}
+    for r in results:
+        runs.setdefault((r.policy, r.rate), []).append(r)
+    return [summarize(runs[key], horizon_s) for key in sorted(runs)]
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def rate_key(rate: float) -> str:
+    return f"{rate:g}"
+
+
+def write_results(
+    out_dir: str | Path,
+    summaries: Sequence[PolicySummary],
+    config: Mapping[str, Any],
+    machine: Mapping[str, Any] | str | None = None,
+) -> Path:
+    """Write `out_dir/results.json`: the run's config and machine, and per policy and rate both
+    variants (`{"results": {policy: {rate: summary}}}`). Returns the path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, dict[str, Any]] = {}
+    for s in summaries:
+        table.setdefault(s.policy, {})[rate_key(s.rate)] = s.model_dump(mode="json")
+    body = {"format": RESULTS_FORMAT, "config": config, "machine": machine, "results": table}
+    path = out / "results.json"
+    path.write_text(json.dumps(body, indent=1, default=str))
+    return path
+
+
+def read_results(path: str | Path) -> tuple[list[PolicySummary], dict[str, Any]]:
+    """The summaries of a `results.json`, and the whole file (config, machine) as read."""
+    body = json.loads(Path(path).read_text())
+    if body.get("format") != RESULTS_FORMAT:
+        raise ValueError(f"{path}: not a {RESULTS_FORMAT} file")
+    summaries = [
+        PolicySummary.model_validate(s)
+        for per_rate in body["results"].values()
+        for s in per_rate.values()
+    ]
+    return sorted(summaries, key=lambda s: (s.policy, s.rate)), body
+
+
+def write_request_results(out_dir: str | Path, results: Iterable[RequestResult]) -> Path:
+    """Every request's record, one JSON object a line (`requests.jsonl`), to re-plot later."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "requests.jsonl"
+    with path.open("w") as f:
+        for r in results:
+            f.write(r.model_dump_json(exclude_none=True) + "\n")
+    return path
+
+
+def read_request_results(path: str | Path) -> list[RequestResult]:
+    lines = Path(path).read_text().splitlines()
+    return [RequestResult.model_validate_json(line) for line in lines if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# Ratio table
+
+RATIO_METRICS: tuple[tuple[str, str], ...] = (
+    ("mean lat", "latency_mean_s"),
+    ("P99 lat", "latency_p99_s"),
+    ("mean TTFT", "ttft_mean_s"),
+    ("P99 TTFT", "ttft_p99_s"),
+    ("req/s", "throughput_rps"),
+)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+def ratio_table(
+    summaries: Sequence[PolicySummary],
+    base: str = "lamps",
+    against: Sequence[str] = ("infercept", "vllm"),
+    variant: Variant = "drained",
+) -> str:
+    """A printable table of `base`/other ratios per rate (latency and TTFT: < 1 means `base` is
+    faster; throughput: > 1 means it serves more)."""
+    by_run = {(s.policy, s.rate): s.metrics(variant) for s in summaries}
+    rates = sorted({s.rate for s in summaries if s.policy == base})
+    header = ["rate", "vs", *(name for name, _ in RATIO_METRICS)]
+    rows = [header]
+    for rate in rates:
+        mine = by_run.get((base, rate))
+        for other in against:
+            theirs = by_run.get((other, rate))
+            cells = [
+                _ratio(getattr(mine, key, None), getattr(theirs, key, None))
+                for _, key in RATIO_METRICS
+            ]
+            rows.append([rate_key(rate), other, *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        f"{base} / other, {variant} "
+        f"(latency, TTFT: < 1 is better for {base}; req/s: > 1 is better)",
+        *("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows),
+    ]
+    if len(rows) == 1:
+        lines.append(f"(no runs of {base!r})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+_COLORS = {"lamps": "#d62728", "sjf": "#2ca02c", "infercept": "#1f77b4", "vllm": "#7f7f7f"}
+_OTHER_COLORS = ("#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+
+
+def _ordered_policies(policies: Iterable[str]) -> list[str]:
+    """The known policies first (lamps, sjf, infercept, vllm), then the others by name."""
+    known = list(_COLORS)
+    return sorted(set(policies), key=lambda p: (known.index(p) if p in known else len(known), p))
+
+
+def _color(policy: str, policies: Sequence[str]) -> str:
+    if policy in _COLORS:
+        return _COLORS[policy]
+    others = [p for p in policies if p not in _COLORS]
+    return _OTHER_COLORS[others.index(policy) % len(_OTHER_COLORS)]
+
+
+def _vs_rate(
+    path: Path,
+    summaries: Sequence[PolicySummary],
+    variant: Variant,
+    panels: Sequence[tuple[str, str, str]],
+    title: str,
+) -> Path:
+    from matplotlib.figure import Figure
+
+    policies = _ordered_policies(s.policy for s in summaries)
+    fig = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, ylabel, panel_title) in zip(axes, panels, strict=True):
+        for policy in policies:
+            points = sorted(
+                (s.rate, getattr(m, key))
+                for s in summaries
+                if s.policy == policy
+                and (m := s.metrics(variant)) is not None
+                and getattr(m, key) is not None
+            )
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker="o", label=policy, color=_color(policy, policies))
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylim(bottom=0)
+        ax.legend()
+    fig.suptitle(f"{title} ({variant})")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _cdfs(path: Path, results: Sequence[RequestResult]) -> Path:
+    from matplotlib.figure import Figure
+
+    rates = sorted({r.rate for r in results})
+    policies = _ordered_policies(r.policy for r in results)
+    cols = min(3, max(1, len(rates)))
+    rows = math.ceil(len(rates) / cols) if rates else 1
+    fig = Figure(figsize=(5.0 * cols, 4.0 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, rate in zip(axes, rates, strict=False):
+        for policy in policies:
+            run = [r for r in results if r.rate == rate and r.policy == policy]
+            done = sorted(r.latency for r in run if r.completed and r.latency is not None)
+            if not run:
+                continue
+            ys = [(i + 1) / len(run) for i in range(len(done))]
+            label = policy if len(done) == len(run) else f"{policy} ({len(done)}/{len(run)} done)"
+            ax.step(done, ys, where="post", label=label, color=_color(policy, policies))
+        ax.set_title(f"{rate_key(rate)} requests/s")
+        ax.set_xlabel("end-to-end latency (s)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_ylim(0, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower right")
+    for ax in axes[len(rates) :]:
+        ax.set_visible(False)
+    fig.suptitle("Latency CDF per rate (unfinished requests keep a curve below 1)")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot(
+    out_dir: str | Path,
+    summaries: Sequence[PolicySummary],
+    results: Sequence[RequestResult],
+    variant: Variant = "drained",
+) -> list[Path]:
+    """PNGs under `out_dir`: latency, TTFT and throughput vs rate per policy (from `summaries`,
+    `variant`), and end-to-end latency CDFs per rate (from `results`). Returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        _vs_rate(
+            out / "latency_vs_rate.png",
+            summaries,
+            variant,
+            [
+                ("latency_mean_s", "mean end-to-end latency (s)", "Mean latency"),
+                ("latency_p99_s", "P99 end-to-end latency (s)", "P99 latency"),
+            ],
+            "End-to-end latency (arrival to last token, API time included)",
+        ),
+        _vs_rate(
+            out / "ttft_vs_rate.png",
+            summaries,
+            variant,
+            [
+                ("ttft_mean_s", "mean TTFT (s)", "Mean time to first token"),
+                ("ttft_p99_s", "P99 TTFT (s)", "P99 time to first token"),
+            ],
+            "Time to first token",
+        ),
+        _vs_rate(
+            out / "throughput_vs_rate.png",
+            summaries,
+            variant,
+            [
+                ("throughput_rps", "completed requests/s", "Request throughput"),
+                ("throughput_tokens_per_s", "output tokens/s", "Token throughput"),
+            ],
+            "Throughput",
+        ),
+    ]
+    if results:
+        paths.append(_cdfs(out / "latency_cdf.png", results))
+    return paths

@@ -1,0 +1,220 @@
+"""`lamps bench`: the same requests against each policy, on one engine, one policy after another,
+at each offered load; results, plots and the LAMPS/INFERCEPT and LAMPS/vLLM ratios.
+
+Each (rate, policy) run starts from an empty prefix cache and waits until every request has
+finished (drained); the horizon-style figure of the artifacts (what finished by `--duration`
+after the first arrival) is reported beside it, labelled. Request ids, and so the synthetic
+prompts, differ between runs, so no run finds another's KV blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from bench.results import (
+    RequestResult,
+    plot,
+    ratio_table,
+    summarize_all,
+    write_request_results,
+    write_results,
+)
+from lamps_core.policies import POLICY_NAMES
+from lamps_core.workloads import Trace, get_workload, read_trace, with_poisson_arrivals
+
+if TYPE_CHECKING:  # the engine's modules load only when a run starts, not for --help
+    from lamps.bench_targets import ReplayTarget
+
+# Figures of the scheduler plugin that are counters: a run's share is after minus before.
+_COUNTERS = (
+    "calls_preserve",
+    "calls_discard",
+    "calls_swap",
+    "demoted_to_discard",
+    "demoted_to_swap",
+    "preserved_block_seconds",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", type=Path, help="a trace file (INFERCEPT/MARS format)")
+    source.add_argument("--workload", help="a generated workload: see lamps_core.workloads")
+    parser.add_argument("--policies", default="lamps,infercept,vllm,sjf")
+    parser.add_argument("--rate", default="1", help="offered loads, requests/s: R[,R...]")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=60.0,
+        help="seconds of arrivals per run (and the horizon of the horizon figure)",
+    )
+    parser.add_argument("--requests", type=int, help="requests per run (default rate x duration)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="shrink a workload's lengths and durations (CPU runs)",
+    )
+    parser.add_argument("--time-scale", type=float, help="shrink durations by this instead")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=Path("cluster/serve-bench-cpu.yaml"),
+        help="Serve config of the engine to run against",
+    )
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="drive an engine in this process instead of the Serve deployment "
+        "(machines without Ray; same engine, plugin and replay code)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+
+
+def load_trace(args: argparse.Namespace, rate: float, max_context: int) -> Trace:
+    n = args.requests or max(1, round(rate * args.duration))
+    if args.trace:
+        trace = read_trace(args.trace)
+        trace = trace.model_copy(update={"requests": trace.requests[:n]})
+        return trace if trace.has_arrivals else with_poisson_arrivals(trace, rate, args.seed)
+    return get_workload(args.workload)(
+        n, rate, args.seed, scale=args.scale, time_scale=args.time_scale, max_context=max_context
+    )
+
+
+async def run_one(
+    target: ReplayTarget, trace: Trace, policy: str, rate: float, bar: tqdm
+) -> tuple[list[RequestResult], dict[str, float]]:
+    await target.reset_prefix_cache()
+    before = await target.scheduler_stats()
+    started = time.monotonic()
+
+    async def one(request: Any) -> RequestResult:
+        await asyncio.sleep(max(0.0, started + request.arrival_time - time.monotonic()))
+        sent = time.monotonic() - started
+        script = request.script
+        try:
+            response = await target.replay(
+                f"{policy}-{rate:g}-{request.request_id}", script, policy
+            )
+        except Exception as exc:  # counted as a failed request, never dropped
+            return RequestResult(
+                request_id=request.request_id,
+                policy=policy,
+                rate=rate,
+                arrival=sent,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        finally:
+            bar.update()
+        resumed = response.segments[1:]
+        return RequestResult(
+            request_id=request.request_id,
+            policy=policy,
+            rate=rate,
+            arrival=sent,
+            first_token=sent + response.ttft_s,
+            finish=sent + response.latency_s,
+            output_tokens=sum(s.completion_tokens for s in response.segments),
+            api_time=sum(s.api_duration_s or 0.0 for s in response.segments),
+            segments=len(response.segments),
+            cached_tokens=sum(s.cached_tokens for s in resumed),
+            recomputed_tokens=sum(s.prompt_tokens - s.cached_tokens for s in resumed),
+        )
+
+    results = await asyncio.gather(*(one(r) for r in trace.requests))
+    after = await target.scheduler_stats()
+    delta = {key: after.get(key, 0) - before.get(key, 0) for key in _COUNTERS}
+    costs = after.get("costs", {})
+    block_bytes = costs.get("kv_bytes_per_token", 0) * after.get("block_size", 0)
+    delta["preserved_gb_s"] = delta["preserved_block_seconds"] * block_bytes / 1e9
+    return list(results), delta
+
+
+async def run_all(
+    target: ReplayTarget,
+    args: argparse.Namespace,
+    policies: Sequence[str],
+    rates: Sequence[float],
+    max_context: int,
+) -> dict[str, Any]:
+    traces = {rate: load_trace(args, rate, max_context) for rate in rates}
+    total = sum(len(t) for t in traces.values()) * len(policies)
+    results: list[RequestResult] = []
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    with tqdm(total=total, unit="req", desc="lamps bench") as bar:
+        for rate in rates:
+            for policy in policies:
+                bar.set_postfix_str(f"{policy} @ {rate:g}/s")
+                got, delta = await run_one(target, traces[rate], policy, rate, bar)
+                results += got
+                runs.setdefault(policy, {})[f"{rate:g}"] = delta
+    return {"results": results, "runs": runs, "traces": traces}
+
+
+def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
+    results: list[RequestResult] = outcome["results"]
+    summaries = summarize_all(results, horizon_s=args.duration)
+    config = {
+        "command": vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
+        "engine": engine,
+        "scheduler_per_run": outcome["runs"],
+        "traces": {f"{rate:g}": trace.info for rate, trace in outcome["traces"].items()},
+    }
+    machine = {
+        "node": platform.node(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+    }
+    write_results(args.out, summaries, config, machine)
+    write_request_results(args.out, results)
+    plot(args.out, summaries, results)
+    table = ratio_table(summaries)
+    (args.out / "ratios.txt").write_text(table + "\n")
+    return table
+
+
+def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
+    from lamps.bench_targets import bench_engine_settings, engine_target
+    from lamps.local_stack import load_serve_config
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(POLICY_NAMES)}")
+    rates = [float(r) for r in args.rate.split(",")]
+    config = load_serve_config(args.config)
+    settings = bench_engine_settings(config, project_dir)
+    engine = settings.model_dump(mode="json")
+
+    if args.engine_only:
+
+        async def go() -> dict[str, Any]:
+            async with engine_target(settings) as target:
+                return await run_all(target, args, policies, rates, settings.max_model_len)
+
+        outcome = asyncio.run(go())
+    else:
+        from lamps.bench_targets import DeploymentTarget
+        from lamps.local_stack import local_stack
+
+        with local_stack(config, project_dir, data_dir, log_to_driver=False):
+            outcome = asyncio.run(
+                run_all(DeploymentTarget(), args, policies, rates, settings.max_model_len)
+            )
+    table = report(args, outcome, engine)
+    print(table)
+    print(f"results, plots and per-request records in {args.out}/")
+    print(json.dumps(outcome["runs"], indent=1))
+    return 0

@@ -1,0 +1,672 @@
+"""Workloads for `lamps bench`: trace files in the INFERCEPT/MARS format, and seeded generators.
+
+Files
+-----
+`read_trace` / `write_trace` use the artifacts' format unchanged: one JSON object, request id ->
+list of segments `{"prompt_tokens", "completion_tokens", "api_time", "api_token_length"}` (the last
+segment without the API fields), plus the optional `api_type` we allow. Arrival times are not part
+of that format, so `write_trace` puts them (and the generator's parameters, `Trace.info`) in a
+*sidecar file* next to the trace, `NAME.arrivals.json` for `NAME.json`, instead of a key inside
+the trace: the artifacts' loaders iterate every top-level key as a request, and an extra key would
+break them. The trace file itself therefore stays readable by the artifacts' own scripts.
+`read_trace` picks the sidecar up when it exists; without one (an artifact file) the requests have
+no arrival times and `with_poisson_arrivals(trace, rate, seed)` gives them some.
+
+Generators
+----------
+Every generator takes `(n, rate, seed, *, scale=1.0, time_scale=None, max_context=None)`, draws
+request contents from `random.Random(seed)` and arrivals from a separate stream seeded by `seed`,
+so one seed gives the same requests at every rate of a sweep. The INFERCEPT table (LAMPS.md,
+"Workloads") gives per augmentation type the API time mean and spread, the calls per request and
+the context length. It does not publish how that context splits into prompt, decode and API
+returns, nor per-segment decode lengths, so those are our choices, made to be plausible for each
+source and to reproduce the table's means:
+
+- `context_tokens` is read as the mean context a request ends with (prompt + every decode + every
+  API return) when it makes the table's mean number of calls. Per type we pick a mean decode
+  length per segment and a mean API return per call (`decode_tokens`, `return_tokens`, see
+  `AUGMENTATION_TYPES`); the mean prompt is what is left, so the means add up to the table.
+- API time: gamma with the table's mean and, as standard deviation, the table's second figure.
+  LAMPS.md labels it "var (s)"; read as a variance (s²), the calculator's calls would have a
+  standard deviation 86 times their mean, so we read it as a standard deviation in seconds, which
+  gives coefficients of variation of 0.15 to 0.67 across the six types. Gamma keeps durations
+  positive and right-skewed with exactly that mean and spread (a clipped normal would shift the
+  mean).
+- Calls per request (`multi_api`): 1 + Poisson(mean - 1): at least one call, the table's mean.
+- Decode tokens per segment: gamma with shape 2 (coefficient of variation 0.71), rounded, at least
+  1: LLM output lengths are long-tailed, and the spread of job sizes is what lets a size-aware
+  order matter. Prompt and API-return tokens: uniform within ±50 % of the mean, rounded (prompts of
+  these sources are mostly a fixed few-shot template plus a question; tool outputs vary less).
+- `toolbench_like`: the multi-call ToolBench shape of ../shared/gpu/README.md: 1 + Poisson(3)
+  calls (mean 4), prompt ~540 tokens, ~370 decoded tokens per request (74 per segment over a mean
+  of 5 segments), 50 returned tokens per call (our choice), and each call picks one of five tool
+  classes with means 4 to 20 s (average 12 s, each with a standard deviation of half its mean), so
+  a per-tool duration estimate has something to learn.
+
+`scale` multiplies every token mean (prompt, decodes, returns) and, unless `time_scale` is given,
+every API duration, before drawing: a CPU run of a tiny model with a KV cache of a few thousand
+tokens uses e.g. `scale=0.1` (toolbench: ~110-token contexts, ~1.2 s calls). The number of calls
+is not scaled. `max_context` caps every request's final context: a longer draw is shrunk
+proportionally, then loses calls from its end until it fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lamps_core.trace import MAX_API_TIME_S, TraceScript, TraceSegment
+
+SIDECAR_FORMAT = "lamps-trace-sidecar/1"
+DECODE_GAMMA_SHAPE = 2.0
+UNIFORM_HALF_WIDTH = 0.5
+
+
+class TraceFormatError(ValueError):
+    """A trace file that is not valid; the message names the file, request and segment."""
+
+
+# --------------------------------------------------------------------------------------------
+# The trace model
+
+
+class TraceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    request_id: str = Field(min_length=1)
+    arrival_time: float | None = Field(
+        default=None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Seconds after the run starts; None when the file had no arrival times.",
+    )
+    script: TraceScript
+
+
+class Trace(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: list[TraceRequest] = Field(min_length=1)
+    info: dict[str, Any] = Field(
+        default_factory=dict, description="How the trace was made (generator and parameters)."
+    )
+
+    @model_validator(mode="after")
+    def _ids_and_arrivals(self) -> Trace:
+        seen: set[str] = set()
+        for req in self.requests:
+            if req.request_id in seen:
+                raise ValueError(f"request id {req.request_id!r} appears twice")
+            seen.add(req.request_id)
+        with_arrival = sum(req.arrival_time is not None for req in self.requests)
+        if 0 < with_arrival < len(self.requests):
+            raise ValueError(
+                f"{with_arrival} of {len(self.requests)} requests have an arrival time: "
+                "give all of them one, or none"
+            )
+        return self
+
+    @property
+    def has_arrivals(self) -> bool:
+        return self.requests[0].arrival_time is not None
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+def trace_stats(trace: Trace) -> dict[str, float]:
+    """Means of a trace, per request unless named per call: for logs and run configs."""
+    scripts = [req.script for req in trace.requests]
+    calls = [seg for s in scripts for seg in s.segments if seg.has_api_call]
+    n = len(scripts)
+    stats = {
+        "requests": float(n),
+        "calls_per_request": len(calls) / n,
+        "api_time_per_call_s": (sum(seg.api_time or 0.0 for seg in calls) / len(calls))
+        if calls
+        else 0.0,
+        "api_time_per_request_s": sum(s.total_api_time for s in scripts) / n,
+        "prompt_tokens": sum(s.segments[0].prompt_tokens for s in scripts) / n,
+        "output_tokens": sum(seg.completion_tokens for s in scripts for seg in s.segments) / n,
+        "returned_tokens": sum(seg.api_token_length or 0 for seg in calls) / n,
+        "context_tokens": sum(s.total_tokens for s in scripts) / n,
+        "max_context_tokens": float(max(s.total_tokens for s in scripts)),
+    }
+    if trace.has_arrivals:
+        stats["last_arrival_s"] = max(req.arrival_time or 0.0 for req in trace.requests)
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """Where the arrival times of the trace at `path` live: `x.json` -> `x.arrivals.json`."""
+    path = Path(path)
+    stem = path.stem if path.suffix == ".json" else path.name
+    return path.with_name(f"{stem}.arrivals.json")
+
+
+def write_trace(trace: Trace, path: str | Path) -> Path:
+    """Write `trace` in the artifacts' format, and its arrivals and info to the sidecar file.
+
+    A sidecar left from an earlier trace at the same path is removed when `trace` has neither
+    arrivals nor info, so it cannot lend its arrivals to this one."""
+    path = Path(path)
+    body = {
+        req.request_id: [seg.model_dump(exclude_none=True) for seg in req.script.segments]
+        for req in trace.requests
+    }
+    path.write_text(json.dumps(body))
+    side = sidecar_path(path)
+    if trace.has_arrivals or trace.info:
+        arrivals = (
+            {req.request_id: req.arrival_time for req in trace.requests}
+            if trace.has_arrivals
+            else None
+        )
+        side.write_text(
+            json.dumps(
+                {"format": SIDECAR_FORMAT, "arrival_times": arrivals, "info": trace.info},
+                indent=1,
+                default=str,
+            )
+        )
+    else:
+        side.unlink(missing_ok=True)
+    return path
+
+
+def _errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"] if x != "segments")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def _parse_request(where: str, request_id: str, raw: object) -> TraceScript:
+    if not isinstance(raw, list) or not raw:
+        raise TraceFormatError(
+            f"{where}: request {request_id!r}: expected a non-empty list of segments, "
+            f"got {type(raw).__name__}"
+        )
+    segments = []
+    for i, seg in enumerate(raw):
+        if not isinstance(seg, dict):
+            raise TraceFormatError(
+                f"{where}: request {request_id!r}, segment {i}: expected an object, "
+                f"got {type(seg).__name__}"
+            )
+        try:
+            segments.append(TraceSegment.model_validate(seg))
+        except ValidationError as exc:
+            raise TraceFormatError(
+                f"{where}: request {request_id!r}, segment {i}: {_errors(exc)}"
+            ) from exc
+    try:
+        return TraceScript(segments=segments)
+    except ValidationError as exc:  # the arithmetic between segments; the message names them
+        raise TraceFormatError(f"{where}: request {request_id!r}: {_errors(exc)}") from exc
+
+
+def _load_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TraceFormatError(f"{path}: not valid JSON: {exc}") from exc
+
+
+def _read_sidecar(path: Path, ids: Sequence[str]) -> tuple[dict[str, float] | None, dict]:
+    side = sidecar_path(path)
+    if not side.exists():
+        return None, {}
+    data = _load_json(side)
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise TraceFormatError(f"{side}: not a {SIDECAR_FORMAT} file")
+    info = data.get("info") or {}
+    arrivals = data.get("arrival_times")
+    if arrivals is None:
+        return None, info
+    if not isinstance(arrivals, dict) or set(arrivals) != set(ids):
+        have = set(arrivals) if isinstance(arrivals, dict) else set()
+        missing = sorted(set(ids) - have)[:3]
+        extra = sorted(have - set(ids))[:3]
+        raise TraceFormatError(
+            f"{side}: arrival_times must name exactly the trace's requests "
+            f"(missing e.g. {missing}, unknown e.g. {extra})"
+        )
+    out: dict[str, float] = {}
+    for rid, t in arrivals.items():
+        ok = isinstance(t, int | float) and not isinstance(t, bool)
+        if not ok or not math.isfinite(t) or t < 0:
+            raise TraceFormatError(f"{side}: request {rid!r}: bad arrival time {t!r}")
+        out[rid] = float(t)
+    return out, info
+
+
+def read_trace(path: str | Path, *, sidecar: bool = True) -> Trace:
+    """Load and validate a trace file (and its sidecar, unless `sidecar=False`).
+
+    Raises `TraceFormatError` naming the file, request id and segment index of the first problem.
+    """
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, dict) or not data:
+        raise TraceFormatError(
+            f"{path}: expected a non-empty JSON object of request id -> segments"
+        )
+    scripts = {str(rid): _parse_request(str(path), str(rid), raw) for rid, raw in data.items()}
+    arrivals, info = _read_sidecar(path, list(scripts)) if sidecar else (None, {})
+    requests = [
+        TraceRequest(
+            request_id=rid,
+            arrival_time=None if arrivals is None else arrivals[rid],
+            script=script,
+        )
+        for rid, script in scripts.items()
+    ]
+    return Trace(requests=requests, info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Arrivals
+
+
+def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
+    """`n` arrival offsets (s) of a Poisson process of `rate` requests/s, the first at 0.
+
+    `rate=math.inf` puts every request at 0 (an offline burst)."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 requests/s, got {rate}")
+    if math.isinf(rate):
+        return [0.0] * n
+    rng = random.Random(f"arrivals:{seed}")
+    out, t = [], 0.0
+    for _ in range(n):
+        out.append(t)
+        t += rng.expovariate(rate)
+    return out
+
+
+def with_poisson_arrivals(trace: Trace, rate: float, seed: int) -> Trace:
+    """The same requests, in their order, arriving as a Poisson process (replacing any arrivals)."""
+    times = poisson_arrivals(len(trace.requests), rate, seed)
+    requests = [
+        req.model_copy(update={"arrival_time": t})
+        for req, t in zip(trace.requests, times, strict=True)
+    ]
+    info = {**trace.info, "rate": rate, "arrival_seed": seed}
+    return Trace(requests=requests, info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# Augmentation types
+
+
+@dataclass(frozen=True)
+class ApiTool:
+    """One kind of call: its duration's mean and standard deviation (s)."""
+
+    name: str
+    mean_s: float
+    std_s: float
+
+
+@dataclass(frozen=True)
+class AugmentationType:
+    """A request population: calls, their durations, and its token lengths (means).
+
+    `context_tokens` is the mean final context of a request making `calls_per_request` calls;
+    `decode_tokens` (per segment) and `return_tokens` (per call) are our choices, and the mean
+    prompt is what is left of the context. Each call picks one of `tools` uniformly; when empty,
+    the type is its own single tool with `api_time_mean_s` / `api_time_std_s`."""
+
+    name: str
+    source: str
+    api_time_mean_s: float
+    api_time_std_s: float
+    calls_per_request: float
+    context_tokens: float
+    decode_tokens: float
+    return_tokens: float
+    tools: tuple[ApiTool, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.prompt_tokens < 1:
+            raise ValueError(f"{self.name}: decodes and returns exceed the context")
+
+    @property
+    def prompt_tokens(self) -> float:
+        calls = self.calls_per_request
+        return self.context_tokens - (calls + 1) * self.decode_tokens - calls * self.return_tokens
+
+    @property
+    def call_tools(self) -> tuple[ApiTool, ...]:
+        return self.tools or (ApiTool(self.name, self.api_time_mean_s, self.api_time_std_s),)
+
+
+# INFERCEPT's six types: API time mean / spread (s), calls per request, context (the table in
+# LAMPS.md), then our per-segment decode and per-call return means (tokens):
+# math: short reasoning steps between calculator calls that return a number;
+# qa: a Wikipedia passage per search; virtual_env: ALFWorld's short actions and observations;
+# chatbot: the assistant's turn, the "call" being the user's think time, returning their message;
+# image / tts: a short prompt for the generator, which returns a handle.
+AUGMENTATION_TYPES: dict[str, AugmentationType] = {
+    t.name: t
+    for t in (
+        AugmentationType("math", "GSM8K-XL calculator", 9e-5, 6e-5, 3.75, 1422, 40, 8),
+        AugmentationType("qa", "multi-hop Wikipedia", 0.69, 0.17, 2.52, 1846, 40, 250),
+        AugmentationType("virtual_env", "ALFWorld", 0.09, 0.014, 28.18, 2185, 15, 30),
+        AugmentationType("chatbot", "ShareGPT multi-turn", 28.6, 15.6, 4.45, 753, 90, 35),
+        AugmentationType("image", "Stable Diffusion", 20.03, 7.8, 6.91, 1247, 40, 10),
+        AugmentationType("tts", "Bark", 17.24, 7.6, 6.91, 1251, 40, 10),
+    )
+}
+
+TOOLBENCH_TOOLS: tuple[ApiTool, ...] = tuple(
+    ApiTool(name, mean, mean / 2)
+    for name, mean in (
+        ("search", 4.0),
+        ("finance", 8.0),
+        ("weather", 12.0),
+        ("data", 16.0),
+        ("media", 20.0),
+    )
+)
+_TOOL_MEAN = sum(t.mean_s for t in TOOLBENCH_TOOLS) / len(TOOLBENCH_TOOLS)
+_TOOL_SECOND_MOMENT = sum(t.std_s**2 + t.mean_s**2 for t in TOOLBENCH_TOOLS) / len(TOOLBENCH_TOOLS)
+TOOLBENCH = AugmentationType(
+    name="toolbench",
+    source="ToolBench-like multi-API (shape of ../shared/gpu/README.md)",
+    api_time_mean_s=_TOOL_MEAN,  # 12 s
+    api_time_std_s=math.sqrt(_TOOL_SECOND_MOMENT - _TOOL_MEAN**2),  # of the mixture, ~8.7 s
+    calls_per_request=4.0,
+    context_tokens=540 + 5 * 74 + 4 * 50,
+    decode_tokens=74,
+    return_tokens=50,
+    tools=TOOLBENCH_TOOLS,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _gamma(rng: random.Random, mean: float, std: float) -> float:
+    if mean <= 0:
+        return 0.0
+    if std <= 0:
+        return mean
+    shape = (mean / std) ** 2
+    return rng.gammavariate(shape, std * std / mean)
+
+
+def _gamma_int(rng: random.Random, mean: float, shape: float, minimum: int) -> int:
+    if mean <= 0:
+        return minimum
+    return max(minimum, round(rng.gammavariate(shape, mean / shape)))
+
+
+def _uniform_int(rng: random.Random, mean: float, minimum: int) -> int:
+    spread = UNIFORM_HALF_WIDTH * mean
+    return max(minimum, round(rng.uniform(mean - spread, mean + spread)))
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    if lam <= 0:
+        return 0
+    if lam > 200:  # exp(-lam) underflows Knuth's method; the normal approximation is fine there
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+@dataclass
+class _Draw:
+    prompt: int
+    decodes: list[int]  # len(returns) + 1
+    returns: list[int]
+    times: list[float]
+    tools: list[str]
+
+    @property
+    def total(self) -> int:
+        return self.prompt + sum(self.decodes) + sum(self.returns)
+
+    def fit(self, cap: int) -> None:
+        """Shrink to at most `cap` tokens: proportionally, then by dropping trailing calls."""
+        if self.total > cap:
+            f = cap / self.total
+            self.prompt = max(1, int(self.prompt * f))
+            self.decodes = [max(1, int(d * f)) for d in self.decodes]
+            self.returns = [int(r * f) for r in self.returns]
+        while self.total > cap and self.returns:
+            for seq in (self.decodes, self.returns, self.times, self.tools):
+                seq.pop()
+        if self.total > cap:  # no call left: prompt + final decode
+            self.decodes[0] = min(self.decodes[0], cap - 1)
+            self.prompt = min(self.prompt, cap - self.decodes[0])
+
+    def script(self) -> TraceScript:
+        segments, context = [], self.prompt
+        for i, decode in enumerate(self.decodes):
+            if i < len(self.returns):
+                segments.append(
+                    TraceSegment(
+                        prompt_tokens=context,
+                        completion_tokens=decode,
+                        api_time=self.times[i],
+                        api_token_length=self.returns[i],
+                        api_type=self.tools[i],
+                    )
+                )
+                context += decode + self.returns[i]
+            else:
+                segments.append(TraceSegment(prompt_tokens=context, completion_tokens=decode))
+        return TraceScript(segments=segments)
+
+
+def _draw(
+    rng: random.Random, kind: AugmentationType, calls: int, token_scale: float, time_scale: float
+) -> _Draw:
+    prompt = _uniform_int(rng, kind.prompt_tokens * token_scale, minimum=1)
+    decodes = [
+        _gamma_int(rng, kind.decode_tokens * token_scale, DECODE_GAMMA_SHAPE, minimum=1)
+        for _ in range(calls + 1)
+    ]
+    returns = [_uniform_int(rng, kind.return_tokens * token_scale, minimum=0) for _ in range(calls)]
+    tools = [rng.choice(kind.call_tools) for _ in range(calls)]
+    times = [
+        min(MAX_API_TIME_S, _gamma(rng, t.mean_s * time_scale, t.std_s * time_scale)) for t in tools
+    ]
+    return _Draw(prompt, decodes, returns, times, [t.name for t in tools])
+
+
+def _check(n: int, scale: float, time_scale: float | None, max_context: int | None) -> float:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not scale > 0 or math.isinf(scale):
+        raise ValueError(f"scale must be a positive number, got {scale}")
+    if time_scale is not None and (not time_scale >= 0 or math.isinf(time_scale)):
+        raise ValueError(f"time_scale must be >= 0, got {time_scale}")
+    if max_context is not None and max_context < 2:
+        raise ValueError(f"max_context must be >= 2 tokens, got {max_context}")
+    return scale if time_scale is None else time_scale
+
+
+def _generate(
+    name: str,
+    n: int,
+    rate: float,
+    seed: int,
+    pick: Callable[[random.Random], AugmentationType],
+    calls: Callable[[random.Random, AugmentationType], int],
+    scale: float,
+    time_scale: float | None,
+    max_context: int | None,
+    extra_info: Mapping[str, Any],
+) -> Trace:
+    tscale = _check(n, scale, time_scale, max_context)
+    rng = random.Random(seed)
+    requests = []
+    for i, t in enumerate(poisson_arrivals(n, rate, seed)):
+        kind = pick(rng)
+        draw = _draw(rng, kind, calls(rng, kind), scale, tscale)
+        if max_context is not None:
+            draw.fit(max_context)
+        requests.append(TraceRequest(request_id=str(i), arrival_time=t, script=draw.script()))
+    info = {
+        "workload": name,
+        "n": n,
+        "rate": rate,
+        "seed": seed,
+        "scale": scale,
+        "time_scale": tscale,
+        "max_context": max_context,
+        **extra_info,
+    }
+    return Trace(requests=requests, info=info)
+
+
+def _type(name: str) -> AugmentationType:
+    try:
+        return AUGMENTATION_TYPES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown augmentation type {name!r}; known: {', '.join(AUGMENTATION_TYPES)}"
+        ) from None
+
+
+def _picker(
+    mix: Mapping[str, float] | None,
+) -> tuple[Callable[[random.Random], AugmentationType], dict[str, float]]:
+    weights = dict(mix) if mix is not None else dict.fromkeys(AUGMENTATION_TYPES, 1.0)
+    kinds = [_type(name) for name in weights]
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"mix weights must be >= 0 and not all 0, got {weights}")
+    values = list(weights.values())
+    if len(kinds) == 1:
+        return (lambda rng: kinds[0]), weights
+    return (lambda rng: rng.choices(kinds, weights=values)[0]), weights
+
+
+def _multi_calls(rng: random.Random, kind: AugmentationType) -> int:
+    return 1 + _poisson(rng, kind.calls_per_request - 1)
+
+
+def single_api(
+    kind: str | Mapping[str, float],
+    n: int,
+    rate: float,
+    seed: int = 0,
+    *,
+    scale: float = 1.0,
+    time_scale: float | None = None,
+    max_context: int | None = None,
+) -> Trace:
+    """One API call per request of augmentation type `kind` (a name of `AUGMENTATION_TYPES`, or
+    a mix `{name: weight}` picking a type per request). The per-segment means are the type's, so
+    a request's context is prompt + 2 decodes + 1 return, less than the table's context for the
+    types that make many calls."""
+    if isinstance(kind, str):
+        pick, weights = _picker({kind: 1.0})
+        name = kind
+    else:
+        pick, weights = _picker(kind)
+        name = "single_mix"
+    return _generate(
+        name,
+        n,
+        rate,
+        seed,
+        pick,
+        lambda rng, k: 1,
+        scale,
+        time_scale,
+        max_context,
+        {"mix": weights, "calls": "one per request"},
+    )
+
+
+def multi_api(
+    n: int,
+    rate: float,
+    seed: int = 0,
+    *,
+    mix: Mapping[str, float] | None = None,
+    scale: float = 1.0,
+    time_scale: float | None = None,
+    max_context: int | None = None,
+) -> Trace:
+    """Requests of INFERCEPT's types mixed by `mix` (`{name: weight}`, all six evenly by default),
+    each making 1 + Poisson(mean - 1) calls of its own type, as the artifacts' mixed traces
+    sample whole requests from per-type traces."""
+    pick, weights = _picker(mix)
+    return _generate(
+        "multi",
+        n,
+        rate,
+        seed,
+        pick,
+        _multi_calls,
+        scale,
+        time_scale,
+        max_context,
+        {"mix": weights},
+    )
+
+
+def toolbench_like(
+    n: int,
+    rate: float,
+    seed: int = 0,
+    *,
+    scale: float = 1.0,
+    time_scale: float | None = None,
+    max_context: int | None = None,
+) -> Trace:
+    """Multi-call requests of the ToolBench shape (see the module doc and `TOOLBENCH`)."""
+    return _generate(
+        "toolbench",
+        n,
+        rate,
+        seed,
+        lambda rng: TOOLBENCH,
+        _multi_calls,
+        scale,
+        time_scale,
+        max_context,
+        {"tools": [t.name for t in TOOLBENCH_TOOLS]},
+    )
+
+
+# `lamps bench --workload NAME`: each is called as f(n, rate, seed, scale=..., max_context=...).
+WORKLOADS: dict[str, Callable[..., Trace]] = {
+    **{name: partial(single_api, name) for name in AUGMENTATION_TYPES},
+    "single_mix": partial(single_api, dict.fromkeys(AUGMENTATION_TYPES, 1.0)),
+    "multi": multi_api,
+    "toolbench": toolbench_like,
+}
+
+
+def get_workload(name: str) -> Callable[..., Trace]:
+    try:
+        return WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}") from None
