@@ -576,7 +576,7 @@ class LampsSwapConnector(KVConnectorBase_V1):
         first = local // self._block_size
         n = external // self._block_size
         dst = _first_group_block_ids(blocks)[first : first + n]
-        src = entry.host_slots[::-1][first : first + n]
+        src = entry.host_slots[first : first + n]
         assert len(dst) == n and len(src) == n, (len(dst), len(src), n)
         self._stats.tokens_in += external
         del self._entries[logical_id]  # consumed; slots freed when the copy-in is acknowledged
