@@ -179,9 +179,27 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
     }
     write_results(args.out, summaries, config, machine)
     write_request_results(args.out, results)
-    plot(args.out, summaries, results)
+    try:
+        plot(args.out, summaries, results)
+    except ImportError as exc:  # a GPU machine without matplotlib: plot later from the records
+        print(f"no plots ({exc}); `lamps bench-plot {args.out}` draws them from requests.jsonl")
     table = ratio_table(summaries)
     (args.out / "ratios.txt").write_text(table + "\n")
+    return table
+
+
+def replot(out: Path) -> str:
+    """Plots and the ratio table again from a run's files (a run made where matplotlib was not
+    installed, or plotted differently)."""
+    from bench.results import read_request_results, read_results
+
+    results = read_request_results(out / "requests.jsonl")
+    _, body = read_results(out / "results.json")
+    horizon = body.get("config", {}).get("command", {}).get("duration")
+    summaries = summarize_all(results, horizon_s=horizon)
+    plot(out, summaries, results)
+    table = ratio_table(summaries)
+    (out / "ratios.txt").write_text(table + "\n")
     return table
 
 
@@ -196,6 +214,10 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     rates = [float(r) for r in args.rate.split(",")]
     config = load_serve_config(args.config)
     settings = bench_engine_settings(config, project_dir)
+    if not settings.model.exists():  # the embedded models are built on first use
+        from lamps.model import prepare_models
+
+        prepare_models(data_dir)
     engine = settings.model_dump(mode="json")
 
     if args.engine_only:

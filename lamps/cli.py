@@ -43,17 +43,23 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(bench)
 
+    replot = commands.add_parser("bench-plot", help="plots and ratios again from a bench run")
+    replot.add_argument("out", type=Path, help="the --out folder of a `lamps bench` run")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "model":
         return _prepare(args.data_dir)
     if args.command == "serve":
         return _serve(args.config, args.data_dir)
+    if args.command == "bench-plot":
+        from lamps.bench import replot
+
+        print(replot(args.out))
+        return 0
     if args.command == "bench":
         from lamps.bench import main as bench_main
-        from lamps.model import prepare_models
 
-        prepare_models(args.data_dir)
         return bench_main(args, PROJECT_DIR, args.data_dir)
     parser.error(f"unknown command {args.command}")
     return 2

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from vllm import SamplingParams
+from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -48,6 +49,11 @@ class EngineSettings(BaseModel):
     )
     async_scheduling: bool = Field(default=False, description="True on GPUs.")
     seed: int = 0
+    swap_pool_bytes: int | None = Field(
+        default=None,
+        ge=1 << 20,
+        description="Host memory for swapped-out KV caches (the Swap strategy); none: no swap.",
+    )
     skip_tokenizer_init: bool = Field(
         default=False, description="Token-id prompts only (dummy models without a tokenizer)."
     )
@@ -76,6 +82,17 @@ class EngineSettings(BaseModel):
             skip_tokenizer_init=self.skip_tokenizer_init,
             scheduler_cls=_SCHEDULERS[self.async_scheduling] if self.scheduler else None,
             additional_config=self.scheduler.to_additional_config() if self.scheduler else {},
+            kv_transfer_config=self._swap_connector(),
+        )
+
+    def _swap_connector(self) -> KVTransferConfig | None:
+        if self.swap_pool_bytes is None or self.scheduler is None:
+            return None
+        return KVTransferConfig(
+            kv_connector="LampsSwapConnector",
+            kv_connector_module_path="lamps_vllm.swap_connector",
+            kv_role="kv_both",
+            kv_connector_extra_config={"host_pool_bytes": self.swap_pool_bytes},
         )
 
 

@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from lamps_core.request_meta import RequestMeta
 from lamps_vllm.config import SchedulerPluginConfig
 from lamps_vllm.profiling import StepProfiler, cost_cache_file, host_copy_seconds_per_byte
 from lamps_vllm.request_queue import PolicyRequestQueue
+from lamps_vllm.swap_connector import LampsSwapConnector
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class LampsScheduler(Scheduler):
         return self._policies[key]
 
     def _can_swap(self) -> bool:
-        return False
+        return isinstance(self.connector, LampsSwapConnector)
 
     def _policy_for(self, meta: RequestMeta | None) -> SchedulingPolicy:
         """The request's own policy if it names one (a benchmark switching policies on one
@@ -263,9 +264,35 @@ class LampsScheduler(Scheduler):
             for decision in policy.review_paused(calls, engine, needed)
         ]
         for call, strategy in decisions:
-            if strategy is not Strategy.PRESERVE and call.meta is not None:
-                self.lamps_counts[f"demoted_to_{strategy.value}"] += 1
-                self._release(call.meta.request_id, reason=f"demoted to {strategy.value}")
+            if strategy is Strategy.PRESERVE or call.meta is None:
+                continue
+            if strategy is Strategy.SWAP and self._swap_out_preserved(call.meta.request_id):
+                self.lamps_counts["demoted_to_swap"] += 1
+            else:
+                self.lamps_counts["demoted_to_discard"] += 1
+                self._release(call.meta.request_id, reason="demoted to discard")
+
+    def _swap_out_preserved(self, logical_id: str) -> bool:
+        """Copy a preserved request's blocks to the host pool; they are freed once copied."""
+        if not self._can_swap():
+            return False
+        paused = self._preserved[logical_id]
+        request = paused.request
+        meta = paused.call.meta
+        accepted = self.connector.swap_out_held(
+            request.request_id,
+            logical_id,
+            list(self.kv_cache_manager.get_block_ids(request.request_id)[0]),
+            request.num_computed_tokens,
+            list(request.all_token_ids),
+            on_done=lambda: self._free_request_blocks(request),
+            segment_index=meta.segment_index if meta else 0,
+        )
+        if accepted:
+            # No longer ours to hold: the connector frees the blocks after the copy.
+            self._account_held_memory()
+            del self._preserved[logical_id]
+        return accepted
 
     def _release_resumed(self, output: SchedulerOutput) -> None:
         """The next segment of a preserved request has its blocks now (its prefix-cache lookup
@@ -306,9 +333,14 @@ class LampsScheduler(Scheduler):
             meta=meta,
         )
         strategy = self._policy_for(meta).strategy_for_call(call, self._engine_view())
-        if strategy is Strategy.SWAP:
-            # No swap path in this engine yet: the policies are told so; count if one asks.
-            self.lamps_counts["swap_unavailable"] += 1
+        if strategy is Strategy.SWAP and not (
+            self._can_swap()
+            and self.connector.mark_for_swap(
+                request.request_id, meta.request_id, request.num_tokens
+            )
+        ):
+            # No swap path, or the host pool is full: the blocks are freed (Discard).
+            self.lamps_counts["swap_refused"] += 1
             strategy = Strategy.DISCARD
         if strategy is Strategy.PRESERVE and not self.cache_config.enable_prefix_caching:
             # The continuation finds preserved blocks only through the prefix cache.
@@ -353,6 +385,8 @@ class LampsScheduler(Scheduler):
                 "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
             }
+            if self._can_swap():
+                ours["swap"] = asdict(self.connector.swap_stats())
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}), STATS_KEY: ours}
         return stats
 

@@ -55,6 +55,7 @@ def tiny_settings(model: Path, **overrides: Any) -> EngineSettings:
             "kv_cache_bytes": 16 * 1024 * 1024,
             "block_size": 16,
             "max_num_seqs": 32,
+            "swap_pool_bytes": 8 * 1024 * 1024,
             **overrides,
         }
     )

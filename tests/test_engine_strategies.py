@@ -38,6 +38,8 @@ SCRIPT = TraceScript.model_validate(
 )
 PRESERVE = ("fixed", {"strategy": "preserve"})
 DISCARD = ("fixed", {"strategy": "discard"})
+SWAP = ("fixed", {"strategy": "swap"})
+PRESERVE_THEN_SWAP = ("fixed", {"strategy": "preserve", "demote_to": "swap"})
 
 
 async def filler(
@@ -130,6 +132,33 @@ def test_memory_pressure_demotes_preserved_requests(harness: EngineHarness) -> N
     assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
 
 
+def test_swap_frees_blocks_and_brings_the_kv_back(harness: EngineHarness) -> None:
+    def churn() -> Any:  # evicts anything the prefix cache still had of the request
+        return filler(harness, requests=16, prompt_tokens=480, concurrently=2)
+
+    before = harness.stats.scheduler.get("swap", {}).get("bytes_in", 0)
+    outcome, during = replay(harness, SWAP, churn)
+    bytes_per_token = harness.stats.scheduler["costs"]["kv_bytes_per_token"]
+    assert during["preserved_requests"] == 0
+    assert during["used"] == 0  # copied out, then freed
+    assert during["swap"]["host_pool_bytes_in_use"] == REUSABLE * bytes_per_token
+    # The continuation's prefix came back from the host pool (the churn evicted the cache).
+    assert outcome.segments[1].cached_tokens == REUSABLE
+    assert harness.stats.scheduler["swap"]["bytes_in"] - before == REUSABLE * bytes_per_token
+
+
+def test_memory_pressure_swaps_preserved_requests_out(harness: EngineHarness) -> None:
+    before = harness.stats.scheduler.get("demoted_to_swap", 0)
+
+    def crowd() -> Any:
+        return filler(harness, requests=8, prompt_tokens=496, concurrently=8, decode=40)
+
+    outcome, during = replay(harness, PRESERVE_THEN_SWAP, crowd)
+    assert during.get("demoted_to_swap") == before + 1, during
+    assert during["preserved_requests"] == 0
+    assert outcome.segments[1].cached_tokens == REUSABLE
+
+
 def test_drained_engine_holds_nothing(harness: EngineHarness) -> None:
     async def many() -> None:
         await asyncio.gather(
@@ -141,8 +170,8 @@ def test_drained_engine_holds_nothing(harness: EngineHarness) -> None:
                     f"drain-{i}",
                     SCRIPT,
                     lambda n, a, r: ToolWorker(None).call(n, a, r),
-                    policy=PRESERVE[0] if i % 2 else DISCARD[0],
-                    policy_options=PRESERVE[1] if i % 2 else DISCARD[1],
+                    policy=(PRESERVE, DISCARD, SWAP)[i % 3][0],
+                    policy_options=(PRESERVE, DISCARD, SWAP)[i % 3][1],
                 )
                 for i in range(6)
             )
@@ -152,6 +181,8 @@ def test_drained_engine_holds_nothing(harness: EngineHarness) -> None:
     harness.run(many())
     assert harness.stats.kv_blocks_used == 0
     assert harness.stats.scheduler["preserved_requests"] == 0
+    assert harness.stats.scheduler["swap"]["host_pool_bytes_in_use"] == 0
+    assert harness.stats.scheduler["swap"]["pending_jobs"] == 0
     assert harness.stats.running_requests == 0 and harness.stats.waiting_requests == 0
 
 

@@ -18,8 +18,9 @@ from lamps_core.policy import (
 class FixedStrategyPolicy(SchedulingPolicy):
     name = "fixed"
 
-    def __init__(self, strategy: str = "preserve") -> None:
+    def __init__(self, strategy: str = "preserve", demote_to: str = "discard") -> None:
         self.strategy = Strategy(strategy)
+        self.demote_to = Strategy(demote_to)
 
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
         return (request.arrival_time,)
@@ -35,6 +36,6 @@ class FixedStrategyPolicy(SchedulingPolicy):
         for call in sorted(paused, key=lambda c: c.paused_at):
             if blocks_needed <= 0:
                 break
-            demoted.append((call, Strategy.DISCARD))
+            demoted.append((call, self.demote_to))
             blocks_needed -= -(-call.context_tokens // engine.block_size)
         return demoted
