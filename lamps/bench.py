@@ -204,15 +204,16 @@ def replot(out: Path) -> str:
 
 
 def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
+    import yaml
+
     from lamps.bench_targets import bench_engine_settings, engine_target
-    from lamps.local_stack import load_serve_config
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in policies if p not in POLICY_NAMES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; known: {', '.join(POLICY_NAMES)}")
     rates = [float(r) for r in args.rate.split(",")]
-    config = load_serve_config(args.config)
+    config = yaml.safe_load(args.config.read_text())
     settings = bench_engine_settings(config, project_dir)
     if not settings.model.exists():  # the embedded models are built on first use
         from lamps.model import prepare_models
