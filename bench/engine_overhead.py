@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     medians = {name: statistics.median(v) for name, v in rounds.items()}
     return {
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "config": vars(args) | {"model": str(args.model)},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "tokens_per_s": rounds,
         "median_tokens_per_s": medians,
         "lamps_over_stock": medians["lamps"] / medians["stock"],

@@ -427,7 +427,8 @@ def _cdfs(path: Path, results: Sequence[RequestResult]) -> Path:
         ax.legend(loc="lower right")
     for ax in axes[len(rates) :]:
         ax.set_visible(False)
-    fig.suptitle("Latency CDF per rate (unfinished requests keep a curve below 1)")
+    # Unfinished requests keep their policy's curve below 1 (the legend says how many finished).
+    fig.suptitle("End-to-end latency CDF")
     fig.savefig(path, dpi=110)
     return path
 
