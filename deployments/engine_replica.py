@@ -19,7 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.metrics import EngineStatsBoard
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
-from lamps_vllm.engine import EngineSettings, start_engine
+from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
 
@@ -94,6 +94,12 @@ class EngineReplica:
     def scheduler_stats(self) -> dict[str, Any]:
         """The scheduler plugin's figures: policy, engine costs, strategy counts, held memory."""
         return dict(self._stats.snapshot.scheduler)
+
+    async def measure_costs(self) -> dict[str, Any]:
+        """Measure the engine's costs afresh (a warm-up the scheduler times) and return them."""
+        await warm_up(self._engine, self._max_model_len, remeasure=True)
+        await asyncio.sleep(0.1)  # the last step's statistics reach the stat logger
+        return dict(self._stats.snapshot.scheduler.get("costs", {}))
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached KV blocks (between benchmark runs, so one cannot help the next)."""

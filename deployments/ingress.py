@@ -336,6 +336,11 @@ class Ingress:
             ],
         }
 
+    @app.post("/v1/admin/measure-costs")
+    async def http_measure_costs(self) -> dict[str, Any]:
+        """Re-measure the engine's T_fwd and decode step time (one replica: the one routed to)."""
+        return {"costs": await self._engine.measure_costs.remote()}
+
     @app.get("/health")
     async def http_health(self) -> Response:
         try:

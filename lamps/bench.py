@@ -15,6 +15,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, help="a trace file (INFERCEPT/MARS format)")
     source.add_argument("--workload", help="a generated workload: see lamps_core.workloads")
-    parser.add_argument("--policies", default="lamps,infercept,vllm,sjf")
+    parser.add_argument(
+        "--policies",
+        default="lamps,infercept,vllm,sjf",
+        help="comma-separated; a variant of a policy as LABEL=NAME:JSON_OPTIONS, e.g. "
+        "'lamps-unguarded=lamps:{\"max_passed_over\":null}'",
+    )
     parser.add_argument("--rate", default="1", help="offered loads, requests/s: R[,R...]")
     parser.add_argument(
         "--duration",
@@ -92,12 +98,37 @@ def load_trace(args: argparse.Namespace, rate: float, max_context: int) -> Trace
     )
 
 
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy as one run uses it: its label in the results, its name and its options."""
+
+    label: str
+    name: str
+    options: dict[str, Any] | None = None
+
+
+def parse_policies(text: str) -> list[PolicySpec]:
+    specs = []
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        label, _, rest = item.partition("=") if "=" in item else (item, "", item)
+        name, _, options = rest.partition(":")
+        try:
+            parsed = json.loads(options) if options else None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"options of {label!r} are not JSON: {exc}") from None
+        if name not in POLICY_NAMES:
+            raise SystemExit(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+        specs.append(PolicySpec(label, name, parsed))
+    return specs
+
+
 async def run_one(
-    target: ReplayTarget, trace: Trace, policy: str, rate: float, bar: tqdm
+    target: ReplayTarget, trace: Trace, spec: PolicySpec, rate: float, bar: tqdm
 ) -> tuple[list[RequestResult], dict[str, float]]:
     await target.reset_prefix_cache()
     before = await target.scheduler_stats()
     started = time.monotonic()
+    policy = spec.label
 
     async def one(request: Any) -> RequestResult:
         await asyncio.sleep(max(0.0, started + request.arrival_time - time.monotonic()))
@@ -105,7 +136,7 @@ async def run_one(
         script = request.script
         try:
             response = await target.replay(
-                f"{policy}-{rate:g}-{request.request_id}", script, policy
+                f"{policy}-{rate:g}-{request.request_id}", script, spec.name, spec.options
             )
         except Exception as exc:  # counted as a failed request, never dropped
             return RequestResult(
@@ -144,7 +175,7 @@ async def run_one(
 async def run_all(
     target: ReplayTarget,
     args: argparse.Namespace,
-    policies: Sequence[str],
+    policies: Sequence[PolicySpec],
     rates: Sequence[float],
     max_context: int,
 ) -> dict[str, Any]:
@@ -154,11 +185,11 @@ async def run_all(
     runs: dict[str, dict[str, dict[str, float]]] = {}
     with tqdm(total=total, unit="req", desc="lamps bench") as bar:
         for rate in rates:
-            for policy in policies:
-                bar.set_postfix_str(f"{policy} @ {rate:g}/s")
-                got, delta = await run_one(target, traces[rate], policy, rate, bar)
+            for spec in policies:
+                bar.set_postfix_str(f"{spec.label} @ {rate:g}/s")
+                got, delta = await run_one(target, traces[rate], spec, rate, bar)
                 results += got
-                runs.setdefault(policy, {})[f"{rate:g}"] = delta
+                runs.setdefault(spec.label, {})[f"{rate:g}"] = delta
     return {"results": results, "runs": runs, "traces": traces}
 
 
@@ -208,10 +239,7 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
 
     from lamps.bench_targets import bench_engine_settings, engine_target
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    unknown = [p for p in policies if p not in POLICY_NAMES]
-    if unknown:
-        raise SystemExit(f"unknown policies {unknown}; known: {', '.join(POLICY_NAMES)}")
+    policies = parse_policies(args.policies)
     rates = [float(r) for r in args.rate.split(",")]
     config = yaml.safe_load(args.config.read_text())
     settings = bench_engine_settings(config, project_dir)

@@ -17,7 +17,9 @@ from tool_workers.worker import ToolWorker
 
 
 class ReplayTarget(Protocol):
-    async def replay(self, request_id: str, script: TraceScript, policy: str) -> TraceResponse: ...
+    async def replay(
+        self, request_id: str, script: TraceScript, policy: str, options: dict[str, Any] | None
+    ) -> TraceResponse: ...
 
     async def reset_prefix_cache(self) -> None: ...
 
@@ -35,7 +37,9 @@ class EngineTarget:
         self._engine, self._stats = await start_engine(self.settings)
         self._vocab = self._engine.model_config.get_vocab_size()
 
-    async def replay(self, request_id: str, script: TraceScript, policy: str) -> TraceResponse:
+    async def replay(
+        self, request_id: str, script: TraceScript, policy: str, options: dict[str, Any] | None
+    ) -> TraceResponse:
         outcome = await run_trace(
             self._engine,
             self._vocab,
@@ -44,6 +48,7 @@ class EngineTarget:
             script,
             self._tools.call,
             policy=policy,
+            policy_options=options,
         )
         return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 
@@ -67,8 +72,15 @@ class DeploymentTarget:
         self._ingress = serve.get_app_handle(app_name)
         self._engine = serve.get_deployment_handle("EngineReplica", app_name)
 
-    async def replay(self, request_id: str, script: TraceScript, policy: str) -> TraceResponse:
-        request = {"request_id": request_id, "segments": script.segments, "policy": policy}
+    async def replay(
+        self, request_id: str, script: TraceScript, policy: str, options: dict[str, Any] | None
+    ) -> TraceResponse:
+        request = {
+            "request_id": request_id,
+            "segments": script.segments,
+            "policy": policy,
+            "policy_options": options,
+        }
         return await self._ingress.replay.remote(request)
 
     async def reset_prefix_cache(self) -> None:

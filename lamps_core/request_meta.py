@@ -44,6 +44,11 @@ class RequestMeta(BaseModel):
         "a benchmark run several policies one after another on one engine.",
     )
     policy_options: dict[str, Any] | None = Field(default=None, description="Options of `policy`.")
+    reprofile: bool = Field(
+        default=False,
+        description="Start measuring the engine's costs afresh with this request (the engine "
+        "replica's warm-up sends it when asked to profile again).",
+    )
 
     def to_extra_args(self) -> dict[str, Any]:
         return {META_KEY: self.model_dump(mode="json", exclude_none=True)}

@@ -15,6 +15,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from lamps_core.request_meta import RequestMeta
 from lamps_vllm.config import SchedulerPluginConfig
 from lamps_vllm.stats import EngineStatsLogger
 
@@ -111,9 +112,10 @@ async def start_engine(settings: EngineSettings) -> tuple[AsyncLLM, EngineStatsL
     return engine, stats
 
 
-async def warm_up(engine: AsyncLLM, max_model_len: int) -> None:
+async def warm_up(engine: AsyncLLM, max_model_len: int, remeasure: bool = False) -> None:
     """Prefills of a few sizes, one at a time, then a short decode: the steps the scheduler
-    plugin fits T_fwd and the decode step time on (lamps_vllm.profiling)."""
+    plugin fits T_fwd and the decode step time on (lamps_vllm.profiling). `remeasure` makes the
+    plugin drop what it measured before (costs refreshed on request)."""
     vocab = engine.model_config.get_vocab_size()
     rng = random.Random(0)
     sizes = [n for n in (32, 128, 512, 1024) if n < max_model_len]
@@ -121,7 +123,13 @@ async def warm_up(engine: AsyncLLM, max_model_len: int) -> None:
     for i, (prompt_tokens, decode_tokens) in enumerate(runs):
         # Fresh random prompts: a prefix-cache hit would time a shorter prefill than asked.
         prompt = [rng.randrange(1000, vocab) for _ in range(prompt_tokens)]
-        params = SamplingParams(max_tokens=decode_tokens, min_tokens=decode_tokens, ignore_eos=True)
+        meta = RequestMeta(request_id="lamps-warm-up", arrival_time=time.time(), reprofile=True)
+        params = SamplingParams(
+            max_tokens=decode_tokens,
+            min_tokens=decode_tokens,
+            ignore_eos=True,
+            extra_args=meta.to_extra_args() if remeasure and i == 0 else None,
+        )
         async for _ in engine.generate(
             TokensPrompt(prompt_token_ids=prompt), params, f"lamps-warm-up-{i}"
         ):

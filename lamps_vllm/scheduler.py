@@ -212,6 +212,8 @@ class LampsScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         meta = self._track(request).meta
+        if meta is not None and meta.reprofile:
+            self.lamps_profiler.refresh()
         if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
             self._api_estimates = dict(meta.api_estimates)
             for policy in self._policies.values():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lamps.bench import add_arguments, report, run_all
+from lamps.bench import add_arguments, parse_policies, report, run_all
 from lamps.bench_targets import DeploymentTarget
 from lamps.local_stack import RunningStack
 
@@ -40,7 +40,8 @@ def test_bench_runs_policies_side_by_side(stack: RunningStack, tmp_path: Path) -
             str(tmp_path),
         ]
     )
-    outcome = asyncio.run(run_all(DeploymentTarget(), args, ["lamps", "vllm"], [4.0], 2048))
+    policies = parse_policies(args.policies)
+    outcome = asyncio.run(run_all(DeploymentTarget(), args, policies, [4.0], 2048))
     table = report(args, outcome, engine={"model": "smollm2-135m"})
 
     body = json.loads((tmp_path / "results.json").read_text())
