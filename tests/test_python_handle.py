@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -71,3 +72,22 @@ def test_handle_errors_are_typed(stack: RunningStack) -> None:
                 ]
             }
         ).result()
+
+
+def test_handle_streams_the_same_chunks(stack: RunningStack) -> None:
+    lamps = serve.get_app_handle("lamps")
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is 45*12?"}],
+        "tools": [{"type": "function", "function": {"name": "calculator"}}],
+        "tool_choice": "required",
+        "max_tokens": 64,
+    }
+
+    async def collect() -> list[Any]:
+        return [chunk async for chunk in lamps.options(stream=True).chat_stream.remote(request)]
+
+    chunks = asyncio.run(collect())
+    executions = [c.tool_execution for c in chunks if c.tool_execution is not None]
+    assert [(e.name, e.output) for e in executions] == [("calculator", "540")]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
