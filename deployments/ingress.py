@@ -41,12 +41,12 @@ from lamps_core.policies import POLICY_NAMES
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, TextDelta, ToolExecution
 from lamps_vllm.errors import (
-    PromptTooLongError,
     RequestError,
     TooManyToolCallsError,
     UnknownModelError,
     UnsupportedParameterError,
 )
+from lamps_vllm.trace_replay import check_fits
 from tool_workers.stats import StatsUnavailableError, ToolCallCounts, ToolStatsStore
 
 app = FastAPI(title="LAMPS", description="Serving for tool-augmented LLMs")
@@ -164,8 +164,12 @@ async def _stream_chunks(plan: ChatPlan, model: str, events: Any) -> AsyncIterat
         choice = ChatCompletionResponseStreamChoice(index=0, delta=delta, finish_reason=finish)
         return ChatStreamChunk(id=plan.request_id, model=model, choices=[choice], **extra)
 
+    stream = aiter(events)
+    # The first event is awaited before anything is sent: an error found when generation starts
+    # (a prompt too long for the context) then surfaces on the first chunk, in time for a 4xx.
+    event = await anext(stream)
     yield chunk(DeltaMessage(role="assistant", content=""))
-    async for event in events:
+    while True:
         if isinstance(event, TextDelta):
             yield chunk(DeltaMessage(content=event.text))
         elif isinstance(event, ToolExecution):
@@ -177,6 +181,10 @@ async def _stream_chunks(plan: ChatPlan, model: str, events: Any) -> AsyncIterat
                 usage=_usage(event),
                 timings=_timings(plan, event),
             )
+        try:
+            event = await anext(stream)
+        except StopAsyncIteration:
+            return
 
 
 async def _sse(first: ChatStreamChunk, rest: AsyncIterator[ChatStreamChunk]) -> AsyncIterator[str]:
@@ -281,11 +289,7 @@ class Ingress:
                 f"the script makes {script.num_api_calls} API calls; the limit is "
                 f"{self.settings.max_tool_calls_limit}"
             )
-        if script.total_tokens > self.settings.max_model_len:
-            raise PromptTooLongError(
-                f"the script reaches a context of {script.total_tokens} tokens; this model's "
-                f"context is {self.settings.max_model_len} tokens"
-            )
+        check_fits(script, self.settings.max_model_len)
         if request.policy is not None and request.policy not in POLICY_NAMES:
             raise RequestError(
                 f"unknown policy {request.policy!r}; known: {', '.join(POLICY_NAMES)}"
@@ -304,12 +308,8 @@ class Ingress:
             request = _parse(ChatRequest, await _json_body(raw))
             if not request.stream:
                 return JSONResponse((await self.chat(request)).model_dump(mode="json"))
-            plan = await self._plan(request)
-            events = self._engine.options(stream=True).chat.remote(plan)
-            chunks = _stream_chunks(plan, self.settings.served_model_name, events)
-            # Pull the first chunk before answering 200, so errors found at the start of
-            # generation (a prompt too long for the context) still get their 4xx.
-            first = await anext(chunks)
+            chunks = self.chat_stream(request)
+            first = await anext(chunks)  # validation and the start of generation: 4xx if bad
         except RequestError as exc:
             return _error(exc)
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")

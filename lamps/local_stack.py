@@ -43,7 +43,6 @@ class StackError(RuntimeError):
 class RunningStack:
     http_url: str
     redis_url: str | None
-    config: ServeDeploySchema
 
 
 def load_serve_config(path: Path) -> dict[str, Any]:
@@ -109,7 +108,7 @@ def local_stack(
         client.deploy_apps(schema, _blocking=False)
         _wait_running(schema, deploy_timeout_s)
         http = schema.http_options
-        yield RunningStack(f"http://{http.host}:{http.port}", redis_url, schema)
+        yield RunningStack(f"http://{http.host}:{http.port}", redis_url)
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()

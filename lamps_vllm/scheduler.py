@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Finishes that end a segment normally; aborted requests are not pausing for an API call.
 _SEGMENT_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
-STATS_KEY = "lamps"  # our statistics ride in SchedulerStats.kv_connector_stats under this key
+STATS_KEY = "lamps"
+_STALE_CHECK_STEPS = 1000  # our statistics ride in SchedulerStats.kv_connector_stats under this key
 
 
 @dataclass(slots=True)
@@ -229,6 +230,10 @@ class LampsScheduler(Scheduler):
             self.skipped_waiting.rerank(view)
         if self._preserved:
             self._review_preserved()
+        if self._can_swap() and self._steps % _STALE_CHECK_STEPS == 0:
+            # Like a preserved request, a swapped-out one whose continuation never comes
+            # (client gone) must not hold the host pool forever.
+            self.connector.drop_stale(self.lamps_config.max_preserve_s)
         output = super().schedule(*args, **kwargs)
         self._step_scheduled(output)
         if output.scheduled_new_reqs:

@@ -307,7 +307,7 @@ class SwapStats:
     entries: int = 0
     refused: int = 0  # swap requests that did not fit (or had no whole block)
     served_by_prefix_cache: int = 0  # continuations whose saved prefix was still cached locally
-    dropped: int = 0  # entries dropped: prompt mismatch, `drop`, reset
+    dropped: int = 0  # entries dropped: prompt mismatch, stale (drop_stale), reset
     pending_jobs: int = 0
     tokens_in: int = 0  # tokens loaded from the host pool (whole blocks)
     seconds_out: float = 0.0  # worker time spent copying out / in (slowest worker per step)
@@ -440,14 +440,6 @@ class LampsSwapConnector(KVConnectorBase_V1):
             return False
         self._queue_out(entry, block_ids[:n], finished_req_id=None, on_done=on_done)
         logger.debug("swap out (held) %s: %d blocks", engine_request_id, n)
-        return True
-
-    def drop(self, logical_id: str) -> bool:
-        """Forget a saved entry (the request was aborted during its API call)."""
-        entry = self._entries.get(logical_id)
-        if entry is None:
-            return False
-        self._drop_entry(entry)
         return True
 
     def drop_stale(self, max_age_s: float) -> int:

@@ -61,6 +61,13 @@ CASES = [
         id="prompt-over-context",
     ),
     pytest.param(
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": "word " * 3000}], stream=True),
+        400,
+        "context",
+        id="prompt-over-context-streamed",
+    ),
+    pytest.param(
         "/v1/chat/completions", chat(max_tool_calls=1000), 400, "limit", id="too-many-calls-asked"
     ),
     pytest.param(

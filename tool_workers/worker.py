@@ -16,8 +16,6 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel
-
 from tool_workers.registry import ToolRegistry, default_registry
 from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S
 from tool_workers.stats import ToolCallCounts, ToolDurationEstimate, ToolStatsStore
@@ -47,10 +45,6 @@ class ToolWorker:
     def schemas(self) -> list[dict[str, Any]]:
         """The OpenAI ``tools`` list for every registered tool."""
         return self.registry.schemas()
-
-    def validate(self, name: str, arguments: Mapping[str, Any] | str) -> BaseModel:
-        """Raise UnknownToolError / ToolArgumentsError now, e.g. before admitting a request."""
-        return self.registry.validate_arguments(name, arguments)
 
     async def call(
         self, name: str, arguments: Mapping[str, Any] | str, record_as: str | None = None

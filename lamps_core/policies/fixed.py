@@ -5,25 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lamps_core.policy import (
-    EngineView,
-    PausedCall,
-    Priority,
-    QueuedRequest,
-    SchedulingPolicy,
-    Strategy,
-)
+from lamps_core.policies.fcfs_discard import VllmPolicy
+from lamps_core.policy import EngineView, PausedCall, Strategy
 
 
-class FixedStrategyPolicy(SchedulingPolicy):
+class FixedStrategyPolicy(VllmPolicy):
+    """vLLM's order (the augmented request's arrival), another strategy."""
+
     name = "fixed"
 
     def __init__(self, strategy: str = "preserve", demote_to: str = "discard") -> None:
         self.strategy = Strategy(strategy)
         self.demote_to = Strategy(demote_to)
-
-    def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
-        return (request.arrival_time,)
 
     def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
         return self.strategy
