@@ -79,6 +79,7 @@ def synthetic_request(index: int, rng: random.Random) -> QueuedRequest:
         context_tokens=script.segments[0].prompt_tokens,
         generated_tokens=0,
         queued_at=arrival,
+        waited_before_s=0.0,
         passed_over=rng.randint(0, 50),  # below the guard's threshold: nothing promoted
         meta=meta,
     )
@@ -160,6 +161,7 @@ def main(requests: int = 10_000, runs: int = 7, every: int = 10) -> dict[str, fl
                 r.context_tokens,
                 r.generated_tokens,
                 r.queued_at,
+                r.waited_before_s,
                 r.passed_over,
                 r.meta,
             )

@@ -50,6 +50,12 @@ class RequestResult(BaseModel):
     segments: int = Field(default=1, ge=0, description="Segments served.")
     cached_tokens: int = Field(default=0, ge=0, description="Prompt tokens served from cache.")
     recomputed_tokens: int = Field(default=0, ge=0, description="Context re-prefilled on resume.")
+    queued_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Seconds its segments waited for their first token (queue and prefill), "
+        "summed: the part of its latency the scheduler's order decides.",
+    )
     strategies: list[str] | None = Field(
         default=None, description="Per API call: preserve / discard / swap, when known."
     )
@@ -98,6 +104,9 @@ class Metrics(BaseModel):
     latency_p99_s: float | None
     ttft_mean_s: float | None
     ttft_p99_s: float | None
+    # None in results written before these were recorded.
+    queued_mean_s: float | None = Field(default=None, description="Per request, all segments.")
+    queued_p99_s: float | None = None
     normalized_latency_mean_s: float | None = Field(description="Seconds per output token.")
     window_s: float | None = Field(description="Makespan (drained) or the horizon (horizon).")
     throughput_rps: float | None
@@ -156,6 +165,7 @@ def _metrics(
 ) -> Metrics:
     latencies = [r.latency for r in done if r.latency is not None]
     ttfts = [r.ttft for r in done if r.ttft is not None]
+    queued = [r.queued_s for r in done]
     normalized = [r.normalized_latency for r in done if r.normalized_latency is not None]
     tokens = sum(r.output_tokens for r in done)
     per_s = 1.0 / window if window else None
@@ -174,6 +184,8 @@ def _metrics(
         latency_p99_s=_p(latencies, 99),
         ttft_mean_s=_mean(ttfts),
         ttft_p99_s=_p(ttfts, 99),
+        queued_mean_s=_mean(queued),
+        queued_p99_s=_p(queued, 99),
         normalized_latency_mean_s=_mean(normalized),
         window_s=window,
         throughput_rps=len(done) * per_s if per_s else None,

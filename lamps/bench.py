@@ -42,6 +42,8 @@ _COUNTERS = (
     "calls_swap",
     "demoted_to_discard",
     "demoted_to_swap",
+    "swap_refused",
+    "preemptions",
     "preserved_block_seconds",
 )
 
@@ -107,9 +109,24 @@ class PolicySpec:
     options: dict[str, Any] | None = None
 
 
+def split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside braces: a variant's JSON options have commas too."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
 def parse_policies(text: str) -> list[PolicySpec]:
     specs = []
-    for item in (p.strip() for p in text.split(",") if p.strip()):
+    for item in split_top_level(text):
         label, _, rest = item.partition("=") if "=" in item else (item, "", item)
         name, _, options = rest.partition(":")
         try:
@@ -161,6 +178,7 @@ async def run_one(
             segments=len(response.segments),
             cached_tokens=sum(s.cached_tokens for s in resumed),
             recomputed_tokens=sum(s.prompt_tokens - s.cached_tokens for s in resumed),
+            queued_s=sum(s.queue_and_prefill_s for s in response.segments),
         )
 
     results = await asyncio.gather(*(one(r) for r in trace.requests))

@@ -2,13 +2,14 @@
 LAMPS's memory-over-time score are written in.
 
 The engine profiler measures these on the replica actually serving (prefill and swap timings at a
-few sizes, fitted by `fit_linear`; `M` from the model config) and caches them on disk as the dict
-of `EngineCosts.to_dict`, so every value here is a plain number.
+few sizes, fitted robustly by `fit_linear`; `M` from the model config) and caches them on disk as
+the dict of `EngineCosts.to_dict`, so every value here is a plain number.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -31,23 +32,44 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_
     return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
 
 
-def fit_linear(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares `(intercept, slope)` of seconds against tokens.
+# At most this many size groups enter the pairwise slopes (so a fit costs < 1 ms of Python).
+_FIT_GROUPS = 32
 
-    With one distinct token count there is no slope to fit; that is a profiling mistake, so it
-    raises rather than return a flat line that would make every size cost the same.
+
+def fit_linear(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """A robust `(intercept, slope)` of seconds against tokens, both >= 0.
+
+    Timings taken on a serving engine have outliers: the first forward pass after start-up, a
+    step that shared the CPU with something else. One such point at a small size tilts a
+    least-squares line flat or negative, which makes every prefill look equally expensive. So:
+    the median time of each size (sizes binned into at most `_FIT_GROUPS` groups), then the
+    Theil-Sen line through those medians: the median of the pairwise slopes, the intercept the
+    median residual. Time never falls with size: a negative slope becomes a flat line at the
+    median time. With one distinct size there is no slope to fit: a profiling mistake, raised.
     """
     if len(points) < 2:
         raise ValueError(f"a linear fit needs at least 2 points, got {len(points)}")
-    n = len(points)
-    mean_x = math.fsum(x for x, _ in points) / n
-    mean_y = math.fsum(y for _, y in points) / n
-    sxx = math.fsum((x - mean_x) ** 2 for x, _ in points)
-    if sxx == 0.0:
+    by_size: dict[float, list[float]] = {}
+    for x, y in points:
+        by_size.setdefault(float(x), []).append(y)
+    if len(by_size) < 2:
         raise ValueError("a linear fit needs at least 2 distinct token counts")
-    sxy = math.fsum((x - mean_x) * (y - mean_y) for x, y in points)
-    slope = sxy / sxx
-    return mean_y - slope * mean_x, slope
+    sizes = sorted(by_size)
+    per_group = math.ceil(len(sizes) / _FIT_GROUPS)
+    groups = [sizes[i : i + per_group] for i in range(0, len(sizes), per_group)]
+    medians = [
+        (statistics.median(group), statistics.median(y for x in group for y in by_size[x]))
+        for group in groups
+    ]
+    slope = statistics.median(
+        (y2 - y1) / (x2 - x1)
+        for i, (x1, y1) in enumerate(medians)
+        for x2, y2 in medians[i + 1 :]
+    )
+    if slope <= 0.0:
+        return statistics.median(y for _, y in medians), 0.0
+    intercept = statistics.median(y - slope * x for x, y in medians)
+    return max(intercept, 0.0), slope
 
 
 @dataclass(frozen=True, slots=True)

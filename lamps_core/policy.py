@@ -47,6 +47,7 @@ class QueuedRequest:
     context_tokens: int  # tokens the request holds when it runs (prompt + output so far)
     generated_tokens: int  # tokens this segment has generated (non-zero after a preemption)
     queued_at: float  # when this engine request was queued, wall clock
+    waited_before_s: float  # how long the request's earlier segments waited to be scheduled
     passed_over: int  # scheduler steps it has waited while others were scheduled
     meta: RequestMeta | None  # absent for requests that did not come through our serving layer
 

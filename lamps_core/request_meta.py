@@ -23,6 +23,12 @@ class RequestMeta(BaseModel):
     request_id: str = Field(description="Id of the whole augmented request.")
     arrival_time: float = Field(description="Wall-clock time (time.time()) the request arrived.")
     segment_index: int = Field(default=0, ge=0)
+    waited_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Seconds the earlier segments of this request waited for their first token: "
+        "what the starvation guard's `max_queued_s` bounds, over the whole request.",
+    )
     ends_in_api_call: bool = Field(
         default=False,
         description="The segment is known to end in an API call (forced call, trace).",

@@ -2,10 +2,15 @@
 
 The LAMPS artifact promotes a waiting request only after it has run once and then been passed over
 N iterations, so a long multi-call request that never started can wait forever under overload,
-which is where its P99 loses to INFERCEPT. This guard covers every waiting request: one is
-promoted when the whole augmented request has existed longer than `max_wait_s` (its age, which
-also catches a resumed segment of an old request) or when this engine request has been passed
-over more than `max_passed_over` scheduler steps. Either test is off when its limit is None.
+which is where its P99 loses to INFERCEPT. This guard covers every waiting request, with three
+bounds, each off when its limit is None:
+
+- `max_queued_s`: the seconds the whole augmented request has spent waiting to be scheduled, its
+  earlier segments' waits plus this one's. A request with many calls comes back to the queue after
+  each and, ranked behind lighter work every time, loses a little at each return; no single wait
+  is long, but their sum is what puts it in the tail. This bound caps exactly that sum.
+- `max_wait_s`: the request's age since it arrived (calls and decoding included).
+- `max_passed_over`: scheduler steps this engine request has waited while others were scheduled.
 
 Promoted requests go to the front, first-come-first-served among themselves: once nothing but
 age separates them, arrival order bounds the wait of each.
@@ -30,31 +35,30 @@ RANKED = 1.0
 class StarvationGuard:
     max_wait_s: float | None = None
     max_passed_over: int | None = DEFAULT_MAX_PASSED_OVER
+    max_queued_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.max_wait_s is not None and not (
-            math.isfinite(self.max_wait_s) and self.max_wait_s >= 0
-        ):
-            raise ValueError(f"max_wait_s must be None or a finite number >= 0: {self.max_wait_s}")
+        for name in ("max_wait_s", "max_queued_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be None or a finite number >= 0: {value}")
         if self.max_passed_over is not None and self.max_passed_over < 0:
             raise ValueError(f"max_passed_over must be None or >= 0: {self.max_passed_over}")
 
     def is_starving(self, request: QueuedRequest, engine: EngineView) -> bool:
-        # Runs for every waiting request on every re-rank: kept to two comparisons.
+        # Runs for every waiting request on every re-rank: kept to three comparisons.
+        now = engine.now
+        max_queued_s = self.max_queued_s
+        if (
+            max_queued_s is not None
+            and request.waited_before_s + now - request.queued_at > max_queued_s
+        ):
+            return True
         max_wait_s = self.max_wait_s
-        if max_wait_s is not None and engine.now - request.arrival_time > max_wait_s:
+        if max_wait_s is not None and now - request.arrival_time > max_wait_s:
             return True
         max_passed_over = self.max_passed_over
         return max_passed_over is not None and request.passed_over > max_passed_over
-
-
-def is_starving(
-    request: QueuedRequest,
-    engine: EngineView,
-    max_wait_s: float | None,
-    max_passed_over: int | None,
-) -> bool:
-    return StarvationGuard(max_wait_s, max_passed_over).is_starving(request, engine)
 
 
 def promoted_priority(request: QueuedRequest) -> Priority:

@@ -109,6 +109,7 @@ async def run_chat(
     text_parts: list[str] = []
     prompt_tokens = completion_tokens = 0
     first_token_time: float | None = None
+    waited_s = 0.0  # by the earlier segments, for the starvation guard
     finish_reason = "stop"
 
     for segment in range(plan.max_tool_calls + 1):
@@ -127,17 +128,19 @@ async def run_chat(
         if budget < 1:
             finish_reason = "length"
             break
-        params = _sampling_params(plan, mode, budget, segment)
+        params = _sampling_params(plan, mode, budget, segment, waited_s)
         prompt_tokens = prompt_tokens or len(prompt_ids)
 
         shown = 0
         final = None
+        submitted, segment_first_token = time.time(), None
         async for output in engine.generate(
             TokensPrompt(prompt_token_ids=prompt_ids), params, f"{plan.request_id}-s{segment}"
         ):
             final = output.outputs[0]
-            if first_token_time is None and final.token_ids:
-                first_token_time = time.time()
+            if segment_first_token is None and final.token_ids:
+                segment_first_token = time.time()
+                first_token_time = first_token_time or segment_first_token
             if mode in ("none", "auto"):
                 visible = visible_prefix(final.text) if mode == "auto" else final.text
                 if len(visible) > shown:
@@ -145,6 +148,7 @@ async def run_chat(
                     shown = len(visible)
         assert final is not None
         completion_tokens += len(final.token_ids)
+        waited_s += (segment_first_token or time.time()) - submitted
 
         call = _parse_call(mode, final.text, parser)
         if call is None:
@@ -183,7 +187,9 @@ def _segment_mode(plan: ChatPlan, segment: int, calls_made: int) -> ToolMode:
     return plan.tool_choice if segment == 0 else "auto"
 
 
-def _sampling_params(plan: ChatPlan, mode: ToolMode, budget: int, segment: int) -> SamplingParams:
+def _sampling_params(
+    plan: ChatPlan, mode: ToolMode, budget: int, segment: int, waited_s: float
+) -> SamplingParams:
     forced = mode not in ("none", "auto")
     # A forced call's tool is known before it is made when one tool is possible.
     names = [t["function"]["name"] for t in plan.tools]
@@ -192,6 +198,7 @@ def _sampling_params(plan: ChatPlan, mode: ToolMode, budget: int, segment: int) 
         request_id=plan.request_id,
         arrival_time=plan.arrival_time,
         segment_index=segment,
+        waited_s=waited_s,
         ends_in_api_call=forced,
         api_type=api_type,
         api_estimates=plan.api_estimates,

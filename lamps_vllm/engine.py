@@ -119,7 +119,9 @@ async def warm_up(engine: AsyncLLM, max_model_len: int, remeasure: bool = False)
     vocab = engine.model_config.get_vocab_size()
     rng = random.Random(0)
     sizes = [n for n in (32, 128, 512, 1024) if n < max_model_len]
-    runs = [(n, 1) for n in sizes for _ in range(2)] + [(16, 24)]
+    # Three of each size: the first pass at a new shape can be slow (kernels picked, memory
+    # touched), and the fit takes each size's median.
+    runs = [(n, 1) for n in sizes for _ in range(3)] + [(16, 24)]
     for i, (prompt_tokens, decode_tokens) in enumerate(runs):
         # Fresh random prompts: a prefix-cache hit would time a shorter prefill than asked.
         prompt = [rng.randrange(1000, vocab) for _ in range(prompt_tokens)]

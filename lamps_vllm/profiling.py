@@ -77,9 +77,7 @@ class StepProfiler:
     def _refit(self) -> bool:
         fitted = dict(self._fitted)
         if len({tokens for tokens, _ in self._prefill}) >= 2:
-            intercept, slope = fit_linear(list(self._prefill))
-            # Noise can tilt a fit below zero at small sizes; time is never negative.
-            fitted["fwd_intercept_s"], fitted["fwd_slope_s"] = max(intercept, 0.0), max(slope, 0.0)
+            fitted["fwd_intercept_s"], fitted["fwd_slope_s"] = fit_linear(list(self._prefill))
         if len(self._decode) >= 8:
             fitted["decode_step_s"] = statistics.median(self._decode)
         if fitted == self._fitted:

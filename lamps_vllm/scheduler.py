@@ -56,8 +56,9 @@ class _Tracked:
     """What the plugin remembers of an engine request while it is in the scheduler."""
 
     meta: RequestMeta | None
-    queued_at: float
+    queued_at: float  # when it last entered the waiting queue (arrival, or a preemption)
     scheduling_steps_at_queue: int
+    waited_s: float = 0.0  # in the queue before it was last scheduled (it may be preempted)
 
 
 @dataclass(slots=True)
@@ -205,6 +206,7 @@ class LampsScheduler(Scheduler):
             context_tokens=request.num_tokens,
             generated_tokens=request.num_output_tokens,
             queued_at=tracked.queued_at,
+            waited_before_s=tracked.waited_s + (meta.waited_s if meta else 0.0),
             passed_over=self._scheduling_steps - tracked.scheduling_steps_at_queue,
             meta=meta,
         )
@@ -236,10 +238,31 @@ class LampsScheduler(Scheduler):
             self.connector.drop_stale(self.lamps_config.max_preserve_s)
         output = super().schedule(*args, **kwargs)
         self._step_scheduled(output)
+        if output.scheduled_new_reqs or output.scheduled_cached_reqs.resumed_req_ids:
+            self._left_queue(output)
         if output.scheduled_new_reqs:
             self._scheduling_steps += 1
             self._release_resumed(output)
         return output
+
+    def _left_queue(self, output: SchedulerOutput) -> None:
+        """Requests scheduled from the waiting queue: their wait so far is banked."""
+        now = time.time()
+        started = [new.req_id for new in output.scheduled_new_reqs]
+        for req_id in (*started, *output.scheduled_cached_reqs.resumed_req_ids):
+            tracked = self._tracked.get(req_id)
+            if tracked is not None:
+                tracked.waited_s += now - tracked.queued_at
+                tracked.queued_at = now
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        # Back in the queue: it waits afresh, on top of what it waited before it ran.
+        self.lamps_counts["preemptions"] += 1
+        tracked = self._tracked.get(request.request_id)
+        if tracked is not None:
+            tracked.queued_at = time.time()
+            tracked.scheduling_steps_at_queue = self._scheduling_steps
+        super()._preempt_request(request, *args, **kwargs)
 
     def _blocks_needed(self) -> int:
         """Blocks short of letting every running request grow a block and the head of the

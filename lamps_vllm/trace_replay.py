@@ -87,6 +87,7 @@ async def run_trace(
     rng = random.Random(request_id)
     context = filler_ids(script.segments[0].prompt_tokens, vocab_size, rng)
     records: list[SegmentRecord] = []
+    waited_s = 0.0  # by the earlier segments, for the starvation guard
 
     for index, seg in enumerate(script.segments):
         assert len(context) == seg.prompt_tokens  # TraceScript validated the arithmetic
@@ -94,6 +95,7 @@ async def run_trace(
             request_id=request_id,
             arrival_time=arrival,
             segment_index=index,
+            waited_s=waited_s,
             ends_in_api_call=seg.has_api_call,
             remaining_segments=script.segments[index:],
             api_type=seg.api_type,
@@ -120,6 +122,7 @@ async def run_trace(
             if not first_token_at and token_ids:
                 first_token_at = time.time()
         finished = time.time()
+        waited_s += (first_token_at or finished) - started
 
         api_result = None
         if seg.has_api_call:

@@ -20,6 +20,7 @@ from bench.results import (
     write_request_results,
     write_results,
 )
+from lamps.bench import parse_policies
 
 
 def result(rid: str, arrival: float, finish: float | None, **kw: object) -> RequestResult:
@@ -179,3 +180,14 @@ def test_plots_are_png_files(tmp_path: Path) -> None:
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_policy_variants_keep_their_json_options_whole() -> None:
+    specs = parse_policies('lamps,q=lamps:{"max_queued_s":1.0,"max_passed_over":null},vllm')
+    assert [(s.label, s.name, s.options) for s in specs] == [
+        ("lamps", "lamps", None),
+        ("q", "lamps", {"max_queued_s": 1.0, "max_passed_over": None}),
+        ("vllm", "vllm", None),
+    ]
+    with pytest.raises(SystemExit, match="not JSON"):
+        parse_policies('q=lamps:{"max_queued_s":}')

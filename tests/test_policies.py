@@ -63,13 +63,16 @@ def queued(
     context: int = 100,
     meta: RequestMeta | None = None,
     passed_over: int = 0,
+    queued_at: float | None = None,
+    waited_before_s: float = 0.0,
 ) -> QueuedRequest:
     return QueuedRequest(
         engine_request_id=rid,
         arrival_time=arrival,
         context_tokens=context,
         generated_tokens=0,
-        queued_at=arrival,
+        queued_at=arrival if queued_at is None else queued_at,
+        waited_before_s=waited_before_s,
         passed_over=passed_over,
         meta=meta,
     )
@@ -239,6 +242,24 @@ def test_starvation_guard_by_age_and_disabled() -> None:
     off = make_policy("lamps", costs=COSTS, max_wait_s=None, max_passed_over=None)
     old.passed_over = 10**6
     assert order(off, [fresh, old], engine(now=1e6)) == ["s-s0", "H-s0"]
+
+
+def test_starvation_guard_bounds_the_wait_summed_over_segments() -> None:
+    # A resumed segment queued 2 s ago whose earlier segments waited 7 s: 9 s in all. Ranked
+    # by memory it goes last; a 8 s bound on the summed wait puts it first, a 10 s one does not.
+    heavy = trace_meta("H", [(5000, None, 0)], prompt=4000)
+    resumed = queued("H-s3", arrival=0.0, context=4000, meta=heavy, queued_at=98.0)
+    resumed.waited_before_s = 7.0
+    fresh = queued("s-s0", arrival=99.0, meta=trace_meta("s", [(5, None, 0)]))
+    now = engine(now=100.0)
+    bounded = make_policy("lamps", costs=COSTS, max_queued_s=8.0, max_passed_over=None)
+    assert order(bounded, [fresh, resumed], now) == ["H-s3", "s-s0"]
+    looser = make_policy("lamps", costs=COSTS, max_queued_s=10.0, max_passed_over=None)
+    assert order(looser, [fresh, resumed], now) == ["s-s0", "H-s3"]
+    resumed.waited_before_s = 0.0  # the same 2 s without the earlier waits: not starving
+    assert order(bounded, [fresh, resumed], now) == ["s-s0", "H-s3"]
+    with pytest.raises(ValueError, match="max_queued_s"):
+        make_policy("lamps", costs=COSTS, max_queued_s=-1.0)
 
 
 def test_lamps_rerank_period_is_an_option() -> None:

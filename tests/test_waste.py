@@ -44,6 +44,18 @@ def test_fit_linear_recovers_a_line_and_rejects_degenerate_input() -> None:
     # Symmetric noise around the line does not move the fit.
     intercept, slope = fit_linear([(100, 0.12), (100, 0.10), (300, 0.32), (300, 0.30)])
     assert (intercept, slope) == (pytest.approx(0.01), pytest.approx(0.001))
+    # One slow first step (1.2 s at the smallest size) among the warm-up's prefills: ignored,
+    # where least squares would tilt the line flat at ~0.3 s a prefill of any size.
+    warm_up = [(32, 0.004), (32, 0.005), (128, 0.012), (128, 0.013), (512, 0.05), (512, 0.052)]
+    intercept, slope = fit_linear([(32, 1.2), *warm_up])
+    assert slope == pytest.approx(1e-4, rel=0.1)
+    assert intercept == pytest.approx(0.001, abs=0.002)
+    # Hundreds of serving-time sizes are binned before the pairwise slopes; the line survives.
+    many = [(n, 0.002 + 1e-5 * n + (0.001 if n % 7 == 0 else -0.001)) for n in range(16, 2048, 8)]
+    intercept, slope = fit_linear(many)
+    assert (intercept, slope) == (pytest.approx(0.002, abs=0.0015), pytest.approx(1e-5, rel=0.05))
+    # Time never falls with size: a falling set of points is a flat line at the median.
+    assert fit_linear([(100, 0.3), (200, 0.2), (300, 0.1)]) == (pytest.approx(0.2), 0.0)
     with pytest.raises(ValueError, match="at least 2 points"):
         fit_linear([(100, 0.1)])
     with pytest.raises(ValueError, match="distinct"):

@@ -79,6 +79,7 @@ class LampsPolicy(SchedulingPolicy):
         swap_budget_tokens: int | None = None,
         max_wait_s: float | None = None,
         max_passed_over: int | None = DEFAULT_MAX_PASSED_OVER,
+        max_queued_s: float | None = None,
         rerank_every_steps: int = DEFAULT_RERANK_EVERY_STEPS,
     ) -> None:
         if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
@@ -88,7 +89,7 @@ class LampsPolicy(SchedulingPolicy):
         self.predictor = make_predictor(predictor, noise=noise, seed=seed, defaults=defaults)
         self.allow_swap = swap
         self.swap_budget_tokens = check_swap_budget(swap_budget_tokens)
-        self.guard = StarvationGuard(max_wait_s, max_passed_over)
+        self.guard = StarvationGuard(max_wait_s, max_passed_over, max_queued_s)
         # An instance value shadowing the interface's class default: it is an option here.
         self.rerank_every_steps = rerank_every_steps
         self._plans: dict[str, _Plan] = {}
