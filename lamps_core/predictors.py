@@ -209,8 +209,9 @@ class ToolEstimatePredictor(Predictor):
 
     def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
         if meta is None or not meta.remaining_segments:
-            # No trace: no API type either, so the default duration.
-            return self.defaults.prediction(meta, generated_tokens, self.duration(None))
+            # No trace (a chat request): the estimate of the tool it is forced to call, if known.
+            api_type = meta.api_type if meta else None
+            return self.defaults.prediction(meta, generated_tokens, self.duration(api_type))
         current, *rest = meta.remaining_segments
         if current.api_time is None:
             last = SegmentForecast(current.completion_tokens, None)

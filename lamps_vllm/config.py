@@ -15,7 +15,7 @@ ADDITIONAL_CONFIG_KEY = "lamps"
 class SchedulerPluginConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    policy: str = Field(default="vllm", description=f"One of {', '.join(POLICY_NAMES)}.")
+    policy: str = Field(default="lamps", description=f"One of {', '.join(POLICY_NAMES)}.")
     policy_options: dict[str, Any] = Field(default_factory=dict)
     swap_bytes_per_s: float | None = Field(
         default=None,

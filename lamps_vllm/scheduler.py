@@ -225,7 +225,11 @@ class LampsScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._steps += 1
-        every = min((p.rerank_every_steps for p in self._policies.values()), default=0)
+        # The most frequent re-rank any policy in use asks for; 0 is "never", not "most often".
+        every = min(
+            (p.rerank_every_steps for p in self._policies.values() if p.rerank_every_steps),
+            default=0,
+        )
         if every and self._steps % every == 0:
             view = self._engine_view()
             self.waiting.rerank(view)

@@ -140,6 +140,9 @@ def test_tool_estimates_give_durations_by_api_type_and_look_one_call_ahead() -> 
     assert predictor.predict(meta(segment=1)).api_s == 9.0  # untyped call: the default
     chat = RequestMeta(request_id="c", arrival_time=0.0, ends_in_api_call=True)
     assert predictor.predict(chat).api_s == 9.0
+    # A chat turn forced to call one known tool: that tool's estimate.
+    forced = RequestMeta(request_id="c", arrival_time=0.0, ends_in_api_call=True, api_type="search")
+    assert predictor.predict(forced).api_s == 1.5
 
 
 def test_tool_estimates_version_changes_only_with_the_estimates() -> None:
