@@ -62,9 +62,7 @@ def fit_linear(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
         for group in groups
     ]
     slope = statistics.median(
-        (y2 - y1) / (x2 - x1)
-        for i, (x1, y1) in enumerate(medians)
-        for x2, y2 in medians[i + 1 :]
+        (y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(medians) for x2, y2 in medians[i + 1 :]
     )
     if slope <= 0.0:
         return statistics.median(y for _, y in medians), 0.0

@@ -33,6 +33,11 @@ class RequestMeta(BaseModel):
         default=False,
         description="The segment is known to end in an API call (forced call, trace).",
     )
+    call_end_token_ids: list[list[int]] | None = Field(
+        default=None,
+        description="Token sequences that close a tool call the model may write on its own "
+        "(`auto` turns): the engine ends the segment there and hands the call to the policy.",
+    )
     api_type: str | None = Field(
         default=None, description="The API (tool) the call ending this segment uses, when known."
     )

@@ -26,6 +26,7 @@ from lamps_vllm.tool_calls import (
     TOOL_CALL_END,
     ParsedToolCall,
     ToolMode,
+    call_end_token_ids,
     forced_call_constraint,
     parse_forced_call,
     parse_hermes_call,
@@ -128,7 +129,8 @@ async def run_chat(
         if budget < 1:
             finish_reason = "length"
             break
-        params = _sampling_params(plan, mode, budget, segment, waited_s)
+        ends = call_end_token_ids(tokenizer) if mode == "auto" else None
+        params = _sampling_params(plan, mode, budget, segment, waited_s, ends)
         prompt_tokens = prompt_tokens or len(prompt_ids)
 
         shown = 0
@@ -188,7 +190,12 @@ def _segment_mode(plan: ChatPlan, segment: int, calls_made: int) -> ToolMode:
 
 
 def _sampling_params(
-    plan: ChatPlan, mode: ToolMode, budget: int, segment: int, waited_s: float
+    plan: ChatPlan,
+    mode: ToolMode,
+    budget: int,
+    segment: int,
+    waited_s: float,
+    call_ends: tuple[tuple[int, ...], ...] | None,
 ) -> SamplingParams:
     forced = mode not in ("none", "auto")
     # A forced call's tool is known before it is made when one tool is possible.
@@ -200,6 +207,7 @@ def _sampling_params(
         segment_index=segment,
         waited_s=waited_s,
         ends_in_api_call=forced,
+        call_end_token_ids=[list(end) for end in call_ends] if call_ends else None,
         api_type=api_type,
         api_estimates=plan.api_estimates,
     )

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 # Finishes that end a segment normally; aborted requests are not pausing for an API call.
 _SEGMENT_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+# `Request.stop_reason` of a segment the plugin ended at a tool call's closing tokens.
+CALL_END_STOP_REASON = "tool_call"
 STATS_KEY = "lamps"
 _STALE_CHECK_STEPS = 1000  # our statistics ride in SchedulerStats.kv_connector_stats under this key
 
@@ -345,6 +347,23 @@ class LampsScheduler(Scheduler):
 
     # ---- segment ends ----
 
+    def _update_request_with_output(
+        self, request: Request, new_token_ids: list[int], *args: Any, **kwargs: Any
+    ) -> tuple[list[int], bool]:
+        new_token_ids, stopped = super()._update_request_with_output(
+            request, new_token_ids, *args, **kwargs
+        )
+        if not stopped:
+            tracked = self._tracked.get(request.request_id)
+            ends = tracked.meta.call_end_token_ids if tracked and tracked.meta else None
+            if ends and _ends_with_any(request.output_token_ids, ends):
+                # The model closed a tool call of its own: end the segment here, as a stop
+                # token would, so that the call goes to the policy like a forced one.
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = CALL_END_STOP_REASON
+                stopped = True
+        return new_token_ids, stopped
+
     def _free_request(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         self._pausing = self._pause_strategy(request)
         try:
@@ -357,7 +376,9 @@ class LampsScheduler(Scheduler):
         meta = tracked.meta if tracked else None
         for policy in self._policies.values():
             policy.forget(request.request_id)
-        if meta is None or not meta.ends_in_api_call or request.status not in _SEGMENT_END:
+        if meta is None or request.status not in _SEGMENT_END:
+            return None
+        if not (meta.ends_in_api_call or request.stop_reason == CALL_END_STOP_REASON):
             return None
         call = PausedCall(
             engine_request_id=request.request_id,
@@ -423,6 +444,15 @@ class LampsScheduler(Scheduler):
                 ours["swap"] = asdict(self.connector.swap_stats())
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}), STATS_KEY: ours}
         return stats
+
+
+def _ends_with_any(tokens: Any, endings: list[list[int]]) -> bool:
+    """Whether `tokens` (a list, or vLLM's constant list view) ends with one of `endings`."""
+    for ending in endings:
+        n = len(ending)
+        if n and len(tokens) >= n and list(tokens[-n:]) == ending:
+            return True
+    return False
 
 
 class LampsAsyncScheduler(LampsScheduler, AsyncScheduler):

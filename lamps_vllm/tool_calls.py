@@ -9,6 +9,7 @@ whole output is the call.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -21,6 +22,10 @@ TOOL_CALL_START = Hermes2ProToolParser.tool_call_start_token
 TOOL_CALL_END = Hermes2ProToolParser.tool_call_end_token
 
 ToolMode = Literal["none", "auto", "required"] | str  # a str other than these names a function
+
+# What a closing tag may follow in model output; a tokenizer can merge the tag's first
+# characters with it ("}</" or " </" as one token), which gives another token sequence.
+_BEFORE_CALL_END = ("", " ", "\n", "}", "}}", '"', '"}', "}\n", ".", "\n\n")
 
 
 # Shapes a forced call's string arguments must take while decoding (not what the tool accepts,
@@ -123,3 +128,20 @@ def visible_prefix(text: str) -> str:
         if TOOL_CALL_START.startswith(text[-keep:]):
             return text[:-keep]
     return text
+
+
+@functools.cache
+def call_end_token_ids(tokenizer: Any) -> tuple[tuple[int, ...], ...]:
+    """The token sequences that end `TOOL_CALL_END` in output, for the engine to stop an `auto`
+    turn at (vLLM's stop strings are checked in its frontend, which then aborts the request: the
+    scheduler could not tell that from a client leaving). Each is the shortest run of tokens at
+    the end of `prefix + TOOL_CALL_END` that still spells the whole tag. A tokenization missing
+    here still stops at the stop string, as an abort."""
+    found: dict[tuple[int, ...], None] = {}
+    for prefix in _BEFORE_CALL_END:
+        ids = tokenizer.encode(prefix + TOOL_CALL_END, add_special_tokens=False)
+        for start in range(len(ids) - 1, -1, -1):
+            if TOOL_CALL_END in tokenizer.decode(ids[start:]):
+                found[tuple(ids[start:])] = None
+                break
+    return tuple(found)

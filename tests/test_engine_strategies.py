@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 import uuid
 from typing import Any
 
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
+from lamps_core.request_meta import RequestMeta
 from lamps_core.trace import TraceScript
+from lamps_vllm.scheduler import CALL_END_STOP_REASON
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tests.engine_harness import EngineHarness
 from tool_workers.tools import ToolResult
@@ -196,3 +199,39 @@ def test_costs_are_measured_on_this_engine(harness: EngineHarness) -> None:
     assert costs["fwd_intercept_s"] > 0 and costs["fwd_slope_s"] >= 0
     assert 0 < costs["decode_step_s"] < 1.0 and costs["decode_step_s"] != 0.02
     assert costs["swap_slope_s"] > 0
+
+
+def test_a_call_the_model_closes_itself_goes_to_the_policy(harness: EngineHarness) -> None:
+    """An `auto` chat turn: the engine ends the segment at the call's closing tokens (not the
+    frontend's stop string, which would abort it) and the policy decides for the call."""
+    prompt = TokensPrompt(prompt_token_ids=list(range(1000, 1040)))
+
+    async def generate(meta: RequestMeta | None) -> Any:
+        params = SamplingParams(
+            max_tokens=12,
+            ignore_eos=True,
+            temperature=0.0,
+            extra_args=meta.to_extra_args() if meta else None,
+        )
+        final = None
+        async for output in harness.engine.generate(prompt, params, f"auto-{uuid.uuid4().hex}"):
+            final = output
+        return final.outputs[0]
+
+    free_run = harness.run(generate(None))
+    tokens = list(free_run.token_ids)
+    closing = tokens[4:6]  # as if the model wrote its closing tag there
+    stop_at = next(i for i in range(2, 7) if tokens[i - 2 : i] == closing)
+    before = harness.stats.scheduler.get("calls_discard", 0)
+    meta = RequestMeta(
+        request_id=f"auto-{uuid.uuid4().hex}",
+        arrival_time=time.time(),
+        call_end_token_ids=[[7, 7, 7], closing],
+        policy="fixed",
+        policy_options={"strategy": "discard"},
+    )
+    paused = harness.run(generate(meta))
+    assert list(paused.token_ids) == tokens[:stop_at]
+    assert (paused.finish_reason, paused.stop_reason) == ("stop", CALL_END_STOP_REASON)
+    harness.run(asyncio.sleep(0.2))  # a step's statistics reach the stat logger
+    assert harness.stats.scheduler["calls_discard"] == before + 1
