@@ -90,3 +90,11 @@ def score_remaining(
         total += call_memory_time(context, segment.api_s, strategy, costs)
         context += segment.api_tokens
     return ScoredPlan(total, next_call)
+
+
+def remaining_service_s(prediction: Prediction, costs: EngineCosts) -> float:
+    """Seconds of work a request has left if nothing made it wait: its forecast decode steps and
+    API calls (prefills of the resumes are left out: they are short next to either)."""
+    decode = sum(segment.decode_tokens for segment in prediction.segments)
+    calls = sum(segment.api_s or 0.0 for segment in prediction.segments)
+    return decode * costs.decode_step_s + calls

@@ -11,9 +11,14 @@ bounds, each off when its limit is None:
   is long, but their sum is what puts it in the tail. This bound caps exactly that sum.
 - `max_wait_s`: the request's age since it arrived (calls and decoding included).
 - `max_passed_over`: scheduler steps this engine request has waited while others were scheduled.
+- `max_latency_s`: a latency the request is about to miss: its age plus its predicted remaining
+  service (decode and calls, `scoring.remaining_service_s`) passes the bound. A request with much
+  work left is promoted early, a light one late or never: the bound aims at the tail (long
+  requests that arrived into a backlog), not at every request that waited.
 
 Promoted requests go to the front, first-come-first-served among themselves: once nothing but
-age separates them, arrival order bounds the wait of each.
+age separates them, arrival order bounds the wait of each. With `max_latency_s` set they go by
+latest start instead (arrival minus predicted remaining service): the one with least slack first.
 """
 
 from __future__ import annotations
@@ -36,18 +41,25 @@ class StarvationGuard:
     max_wait_s: float | None = None
     max_passed_over: int | None = DEFAULT_MAX_PASSED_OVER
     max_queued_s: float | None = None
+    max_latency_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("max_wait_s", "max_queued_s"):
+        for name in ("max_wait_s", "max_queued_s", "max_latency_s"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be None or a finite number >= 0: {value}")
         if self.max_passed_over is not None and self.max_passed_over < 0:
             raise ValueError(f"max_passed_over must be None or >= 0: {self.max_passed_over}")
 
-    def is_starving(self, request: QueuedRequest, engine: EngineView) -> bool:
-        # Runs for every waiting request on every re-rank: kept to three comparisons.
+    def is_starving(
+        self, request: QueuedRequest, engine: EngineView, remaining_s: float = 0.0
+    ) -> bool:
+        """`remaining_s`: the request's predicted remaining service, for `max_latency_s`."""
+        # Runs for every waiting request on every re-rank: kept to a few comparisons.
         now = engine.now
+        max_latency_s = self.max_latency_s
+        if max_latency_s is not None and now - request.arrival_time + remaining_s > max_latency_s:
+            return True
         max_queued_s = self.max_queued_s
         if (
             max_queued_s is not None
@@ -61,6 +73,7 @@ class StarvationGuard:
         return max_passed_over is not None and request.passed_over > max_passed_over
 
 
-def promoted_priority(request: QueuedRequest) -> Priority:
-    """Front of the queue, by arrival of the augmented request, then id for a total order."""
-    return (PROMOTED, request.arrival_time, request.engine_request_id)
+def promoted_priority(request: QueuedRequest, remaining_s: float = 0.0) -> Priority:
+    """Front of the queue, by latest start (arrival of the augmented request less its remaining
+    service; 0 s gives arrival order), then id for a total order."""
+    return (PROMOTED, request.arrival_time - remaining_s, request.engine_request_id)

@@ -36,7 +36,7 @@ from lamps_core.predictors import (
     Predictor,
     make_predictor,
 )
-from lamps_core.scoring import score_remaining
+from lamps_core.scoring import remaining_service_s, score_remaining
 from lamps_core.starvation import (
     DEFAULT_MAX_PASSED_OVER,
     RANKED,
@@ -60,6 +60,7 @@ class _Plan:
     priority: Priority
     next_call: Strategy | None  # the predicted strategy of the call ending this segment
     next_call_s: float  # its predicted duration
+    service_s: float  # predicted remaining service (decode and calls), for the latency guard
 
 
 class LampsPolicy(SchedulingPolicy):
@@ -80,6 +81,7 @@ class LampsPolicy(SchedulingPolicy):
         max_wait_s: float | None = None,
         max_passed_over: int | None = DEFAULT_MAX_PASSED_OVER,
         max_queued_s: float | None = None,
+        max_latency_s: float | None = None,
         rerank_every_steps: int = DEFAULT_RERANK_EVERY_STEPS,
     ) -> None:
         if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
@@ -89,7 +91,7 @@ class LampsPolicy(SchedulingPolicy):
         self.predictor = make_predictor(predictor, noise=noise, seed=seed, defaults=defaults)
         self.allow_swap = swap
         self.swap_budget_tokens = check_swap_budget(swap_budget_tokens)
-        self.guard = StarvationGuard(max_wait_s, max_passed_over, max_queued_s)
+        self.guard = StarvationGuard(max_wait_s, max_passed_over, max_queued_s, max_latency_s)
         # An instance value shadowing the interface's class default: it is an option here.
         self.rerank_every_steps = rerank_every_steps
         self._plans: dict[str, _Plan] = {}
@@ -108,8 +110,6 @@ class LampsPolicy(SchedulingPolicy):
     # Ranking
 
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
-        if self.guard.is_starving(request, engine):
-            return promoted_priority(request)
         plan = self._plans.get(request.engine_request_id)
         if (
             plan is None
@@ -117,6 +117,9 @@ class LampsPolicy(SchedulingPolicy):
             or plan.version != self.predictor.version
         ):
             plan = self._plan(request, engine)
+        if self.guard.is_starving(request, engine, plan.service_s):
+            slack_order = self.guard.max_latency_s is not None
+            return promoted_priority(request, plan.service_s if slack_order else 0.0)
         return plan.priority
 
     def _plan(self, request: QueuedRequest, engine: EngineView) -> _Plan:
@@ -139,6 +142,7 @@ class LampsPolicy(SchedulingPolicy):
             ),
             next_call=scored.next_call,
             next_call_s=prediction.api_s,
+            service_s=remaining_service_s(prediction, self.costs),
         )
         if len(self._plans) >= _MAX_PLANS:
             for stale in list(islice(self._plans, _MAX_PLANS // 2)):
