@@ -17,8 +17,9 @@ bounds, each off when its limit is None:
   requests that arrived into a backlog), not at every request that waited.
 
 Promoted requests go to the front, first-come-first-served among themselves: once nothing but
-age separates them, arrival order bounds the wait of each. With `max_latency_s` set they go by
-latest start instead (arrival minus predicted remaining service): the one with least slack first.
+age separates them, arrival order bounds the wait of each. (Ordering them by least slack instead,
+arrival minus remaining service, was measured and dropped: when the engine is so overloaded that
+most requests are at risk, it runs the longest requests first and the mean latency suffers.)
 """
 
 from __future__ import annotations
@@ -73,7 +74,6 @@ class StarvationGuard:
         return max_passed_over is not None and request.passed_over > max_passed_over
 
 
-def promoted_priority(request: QueuedRequest, remaining_s: float = 0.0) -> Priority:
-    """Front of the queue, by latest start (arrival of the augmented request less its remaining
-    service; 0 s gives arrival order), then id for a total order."""
-    return (PROMOTED, request.arrival_time - remaining_s, request.engine_request_id)
+def promoted_priority(request: QueuedRequest) -> Priority:
+    """Front of the queue, by arrival of the augmented request, then id for a total order."""
+    return (PROMOTED, request.arrival_time, request.engine_request_id)

@@ -118,8 +118,7 @@ class LampsPolicy(SchedulingPolicy):
         ):
             plan = self._plan(request, engine)
         if self.guard.is_starving(request, engine, plan.service_s):
-            slack_order = self.guard.max_latency_s is not None
-            return promoted_priority(request, plan.service_s if slack_order else 0.0)
+            return promoted_priority(request)
         return plan.priority
 
     def _plan(self, request: QueuedRequest, engine: EngineView) -> _Plan:
