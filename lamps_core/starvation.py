@@ -2,7 +2,7 @@
 
 The LAMPS artifact promotes a waiting request only after it has run once and then been passed over
 N iterations, so a long multi-call request that never started can wait forever under overload,
-which is where its P99 loses to INFERCEPT. This guard covers every waiting request, with three
+which is where its P99 loses to INFERCEPT. This guard covers every waiting request, with four
 bounds, each off when its limit is None:
 
 - `max_queued_s`: the seconds the whole augmented request has spent waiting to be scheduled, its
@@ -56,22 +56,19 @@ class StarvationGuard:
         self, request: QueuedRequest, engine: EngineView, remaining_s: float = 0.0
     ) -> bool:
         """`remaining_s`: the request's predicted remaining service, for `max_latency_s`."""
-        # Runs for every waiting request on every re-rank: kept to a few comparisons.
-        now = engine.now
-        max_latency_s = self.max_latency_s
-        if max_latency_s is not None and now - request.arrival_time + remaining_s > max_latency_s:
+        # Runs for every waiting request on every re-rank: a bound that is off costs one test.
+        if self.max_passed_over is not None and request.passed_over > self.max_passed_over:
             return True
-        max_queued_s = self.max_queued_s
-        if (
-            max_queued_s is not None
-            and request.waited_before_s + now - request.queued_at > max_queued_s
+        max_latency_s, max_queued_s = self.max_latency_s, self.max_queued_s
+        if max_latency_s is not None and engine.now - request.arrival_time + remaining_s > (
+            max_latency_s
         ):
             return True
-        max_wait_s = self.max_wait_s
-        if max_wait_s is not None and now - request.arrival_time > max_wait_s:
+        if max_queued_s is not None and (
+            request.waited_before_s + engine.now - request.queued_at > max_queued_s
+        ):
             return True
-        max_passed_over = self.max_passed_over
-        return max_passed_over is not None and request.passed_over > max_passed_over
+        return self.max_wait_s is not None and engine.now - request.arrival_time > self.max_wait_s
 
 
 def promoted_priority(request: QueuedRequest) -> Priority:

@@ -66,9 +66,17 @@ class PolicyRequestQueue(RequestQueue):
         heapq.heapify(self._heap)
 
     def rerank(self, engine: EngineView) -> None:
-        """Recompute every priority: for policies whose priorities change while requests wait."""
-        self._heap = [self._entry(entry[2], engine) for entry in self._heap]
-        heapq.heapify(self._heap)
+        """Recompute every priority: for policies whose priorities change while requests wait.
+        Most do not change between two re-ranks (a cached score): the heap is rebuilt only when
+        one did, and entries keep their insertion numbers, so ties keep their order."""
+        heap, priority, changed = self._heap, self._priority, False
+        for i, (old, number, request) in enumerate(heap):
+            new = priority(request, engine)
+            if new is not old and new != old:
+                heap[i] = (new, number, request)
+                changed = True
+        if changed:
+            heapq.heapify(heap)
 
     def __bool__(self) -> bool:
         return bool(self._heap)

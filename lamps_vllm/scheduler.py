@@ -49,8 +49,8 @@ logger = logging.getLogger(__name__)
 _SEGMENT_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
 # `Request.stop_reason` of a segment the plugin ended at a tool call's closing tokens.
 CALL_END_STOP_REASON = "tool_call"
-STATS_KEY = "lamps"
-_STALE_CHECK_STEPS = 1000  # our statistics ride in SchedulerStats.kv_connector_stats under this key
+STATS_KEY = "lamps"  # our statistics ride in SchedulerStats.kv_connector_stats under this key
+_STALE_CHECK_STEPS = 1000  # how often swapped-out KV caches nobody came back for are looked for
 
 
 @dataclass(slots=True)

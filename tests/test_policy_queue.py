@@ -59,3 +59,23 @@ def test_remove_and_prepend_keep_policy_order() -> None:
     first = q.pop_request()
     q.prepend_request(first)  # vLLM prepends a request it could not schedule this step
     assert q.peek_request() is first and len(q) == 3
+
+
+def test_rerank_moves_only_what_changed_and_keeps_ties_in_order() -> None:
+    boosted: set[str] = set()
+
+    def priority(r: Request, engine: EngineView) -> tuple[float, ...]:
+        return (0.0 if r.request_id in boosted else 1.0,)  # everyone ties until boosted
+
+    engine = EngineView(now=0.0, running_tokens=0, free_blocks=100, total_blocks=100, block_size=16)
+    q = PolicyRequestQueue(priority, lambda: engine)
+    rs = [request(f"r{i}-s0", engine_arrival=float(i), logical_arrival=None) for i in range(5)]
+    for r in rs:
+        q.add_request(r)
+    q.rerank(engine)  # nothing changed: insertion order stands
+    assert [r.request_id for r in q] == [f"r{i}-s0" for i in range(5)]
+    boosted.update({"r3-s0", "r1-s0"})
+    assert q.peek_request() is rs[0]  # a changed priority counts only from the next re-rank
+    q.rerank(engine)
+    assert [r.request_id for r in q] == ["r1-s0", "r3-s0", "r0-s0", "r2-s0", "r4-s0"]
+    assert q.pop_request() is rs[1]

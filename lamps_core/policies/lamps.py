@@ -92,6 +92,7 @@ class LampsPolicy(SchedulingPolicy):
         self.allow_swap = swap
         self.swap_budget_tokens = check_swap_budget(swap_budget_tokens)
         self.guard = StarvationGuard(max_wait_s, max_passed_over, max_queued_s, max_latency_s)
+        self._is_starving = self.guard.is_starving
         # An instance value shadowing the interface's class default: it is an option here.
         self.rerank_every_steps = rerank_every_steps
         self._plans: dict[str, _Plan] = {}
@@ -110,6 +111,7 @@ class LampsPolicy(SchedulingPolicy):
     # Ranking
 
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
+        # Runs for every waiting request at every re-rank: kept to a lookup and the guard's test.
         plan = self._plans.get(request.engine_request_id)
         if (
             plan is None
@@ -117,7 +119,7 @@ class LampsPolicy(SchedulingPolicy):
             or plan.version != self.predictor.version
         ):
             plan = self._plan(request, engine)
-        if self.guard.is_starving(request, engine, plan.service_s):
+        if self._is_starving(request, engine, plan.service_s):
             return promoted_priority(request)
         return plan.priority
 
