@@ -202,3 +202,20 @@ def test_stale_template_is_refreshed_without_rebuild(
         assert template.read_text(encoding="utf-8") == chat_template()
         assert json.loads((folder / MARKER_FILE).read_text())["template_sha256"] != "stale"
         assert (folder / "config.json").is_symlink()  # nothing else was rebuilt
+
+
+def test_call_end_sequences_close_a_call_and_only_that(tokenizer: Any) -> None:
+    # The engine stops an `auto` turn at these token sequences (lamps_vllm.scheduler): the one
+    # the rendered conversation uses must be among them, and the opening tag must match none.
+    from lamps_vllm.tool_calls import call_end_token_ids
+
+    endings = call_end_token_ids(tokenizer)
+    assert all(tokenizer.decode(list(e)).endswith("</tool_call>") for e in endings)
+    messages = _conversation({"expression": "2+2"}, as_string=True)
+    prompt = render(tokenizer, messages, tools=[CALCULATOR])
+    rendered = tokenizer.encode(prompt.split("</tool_call>")[0] + "</tool_call>")
+    assert any(tuple(rendered[-len(e) :]) == e for e in endings)
+    opening = tokenizer.encode('x <tool_call>\n{"name": "calculator"', add_special_tokens=False)
+    assert not any(
+        tuple(opening[i : i + len(e)]) == e for e in endings for i in range(len(opening))
+    )
