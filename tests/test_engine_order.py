@@ -144,6 +144,9 @@ def heavy_wait_under_a_stream(h: EngineHarness, options: dict[str, Any]) -> tupl
 
 
 def test_heavy_request_waits_no_longer_than_the_starvation_bound(serial: EngineHarness) -> None:
+    # The engine also serves a policy that never re-ranks (vLLM's): that must not stop the
+    # re-ranks the guard needs.
+    serial.run(replay_at(serial, 0.0, f"fcfs-{uuid.uuid4().hex[:8]}", LIGHT, "vllm"))
     unguarded_wait, served = heavy_wait_under_a_stream(serial, {"max_passed_over": None})
     # Unguarded, the memory ranking keeps putting the light requests first.
     assert unguarded_wait > 3 * BOUND_S
