@@ -1,5 +1,5 @@
 """`lamps bench`: the same requests against each policy, on one engine, one policy after another,
-at each offered load; results, plots and the LAMPS/INFERCEPT and LAMPS/vLLM ratios.
+at each offered load; results, plots and the ratios of the first policy to the others.
 
 Each (rate, policy) run starts from an empty prefix cache and waits until every request has
 finished (drained); the horizon-style figure of the artifacts (what finished by `--duration`
@@ -56,7 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policies",
         default="lamps,infercept,vllm,sjf",
         help="comma-separated; a variant of a policy as LABEL=NAME:JSON_OPTIONS, e.g. "
-        "'lamps-unguarded=lamps:{\"max_passed_over\":null}'",
+        "'lamps-unguarded=lamps:{\"max_passed_over\":null}'; ratios.txt compares the first "
+        "with each of the others",
     )
     parser.add_argument("--rate", default="1", help="offered loads, requests/s: R[,R...]")
     parser.add_argument(
@@ -211,6 +212,13 @@ async def run_all(
     return {"results": results, "runs": runs, "traces": traces}
 
 
+def run_ratio_table(summaries: Sequence[Any], policies: str) -> str:
+    """Ratios of the run's first policy to each of the others (a run of variants compares the
+    variants; the default run, lamps to the baselines)."""
+    base, *others = [spec.label for spec in parse_policies(policies)]
+    return ratio_table(summaries, base=base, against=others)
+
+
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
     results: list[RequestResult] = outcome["results"]
     summaries = summarize_all(results, horizon_s=args.duration)
@@ -232,7 +240,7 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         plot(args.out, summaries, results)
     except ImportError as exc:  # a GPU machine without matplotlib: plot later from the records
         print(f"no plots ({exc}); `lamps bench-plot {args.out}` draws them from requests.jsonl")
-    table = ratio_table(summaries)
+    table = run_ratio_table(summaries, args.policies)
     (args.out / "ratios.txt").write_text(table + "\n")
     return table
 
@@ -244,10 +252,10 @@ def replot(out: Path) -> str:
 
     results = read_request_results(out / "requests.jsonl")
     _, body = read_results(out / "results.json")
-    horizon = body.get("config", {}).get("command", {}).get("duration")
-    summaries = summarize_all(results, horizon_s=horizon)
+    command = body.get("config", {}).get("command", {})
+    summaries = summarize_all(results, horizon_s=command.get("duration"))
     plot(out, summaries, results)
-    table = ratio_table(summaries)
+    table = run_ratio_table(summaries, command.get("policies") or "lamps,infercept,vllm")
     (out / "ratios.txt").write_text(table + "\n")
     return table
 
