@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from bench.results import (
+    PolicySummary,
     RequestResult,
     plot,
     ratio_table,
@@ -212,7 +213,7 @@ async def run_all(
     return {"results": results, "runs": runs, "traces": traces}
 
 
-def run_ratio_table(summaries: Sequence[Any], policies: str) -> str:
+def run_ratio_table(summaries: Sequence[PolicySummary], policies: str) -> str:
     """Ratios of the run's first policy to each of the others (a run of variants compares the
     variants; the default run, lamps to the baselines)."""
     base, *others = [spec.label for spec in parse_policies(policies)]

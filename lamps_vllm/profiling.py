@@ -32,6 +32,9 @@ _MAX_POINTS = 256
 # Until an engine has been measured: a prefill of C tokens ~ 10 ms + 0.1 ms per token, a decode
 # step 20 ms. Replaced by the first fit, seconds after start-up.
 _UNMEASURED = {"fwd_intercept_s": 0.01, "fwd_slope_s": 1e-4, "decode_step_s": 0.02}
+# The fit changes with almost every prefill-only step while serving; the cache on disk only has
+# to survive a restart, so it is written at most this often (the first fit at once).
+_SAVE_EVERY_S = 60.0
 
 
 def host_copy_seconds_per_byte(nbytes: int = 64 << 20, repeats: int = 3) -> float:
@@ -57,6 +60,7 @@ class StepProfiler:
         self._prefill: deque[tuple[int, float]] = deque(maxlen=_MAX_POINTS)
         self._decode: deque[float] = deque(maxlen=_MAX_POINTS)
         self._fitted = dict(_UNMEASURED)
+        self._saved_at = -_SAVE_EVERY_S
         self._load()
         self.costs = self._make_costs()
 
@@ -73,6 +77,7 @@ class StepProfiler:
     def refresh(self) -> None:
         self._prefill.clear()
         self._decode.clear()
+        self._saved_at = -_SAVE_EVERY_S  # the new measurements replace the cached ones at once
 
     def _refit(self) -> bool:
         fitted = dict(self._fitted)
@@ -104,8 +109,10 @@ class StepProfiler:
             logger.warning("ignoring unreadable engine cost cache %s: %s", self._cache_file, exc)
 
     def _save(self) -> None:
-        if self._cache_file is None:
+        now = time.monotonic()
+        if self._cache_file is None or now - self._saved_at < _SAVE_EVERY_S:
             return
+        self._saved_at = now
         try:
             self._cache_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._cache_file.with_suffix(".tmp")
