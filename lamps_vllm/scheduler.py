@@ -101,6 +101,7 @@ class LampsScheduler(Scheduler):
         self._held_since = time.monotonic()
         self._last_output_at = 0.0
         self._policies: dict[str, SchedulingPolicy] = {}
+        self._rerank_every = 0  # steps between re-ranks, kept by `_policy`
         self.lamps_policy = self._policy(self.lamps_config.policy, self.lamps_config.policy_options)
         self._tracked: dict[str, _Tracked] = {}
         self._preserved: dict[str, _Paused] = {}  # by augmented request id
@@ -122,6 +123,11 @@ class LampsScheduler(Scheduler):
             policy = make_policy(name, costs=self.lamps_profiler.costs, **options)
             policy.update_api_estimates(self._api_estimates)
             self._policies[key] = policy
+            # The most frequent re-rank any policy in use asks for; 0 is "never", not "most often".
+            self._rerank_every = min(
+                (p.rerank_every_steps for p in self._policies.values() if p.rerank_every_steps),
+                default=0,
+            )
         return self._policies[key]
 
     def _can_swap(self) -> bool:
@@ -227,11 +233,7 @@ class LampsScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._steps += 1
-        # The most frequent re-rank any policy in use asks for; 0 is "never", not "most often".
-        every = min(
-            (p.rerank_every_steps for p in self._policies.values() if p.rerank_every_steps),
-            default=0,
-        )
+        every = self._rerank_every
         if every and self._steps % every == 0:
             view = self._engine_view()
             self.waiting.rerank(view)
