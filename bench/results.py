@@ -14,6 +14,14 @@ variants, always labelled:
 
 Percentiles interpolate linearly between order statistics (numpy's default). Normalized latency is
 INFERCEPT's: (finish - arrival - API time) / output tokens, averaged over completed requests.
+
+Rounds: a comparison may run every (policy, rate) several times (`lamps bench --rounds N`); each
+record carries its `round`. Every round is summarized on its own (`summarize_all`), then per
+policy and rate `combine_rounds` gives the median over rounds of every time and rate figure
+(counts are totals), `rounds_summary` the per-round values of the headline metrics with their
+median, min and max, and `round_ratios` the ratio of two policies computed *per round* (the runs
+of one round are adjacent in time, so they share the machine's state) and then its median and
+[min, max]. With one round everything reads as before.
 matplotlib is imported only by `plot`, so the rest works where it is not installed.
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,6 +51,7 @@ class RequestResult(BaseModel):
     request_id: str
     policy: str
     rate: float = Field(description="Offered load of the run, requests/s.")
+    round: int = Field(default=0, ge=0, description="Which round of the comparison (0 first).")
     arrival: float = Field(ge=0.0, description="Seconds since the run started.")
     first_token: float | None = Field(default=None, description="When its first token came (s).")
     finish: float | None = Field(default=None, description="When its last token came; None if not.")
@@ -122,6 +132,10 @@ class PolicySummary(BaseModel):
 
     policy: str
     rate: float
+    round: int | None = Field(
+        default=0, description="The round summarized; None for a combination of rounds."
+    )
+    rounds: int = Field(default=1, ge=1, description="Rounds combined (medians, total counts).")
     requests: int
     horizon_s: float | None
     drained: Metrics
@@ -198,15 +212,15 @@ def _metrics(
 
 
 def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) -> PolicySummary:
-    """Summarize the requests of one run (one policy, one rate); see the module doc."""
+    """Summarize the requests of one run (one policy, one rate, one round); see the module doc."""
     if not results:
         raise ValueError("no results to summarize")
-    runs = {(r.policy, r.rate) for r in results}
+    runs = {(r.policy, r.rate, r.round) for r in results}
     if len(runs) != 1:
         raise ValueError(f"results of several runs {sorted(runs)}; use summarize_all")
     if horizon_s is not None and not horizon_s > 0:
         raise ValueError(f"horizon_s must be > 0, got {horizon_s}")
-    policy, rate = runs.pop()
+    policy, rate, round_ = runs.pop()
     start = min(r.arrival for r in results)
     done = [r for r in results if r.completed]
     makespan = max((r.finish or 0.0) for r in done) - start if done else None
@@ -235,6 +249,7 @@ def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) 
     return PolicySummary(
         policy=policy,
         rate=rate,
+        round=round_,
         requests=len(results),
         horizon_s=horizon_s,
         drained=drained,
@@ -245,11 +260,196 @@ def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) 
 def summarize_all(
     results: Iterable[RequestResult], horizon_s: float | None = None
 ) -> list[PolicySummary]:
-    """One summary per (policy, rate) found in `results`, sorted by policy then rate."""
-    runs: dict[tuple[str, float], list[RequestResult]] = {}
+    """One summary per (policy, rate, round) found in `results`, sorted by policy, rate, round."""
+    runs: dict[tuple[str, float, int], list[RequestResult]] = {}
     for r in results:
-        runs.setdefault((r.policy, r.rate), []).append(r)
+        runs.setdefault((r.policy, r.rate, r.round), []).append(r)
     return [summarize(runs[key], horizon_s) for key in sorted(runs)]
+
+
+# --------------------------------------------------------------------------------------------
+# Rounds
+
+# The figures whose spread over rounds is reported (label, `Metrics` field).
+SPREAD_METRICS: tuple[tuple[str, str], ...] = (
+    ("mean lat", "latency_mean_s"),
+    ("P99 lat", "latency_p99_s"),
+    ("mean TTFT", "ttft_mean_s"),
+    ("output tok/s", "throughput_tokens_per_s"),
+)
+# `Metrics` fields that count things: a combination of rounds adds them up.
+_COUNT_FIELDS = frozenset(
+    {
+        "requests",
+        "completed",
+        "failed",
+        "unfinished",
+        "output_tokens",
+        "cached_tokens",
+        "recomputed_tokens",
+    }
+)
+
+
+class Spread(BaseModel):
+    """One figure over the rounds of a comparison: its value per round, median, min and max
+    (rounds without a value, e.g. nothing completed, are left out of the last three)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    per_round: list[float | None]
+    median: float | None
+    min: float | None
+    max: float | None
+
+
+def spread(values: Sequence[float | None]) -> Spread:
+    known = [v for v in values if v is not None]
+    return Spread(
+        per_round=list(values),
+        median=statistics.median(known) if known else None,
+        min=min(known, default=None),
+        max=max(known, default=None),
+    )
+
+
+class RoundsSummary(BaseModel):
+    """One policy at one rate over the rounds: the spread of `SPREAD_METRICS`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str
+    rate: float
+    variant: Variant
+    rounds: list[int]
+    metrics: dict[str, Spread] = Field(description="Keyed by the `Metrics` field name.")
+
+
+class RatioSpread(BaseModel):
+    """`base` / `other` for one metric at one rate, computed per round (same round of each)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rate: float
+    base: str
+    other: str
+    variant: Variant
+    metric: str
+    ratio: Spread
+
+
+def by_run(summaries: Iterable[PolicySummary]) -> dict[tuple[str, float], list[PolicySummary]]:
+    """The summaries of each (policy, rate), in round order."""
+    runs: dict[tuple[str, float], list[PolicySummary]] = {}
+    for s in sorted(summaries, key=lambda s: (s.policy, s.rate, s.round or 0)):
+        runs.setdefault((s.policy, s.rate), []).append(s)
+    return runs
+
+
+def _combined_metrics(metrics: Sequence[Metrics]) -> Metrics:
+    values: dict[str, Any] = {}
+    for name in Metrics.model_fields:
+        column = [getattr(m, name) for m in metrics]
+        if name == "variant":
+            values[name] = column[0]
+        elif name == "label":
+            values[name] = f"{column[0]} [median over {len(metrics)} rounds; counts are totals]"
+        elif name in _COUNT_FIELDS:
+            values[name] = sum(column)
+        elif name == "strategy_counts":
+            values[name] = dict(sorted(sum((Counter(c) for c in column), Counter()).items()))
+        else:
+            values[name] = spread(column).median
+    return Metrics.model_validate(values)
+
+
+def combine_rounds(summaries: Sequence[PolicySummary]) -> list[PolicySummary]:
+    """One summary per (policy, rate): the run itself when it had one round, else the median
+    over its rounds of every time and rate figure, with counts totalled (`round=None`)."""
+    out = []
+    for (policy, rate), runs in by_run(summaries).items():
+        if len(runs) == 1:
+            out.append(runs[0])
+            continue
+        horizons = [s.horizon for s in runs if s.horizon is not None]
+        out.append(
+            PolicySummary(
+                policy=policy,
+                rate=rate,
+                round=None,
+                rounds=len(runs),
+                requests=sum(s.requests for s in runs),
+                horizon_s=runs[0].horizon_s,
+                drained=_combined_metrics([s.drained for s in runs]),
+                horizon=_combined_metrics(horizons) if len(horizons) == len(runs) else None,
+            )
+        )
+    return out
+
+
+def rounds_summary(
+    summaries: Sequence[PolicySummary], variant: Variant = "drained"
+) -> list[RoundsSummary]:
+    """Per (policy, rate), the per-round values of `SPREAD_METRICS` and their spread."""
+    out = []
+    for (policy, rate), runs in by_run(summaries).items():
+        metrics = [s.metrics(variant) for s in runs]
+        out.append(
+            RoundsSummary(
+                policy=policy,
+                rate=rate,
+                variant=variant,
+                rounds=[s.round or 0 for s in runs],
+                metrics={
+                    key: spread([getattr(m, key, None) for m in metrics])
+                    for _, key in SPREAD_METRICS
+                },
+            )
+        )
+    return out
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def round_ratios(
+    summaries: Sequence[PolicySummary],
+    base: str,
+    against: Sequence[str],
+    variant: Variant = "drained",
+    metrics: Sequence[str] | None = None,
+) -> list[RatioSpread]:
+    """`base` / each of `against` per rate and metric (default: the ratio table's and
+    `SPREAD_METRICS`): the ratio of the two runs of each round, then its spread over rounds (a
+    round one of them lacks gives no ratio)."""
+    if metrics is None:
+        metrics = list(dict.fromkeys(key for _, key in (*RATIO_METRICS, *SPREAD_METRICS)))
+    runs = {
+        key: {s.round or 0: s.metrics(variant) for s in group}
+        for key, group in by_run(summaries).items()
+    }
+    out = []
+    for rate in sorted({rate for policy, rate in runs if policy == base}):
+        mine = runs[(base, rate)]
+        for other in against:
+            theirs = runs.get((other, rate), {})
+            for key in metrics:
+                ratios = [
+                    _div(getattr(m, key, None), getattr(theirs.get(r), key, None))
+                    for r, m in sorted(mine.items())
+                ]
+                out.append(
+                    RatioSpread(
+                        rate=rate,
+                        base=base,
+                        other=other,
+                        variant=variant,
+                        metric=key,
+                        ratio=spread(ratios),
+                    )
+                )
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,15 +465,33 @@ def write_results(
     summaries: Sequence[PolicySummary],
     config: Mapping[str, Any],
     machine: Mapping[str, Any] | str | None = None,
+    ratios: Sequence[RatioSpread] = (),
 ) -> Path:
-    """Write `out_dir/results.json`: the run's config and machine, and per policy and rate both
-    variants (`{"results": {policy: {rate: summary}}}`). Returns the path."""
+    """Write `out_dir/results.json`: the run's config and machine; per policy and rate both
+    variants (`{"results": {policy: {rate: summary}}}`, the median over rounds when there were
+    several, see `combine_rounds`); per policy and rate every round's summary and the spread
+    (`{"rounds": {policy: {rate: {"per_round": [...], "spread": ...}}}}`); and `ratios`, each
+    with its per-round values. `summaries` are per round (`summarize_all`). Returns the path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table: dict[str, dict[str, Any]] = {}
-    for s in summaries:
+    for s in combine_rounds(summaries):
         table.setdefault(s.policy, {})[rate_key(s.rate)] = s.model_dump(mode="json")
-    body = {"format": RESULTS_FORMAT, "config": config, "machine": machine, "results": table}
+    rounds: dict[str, dict[str, Any]] = {}
+    spreads = {(r.policy, r.rate): r for r in rounds_summary(summaries)}
+    for (policy, rate), runs in by_run(summaries).items():
+        rounds.setdefault(policy, {})[rate_key(rate)] = {
+            "per_round": [s.model_dump(mode="json") for s in runs],
+            "spread": spreads[(policy, rate)].model_dump(mode="json"),
+        }
+    body = {
+        "format": RESULTS_FORMAT,
+        "config": config,
+        "machine": machine,
+        "results": table,
+        "rounds": rounds,
+        "ratios": [r.model_dump(mode="json") for r in ratios],
+    }
     path = out / "results.json"
     path.write_text(json.dumps(body, indent=1, default=str))
     return path
@@ -320,10 +538,13 @@ RATIO_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    if a is None or b is None or b == 0:
+def _ratio_cell(ratio: Spread, rounds: int) -> str:
+    """One round: the ratio, as always; several: its median and [min, max] over rounds."""
+    if ratio.median is None or ratio.min is None or ratio.max is None:
         return "n/a"
-    return f"{a / b:.2f}"
+    if rounds == 1:
+        return f"{ratio.median:.2f}"
+    return f"{ratio.median:.2f} [{ratio.min:.2f}, {ratio.max:.2f}]"
 
 
 def ratio_table(
@@ -333,23 +554,23 @@ def ratio_table(
     variant: Variant = "drained",
 ) -> str:
     """A printable table of `base`/other ratios per rate (latency and TTFT: < 1 means `base` is
-    faster; throughput: > 1 means it serves more)."""
-    by_run = {(s.policy, s.rate): s.metrics(variant) for s in summaries}
-    rates = sorted({s.rate for s in summaries if s.policy == base})
+    faster; throughput: > 1 means it serves more). `summaries` are per round; with more than
+    one round each cell is the median of the per-round ratios and their [min, max]."""
+    rounds = max((len(runs) for runs in by_run(summaries).values()), default=1)
+    ratios = {
+        (r.rate, r.other, r.metric): r.ratio
+        for r in round_ratios(summaries, base, against, variant, [key for _, key in RATIO_METRICS])
+    }
     header = ["rate", "vs", *(name for name, _ in RATIO_METRICS)]
     rows = [header]
-    for rate in rates:
-        mine = by_run.get((base, rate))
+    for rate in sorted({s.rate for s in summaries if s.policy == base}):
         for other in against:
-            theirs = by_run.get((other, rate))
-            cells = [
-                _ratio(getattr(mine, key, None), getattr(theirs, key, None))
-                for _, key in RATIO_METRICS
-            ]
+            cells = [_ratio_cell(ratios[(rate, other, key)], rounds) for _, key in RATIO_METRICS]
             rows.append([rate_key(rate), other, *cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    over = f", median [min, max] over {rounds} rounds of the per-round ratio" if rounds > 1 else ""
     lines = [
-        f"{base} / other, {variant} "
+        f"{base} / other, {variant}{over} "
         f"(latency, TTFT: < 1 is better for {base}; req/s: > 1 is better)",
         *("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)) for row in rows),
     ]
@@ -388,20 +609,32 @@ def _vs_rate(
     from matplotlib.figure import Figure
 
     policies = _ordered_policies(s.policy for s in summaries)
+    runs = by_run(summaries)
     fig = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, ylabel, panel_title) in zip(axes, panels, strict=True):
         for policy in policies:
+            # Several rounds: the median, with a bar from the lowest round to the highest.
             points = sorted(
-                (s.rate, getattr(m, key))
-                for s in summaries
-                if s.policy == policy
-                and (m := s.metrics(variant)) is not None
-                and getattr(m, key) is not None
+                (rate, v.median, v.median - v.min, v.max - v.median)
+                for (p, rate), group in runs.items()
+                if p == policy
+                and (v := spread([getattr(s.metrics(variant), key, None) for s in group]))
+                and v.median is not None
+                and v.min is not None
+                and v.max is not None
             )
             if points:
-                xs, ys = zip(*points, strict=True)
-                ax.plot(xs, ys, marker="o", label=policy, color=_color(policy, policies))
+                xs, ys, low, high = (list(column) for column in zip(*points, strict=True))
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=[low, high] if any(low) or any(high) else None,
+                    marker="o",
+                    capsize=3,
+                    label=policy,
+                    color=_color(policy, policies),
+                )
         ax.set_xlabel("arrival rate (requests/s)")
         ax.set_ylabel(ylabel)
         ax.set_title(panel_title)

@@ -61,12 +61,22 @@ class TraceRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    request_id: str | None = Field(default=None, min_length=1, max_length=128)
-    segments: list[TraceSegment] = Field(min_length=1)
-    policy: str | None = Field(
-        default=None, description="Schedule this request with another policy than the engine's."
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="The client's own id, echoed back as `client_request_id`; the server gives "
+        "every request an id of its own.",
     )
-    policy_options: dict[str, Any] | None = None
+    segments: list[TraceSegment] = Field(min_length=1, max_length=1024)
+    policy: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Label of one of the deployment's policy variants "
+        "(`engine.scheduler.policy_variants`) to schedule this request with; none: the "
+        "engine's policy.",
+    )
 
 
 class TraceSegmentResult(BaseModel):
@@ -81,16 +91,22 @@ class TraceSegmentResult(BaseModel):
 
 
 class TraceResponse(BaseModel):
-    request_id: str
+    request_id: str = Field(description="The server's id of the request.")
+    client_request_id: str | None = Field(
+        default=None, description="The `request_id` the client sent, if any."
+    )
     model: str
     ttft_s: float
     latency_s: float
     segments: list[TraceSegmentResult]
 
     @classmethod
-    def from_outcome(cls, outcome: TraceOutcome, model: str) -> TraceResponse:
+    def from_outcome(
+        cls, outcome: TraceOutcome, model: str, client_request_id: str | None = None
+    ) -> TraceResponse:
         return cls(
             request_id=outcome.request_id,
+            client_request_id=client_request_id,
             model=model,
             ttft_s=outcome.ttft_s,
             latency_s=outcome.latency_s,

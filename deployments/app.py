@@ -35,6 +35,14 @@ class AppArgs(BaseModel):
     default_max_tokens: int = Field(default=256, ge=1)
     default_max_tool_calls: int = Field(default=4, ge=0)
     max_tool_calls_limit: int = Field(default=32, ge=0)
+    max_body_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Larger HTTP request bodies get 413, unread."
+    )
+    max_in_flight_requests: int = Field(
+        default=256,
+        ge=1,
+        description="Chat and trace requests an ingress replica runs at once; more get 429.",
+    )
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -66,9 +74,17 @@ def build_app(args: dict[str, Any]) -> Application:
         default_max_tokens=app_args.default_max_tokens,
         default_max_tool_calls=app_args.default_max_tool_calls,
         max_tool_calls_limit=app_args.max_tool_calls_limit,
+        policy_variants=list(engine.scheduler.policy_variants) if engine.scheduler else [],
+        max_body_bytes=app_args.max_body_bytes,
+        max_in_flight_requests=app_args.max_in_flight_requests,
     )
     return serve.deployment(
-        Ingress, name="Ingress", max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0.1}
+        Ingress,
+        name="Ingress",
+        # Well above the in-flight limit: requests past it must reach the ingress to get a
+        # quick 429, not wait in Serve's queue in front of it.
+        max_ongoing_requests=max(1000, 4 * app_args.max_in_flight_requests),
+        ray_actor_options={"num_cpus": 0.1},
     ).bind(engine_replica, tool_worker, ingress_settings.model_dump(), redis_url)
 
 

@@ -20,6 +20,7 @@ from deployments.metrics import EngineStatsBoard
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
+from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
 
@@ -60,9 +61,9 @@ class EngineReplica:
         request_id: str,
         script: TraceScript,
         arrival_time: float,
-        policy: str | None = None,
-        policy_options: dict[str, Any] | None = None,
+        policy_variant: str | None = None,
     ) -> TraceOutcome:
+        self._check_variant(policy_variant)
         return await run_trace(
             self._engine,
             self._vocab_size,
@@ -71,10 +72,20 @@ class EngineReplica:
             script,
             self._call_tool,
             arrival_time,
-            policy,
-            policy_options,
+            policy_variant,
             self._api_estimates or None,
         )
+
+    def _check_variant(self, label: str | None) -> None:
+        # The ingress checks too; this replica's own config is the truth (another caller of
+        # the handle, or an ingress built from another config, must not reach the scheduler
+        # with a label it does not have).
+        if label is None:
+            return
+        scheduler = self.settings.scheduler
+        variants = scheduler.policy_variants if scheduler is not None else {}
+        if label not in variants:
+            raise UnknownPolicyVariantError(unknown_variant_message(label, list(variants)))
 
     def stats(self) -> dict[str, Any]:
         snap = self._stats.snapshot

@@ -7,16 +7,18 @@ with a message saying what is wrong.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 from redis.exceptions import RedisError
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -37,16 +39,21 @@ from deployments.api_models import (
     TraceResponse,
 )
 from deployments.metrics import EngineStatsBoard, render_prometheus
-from lamps_core.policies import POLICY_NAMES
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, TextDelta, ToolExecution
 from lamps_vllm.errors import (
+    BodyTooLargeError,
     RequestError,
+    ServerBusyError,
     TooManyToolCallsError,
+    UnknownApiTypeError,
     UnknownModelError,
+    UnknownPolicyVariantError,
     UnsupportedParameterError,
+    unknown_variant_message,
 )
 from lamps_vllm.trace_replay import check_fits
+from tool_workers.simulated_api import SIMULATED_API_TYPES
 from tool_workers.stats import StatsUnavailableError, ToolCallCounts, ToolStatsStore
 
 app = FastAPI(title="LAMPS", description="Serving for tool-augmented LLMs")
@@ -58,6 +65,11 @@ class IngressSettings(BaseModel):
     default_max_tokens: int = 256
     default_max_tool_calls: int = 4
     max_tool_calls_limit: int = 32
+    policy_variants: list[str] = Field(
+        default_factory=list, description="Labels a trace request may name as its `policy`."
+    )
+    max_body_bytes: int = Field(default=1 << 20, ge=1)
+    max_in_flight_requests: int = Field(default=256, ge=1)
 
 
 def _refuse_unsupported(request: ChatRequest) -> None:
@@ -187,22 +199,41 @@ async def _stream_chunks(plan: ChatPlan, model: str, events: Any) -> AsyncIterat
             return
 
 
-async def _sse(first: ChatStreamChunk, rest: AsyncIterator[ChatStreamChunk]) -> AsyncIterator[str]:
-    yield f"data: {first.model_dump_json(exclude_none=True)}\n\n"
+async def _sse(
+    first: ChatStreamChunk, rest: AsyncGenerator[ChatStreamChunk, None]
+) -> AsyncIterator[str]:
     try:
-        async for chunk in rest:
-            yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
-    except RequestError as exc:  # found mid-stream: the status is sent already
-        yield f"data: {json.dumps(_error_body(exc))}\n\n"
-    yield "data: [DONE]\n\n"
+        yield f"data: {first.model_dump_json(exclude_none=True)}\n\n"
+        try:
+            async for chunk in rest:
+                yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+        except RequestError as exc:  # found mid-stream: the status is sent already
+            yield f"data: {json.dumps(_error_body(exc))}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        # A client gone mid-stream: end the generation now, and give back its admission slot.
+        await rest.aclose()
 
 
-async def _json_body(raw: Request) -> Any:
-    body = await raw.body()
+async def _json_body(raw: Request, limit: int) -> Any:
+    """The body, parsed; refused (413) as soon as it is known to be over `limit` bytes, before
+    it is read in full, let alone parsed or tokenized."""
+    declared = raw.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(_too_large(limit))
+    body = bytearray()
+    async for chunk in raw.stream():  # a chunked body has no length to check up front
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLargeError(_too_large(limit))
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is over this server's limit of {limit} bytes"
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -213,12 +244,19 @@ def _parse(model: type[M], data: M | dict[str, Any]) -> M:
         return data
     if not isinstance(data, dict):
         raise RequestError(f"the request body must be a JSON object, not {type(data).__name__}")
+    if issubclass(model, ChatRequest) and not isinstance(data.get("messages"), list):
+        # vLLM's validators iterate `messages` before pydantic checks its type.
+        raise RequestError("invalid request: messages: must be a list of message objects")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise RequestError(_validation_message(exc)) from None
     except VLLMClientError as exc:  # vLLM's protocol models raise their own from some validators
         raise RequestError(f"invalid request: {exc}") from None
+    except (TypeError, AttributeError, KeyError) as exc:
+        # vLLM's "before" validators assume shapes that pydantic checks only after them: a
+        # field of the wrong type fails there like this. Still the client's input.
+        raise RequestError(f"invalid request: a field has the wrong type ({exc})") from None
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -231,11 +269,38 @@ def _validation_message(exc: ValidationError) -> str:
 
 def _error_body(exc: Exception) -> dict[str, Any]:
     status = getattr(exc, "status_code", 400)
-    return {"error": {"message": str(exc), "type": type(exc).__name__, "code": status}}
+    message = exc.message if isinstance(exc, RequestError) else str(exc)
+    return {"error": {"message": message, "type": type(exc).__name__, "code": status}}
 
 
 def _error(exc: Exception) -> JSONResponse:
-    return JSONResponse(_error_body(exc), status_code=getattr(exc, "status_code", 400))
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServerBusyError) else None
+    return JSONResponse(
+        _error_body(exc), status_code=getattr(exc, "status_code", 400), headers=headers
+    )
+
+
+@contextlib.contextmanager
+def _engine_errors() -> Iterator[None]:
+    """A client's error found in the engine replica reaches us wrapped by Ray (its str() is
+    Ray's header and traceback): pass the original on, typed and with its short message."""
+    try:
+        yield
+    except RayTaskError as exc:
+        if isinstance(exc.cause, RequestError):
+            raise exc.cause from None
+        raise
+
+
+def _max_tokens(request: ChatRequest, default: int) -> int:
+    # 0 is a value, not "unset": it and negative counts are refused, not replaced.
+    for field in ("max_completion_tokens", "max_tokens"):
+        value = getattr(request, field)
+        if value is not None and value < 1:
+            raise RequestError(f"{field} must be at least 1, got {value}")
+    if request.max_completion_tokens is not None:
+        return request.max_completion_tokens
+    return request.max_tokens if request.max_tokens is not None else default
 
 
 # Defined last: serve.ingress pickles the FastAPI app, and with it the route methods' globals,
@@ -255,57 +320,55 @@ class Ingress:
         self._tool_schemas: dict[str, dict[str, Any]] | None = None
         self._board = EngineStatsBoard(redis_url) if redis_url else None
         self._tool_stats = ToolStatsStore(redis_url) if redis_url else None
+        self._in_flight = 0  # chat and trace requests admitted and not finished
 
     # ---- Python handle API (the HTTP routes below call the same methods) ----
 
     async def chat(self, request: ChatRequest | dict[str, Any]) -> ChatResponse:
-        request = _parse(ChatRequest, request)
-        plan = await self._plan(request)
-        outcome = None
-        async for event in self._engine.options(stream=True).chat.remote(plan):
-            if isinstance(event, ChatOutcome):
-                outcome = event
-        assert outcome is not None
-        return _chat_response(plan, self.settings.served_model_name, outcome)
+        with self._admitted():
+            request = _parse(ChatRequest, request)
+            plan = await self._plan(request)
+            outcome = None
+            with _engine_errors():
+                async for event in self._engine.options(stream=True).chat.remote(plan):
+                    if isinstance(event, ChatOutcome):
+                        outcome = event
+            assert outcome is not None
+            return _chat_response(plan, self.settings.served_model_name, outcome)
 
     async def chat_stream(
         self, request: ChatRequest | dict[str, Any]
-    ) -> AsyncIterator[ChatStreamChunk]:
-        request = _parse(ChatRequest, request)
-        plan = await self._plan(request)
-        events = self._engine.options(stream=True).chat.remote(plan)
-        async for chunk in _stream_chunks(plan, self.settings.served_model_name, events):
-            yield chunk
+    ) -> AsyncGenerator[ChatStreamChunk, None]:
+        # The admission slot is held until the stream ends or its consumer closes it.
+        with self._admitted():
+            request = _parse(ChatRequest, request)
+            plan = await self._plan(request)
+            events = self._engine.options(stream=True).chat.remote(plan)
+            with _engine_errors():
+                async for chunk in _stream_chunks(plan, self.settings.served_model_name, events):
+                    yield chunk
 
     async def replay(self, request: TraceRequest | dict[str, Any]) -> TraceResponse:
-        request = _parse(TraceRequest, request)
-        self._check_model(request.model)
-        try:
-            script = TraceScript(segments=request.segments)
-        except ValidationError as exc:
-            raise RequestError(_validation_message(exc)) from None
-        if script.num_api_calls > self.settings.max_tool_calls_limit:
-            raise TooManyToolCallsError(
-                f"the script makes {script.num_api_calls} API calls; the limit is "
-                f"{self.settings.max_tool_calls_limit}"
+        with self._admitted():
+            request = _parse(TraceRequest, request)
+            script = await self._check_trace(request)
+            # The engine keys on this id (KV holds, swap entries): always the server's own.
+            request_id = f"trace-{uuid.uuid4().hex}"
+            with _engine_errors():
+                outcome = await self._engine.replay.remote(
+                    request_id, script, time.time(), request.policy
+                )
+            return TraceResponse.from_outcome(
+                outcome, self.settings.served_model_name, request.request_id
             )
-        check_fits(script, self.settings.max_model_len)
-        if request.policy is not None and request.policy not in POLICY_NAMES:
-            raise RequestError(
-                f"unknown policy {request.policy!r}; known: {', '.join(POLICY_NAMES)}"
-            )
-        request_id = request.request_id or f"trace-{uuid.uuid4().hex}"
-        outcome = await self._engine.replay.remote(
-            request_id, script, time.time(), request.policy, request.policy_options
-        )
-        return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 
     # ---- HTTP ----
 
     @app.post("/v1/chat/completions")
     async def http_chat(self, raw: Request) -> Response:
         try:
-            request = _parse(ChatRequest, await _json_body(raw))
+            self._refuse_if_busy()  # before reading the body: overload costs little
+            request = _parse(ChatRequest, await _json_body(raw, self.settings.max_body_bytes))
             if not request.stream:
                 return JSONResponse((await self.chat(request)).model_dump(mode="json"))
             chunks = self.chat_stream(request)
@@ -317,7 +380,8 @@ class Ingress:
     @app.post("/v1/traces")
     async def http_trace(self, raw: Request) -> Response:
         try:
-            response = await self.replay(await _json_body(raw))
+            self._refuse_if_busy()
+            response = await self.replay(await _json_body(raw, self.settings.max_body_bytes))
         except RequestError as exc:
             return _error(exc)
         return JSONResponse(response.model_dump(mode="json"))
@@ -365,6 +429,27 @@ class Ingress:
             render_prometheus(engines, tools, redis_up), media_type="text/plain; version=0.0.4"
         )
 
+    # ---- admission ----
+
+    def _refuse_if_busy(self) -> None:
+        limit = self.settings.max_in_flight_requests
+        if self._in_flight >= limit:
+            raise ServerBusyError(
+                f"this server has {limit} requests in flight, its limit; retry in "
+                f"{ServerBusyError.retry_after_s} s"
+            )
+
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        """Hold one of the in-flight slots while the body runs: beyond the limit a request is
+        refused at once (429) instead of queueing without bound behind the others."""
+        self._refuse_if_busy()
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
     # ---- validation ----
 
     def _check_model(self, model: str | None) -> None:
@@ -373,6 +458,36 @@ class Ingress:
                 f"model {model!r} is not served here; "
                 f"available: {self.settings.served_model_name!r}"
             )
+
+    async def _check_trace(self, request: TraceRequest) -> TraceScript:
+        self._check_model(request.model)
+        try:
+            script = TraceScript(segments=request.segments)
+        except ValidationError as exc:
+            raise RequestError(_validation_message(exc)) from None
+        if script.num_api_calls > self.settings.max_tool_calls_limit:
+            raise TooManyToolCallsError(
+                f"the script makes {script.num_api_calls} API calls; the limit is "
+                f"{self.settings.max_tool_calls_limit}"
+            )
+        check_fits(script, self.settings.max_model_len)
+        await self._check_api_types(script)
+        if request.policy is not None and request.policy not in self.settings.policy_variants:
+            raise UnknownPolicyVariantError(
+                unknown_variant_message(request.policy, self.settings.policy_variants)
+            )
+        return script
+
+    async def _check_api_types(self, script: TraceScript) -> None:
+        # An API type names the estimate the call is learned as and predicted from: only the
+        # server's tools and a fixed set of simulated types, never a name a client invents.
+        allowed = SIMULATED_API_TYPES | set(await self._server_tools())
+        for index, segment in enumerate(script.segments):
+            if segment.api_type is not None and segment.api_type not in allowed:
+                raise UnknownApiTypeError(
+                    f"segment {index}: unknown api_type {segment.api_type[:64]!r}; allowed: "
+                    f"{', '.join(sorted(allowed))}"
+                )
 
     async def _server_tools(self) -> dict[str, dict[str, Any]]:
         if self._tool_schemas is None:
@@ -393,9 +508,7 @@ class Ingress:
                 f"max_tool_calls={max_calls} is over this server's limit of "
                 f"{self.settings.max_tool_calls_limit}"
             )
-        max_tokens = (
-            request.max_completion_tokens or request.max_tokens or self.settings.default_max_tokens
-        )
+        max_tokens = _max_tokens(request, self.settings.default_max_tokens)
         sampling: dict[str, Any] = {
             "temperature": request.temperature or 0.0,
             "top_p": request.top_p if request.top_p is not None else 1.0,

@@ -4,17 +4,27 @@ at each offered load; results, plots and the ratios of the first policy to the o
 Each (rate, policy) run starts from an empty prefix cache and waits until every request has
 finished (drained); the horizon-style figure of the artifacts (what finished by `--duration`
 after the first arrival) is reported beside it, labelled. Request ids, and so the synthetic
-prompts, differ between runs, so no run finds another's KV blocks.
+prompts, differ between runs (they name the policy, rate and round), so no run finds another's
+KV blocks.
+
+A comparison (docs/benchmarks.md, "How a comparison is run"): a warm-up run of the first policy
+on the first requests of the trace (discarded), then `--rounds` rounds; within a rate, even
+rounds run the policies in the given order and odd rounds in reverse, so no policy always runs
+first or last. The driver's garbage collector is paused during each run and run between runs,
+so its pauses don't land inside one policy's run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import gc
 import json
 import platform
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,12 +36,23 @@ from bench.results import (
     RequestResult,
     plot,
     ratio_table,
+    round_ratios,
     summarize_all,
     write_request_results,
     write_results,
 )
 from lamps_core.policies import POLICY_NAMES
-from lamps_core.workloads import Trace, get_workload, read_trace, with_poisson_arrivals
+from lamps_core.workloads import (
+    CHARS_PER_TOKEN,
+    Trace,
+    TraceFormatError,
+    get_workload,
+    over_length,
+    read_trace,
+    sample_requests,
+    with_poisson_arrivals,
+    with_time_scale,
+)
 
 if TYPE_CHECKING:  # the engine's modules load only when a run starts, not for --help
     from lamps.bench_targets import ReplayTarget
@@ -47,6 +68,8 @@ _COUNTERS = (
     "preemptions",
     "preserved_block_seconds",
 )
+# The warm-up run: this many requests of the first rate's trace, under the first policy.
+WARMUP_REQUESTS = 32
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,8 +97,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="shrink a workload's lengths and durations (CPU runs)",
     )
-    parser.add_argument("--time-scale", type=float, help="shrink durations by this instead")
+    parser.add_argument(
+        "--time-scale",
+        type=float,
+        help="multiply every API call's duration by this (a workload: instead of --scale; "
+        "a trace file: its api_time values)",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sample",
+        choices=("inorder", "shuffle"),
+        default="inorder",
+        help="which requests of a trace file run: the first n in file order, or the first n "
+        "after a shuffle seeded by --seed",
+    )
+    parser.add_argument(
+        "--last-call",
+        choices=("drop", "run"),
+        default="drop",
+        help="a trace file's call on a request's last segment: drop it, or run it and decode "
+        "one more token after it (as the artifacts do)",
+    )
+    parser.add_argument(
+        "--chars-per-token",
+        type=float,
+        default=CHARS_PER_TOKEN,
+        help="count a trace file's text at this many characters per token when the engine's "
+        "model folder has no tokenizer (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every (rate, policy) this many times, alternating the policies' order; "
+        "results give the median and spread over rounds",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        dest="warmup",
+        action="store_false",
+        help="skip the warm-up run (the first policy on the first "
+        f"{WARMUP_REQUESTS} requests, discarded) before the first round",
+    )
     parser.add_argument(
         "--config",
         type=Path,
@@ -91,15 +154,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
-def load_trace(args: argparse.Namespace, rate: float, max_context: int) -> Trace:
+def read_trace_file(
+    args: argparse.Namespace, count_tokens: Callable[[str], int] | None = None
+) -> Trace:
+    """The `--trace` file as read: text counted, artifact quirks handled (lamps_core.workloads)."""
+    return read_trace(
+        args.trace,
+        count_tokens=count_tokens,
+        chars_per_token=args.chars_per_token,
+        last_call=args.last_call,
+    )
+
+
+def load_trace(
+    args: argparse.Namespace, rate: float, max_context: int, source: Trace | None = None
+) -> Trace:
+    """The requests of one rate: from the trace file (`source`, the file as read, or read here),
+    sampled, time-scaled and given Poisson arrivals where it has none; or generated."""
     n = args.requests or max(1, round(rate * args.duration))
     if args.trace:
-        trace = read_trace(args.trace)
-        trace = trace.model_copy(update={"requests": trace.requests[:n]})
+        trace = sample_requests(source or read_trace_file(args), n, args.sample, args.seed)
+        if args.time_scale is not None:
+            trace = with_time_scale(trace, args.time_scale)
         return trace if trace.has_arrivals else with_poisson_arrivals(trace, rate, args.seed)
     return get_workload(args.workload)(
         n, rate, args.seed, scale=args.scale, time_scale=args.time_scale, max_context=max_context
     )
+
+
+def build_traces(
+    args: argparse.Namespace,
+    rates: Sequence[float],
+    max_model_len: int,
+    count_tokens: Callable[[str], int] | None = None,
+) -> dict[float, Trace]:
+    """Every rate's trace, checked before an engine starts (a bad file would otherwise surface
+    minutes later, after start-up): exits with one line naming the file, request and segment,
+    or the requests longer than the engine's context."""
+    try:
+        source = read_trace_file(args, count_tokens) if args.trace else None
+        traces = {rate: load_trace(args, rate, max_model_len, source) for rate in rates}
+    except (TraceFormatError, ValueError) as exc:
+        raise SystemExit(f"lamps bench: {exc}") from None
+    for trace in traces.values():
+        if too_long := over_length(trace, max_model_len):
+            first = too_long[0]
+            raise SystemExit(
+                f"lamps bench: {args.trace or args.workload}: {len(too_long)} of {len(trace)} "
+                f"requests need more than the engine's max_model_len={max_model_len} tokens, "
+                f"e.g. request {first.request_id!r} ({first.script.total_tokens} tokens)"
+            )
+    return traces
+
+
+def model_token_counter(model_dir: Path) -> Callable[[str], int] | None:
+    """The model folder's Hugging Face tokenizer as a token counter, or None when the folder
+    has none (the trace's text is then counted by characters)."""
+    if not any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    # No special tokens: a segment's text is a piece of the context, not a whole prompt.
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def trace_notes(traces: dict[float, Trace]) -> list[str]:
+    """What reading the trace file changed, and how many of its requests run: for the log."""
+    first = next(iter(traces.values()))
+    notes = []
+    if reader := first.info.get("reader"):
+        notes.append(f"trace file read with changes: {json.dumps(reader)}")
+    if "file_requests" in first.info:
+        for rate, trace in traces.items():
+            notes.append(
+                f"rate {rate:g}: {len(trace)} of the file's {trace.info['file_requests']} "
+                f"requests ({trace.info['sample']['how']})"
+            )
+    return notes
 
 
 @dataclass(frozen=True)
@@ -142,36 +274,47 @@ def parse_policies(text: str) -> list[PolicySpec]:
 
 
 async def run_one(
-    target: ReplayTarget, trace: Trace, spec: PolicySpec, rate: float, bar: tqdm
+    target: ReplayTarget,
+    trace: Trace,
+    spec: PolicySpec,
+    rate: float,
+    progress: Callable[[], object] | None = None,
+    round_: int = 0,
+    id_prefix: str | None = None,
 ) -> tuple[list[RequestResult], dict[str, float]]:
+    """One policy on one trace; `progress` is called as each request ends. Request ids start
+    with `id_prefix` (default: the policy's label, the rate and the round), so they, and the
+    prompts drawn from them, are new to the engine in every run."""
     await target.reset_prefix_cache()
     before = await target.scheduler_stats()
     started = time.monotonic()
     policy = spec.label
+    prefix = id_prefix or f"{policy}-{rate:g}-r{round_}"
 
     async def one(request: Any) -> RequestResult:
         await asyncio.sleep(max(0.0, started + request.arrival_time - time.monotonic()))
         sent = time.monotonic() - started
         script = request.script
         try:
-            response = await target.replay(
-                f"{policy}-{rate:g}-{request.request_id}", script, spec.name, spec.options
-            )
+            response = await target.replay(f"{prefix}-{request.request_id}", script, spec.label)
         except Exception as exc:  # counted as a failed request, never dropped
             return RequestResult(
                 request_id=request.request_id,
                 policy=policy,
                 rate=rate,
+                round=round_,
                 arrival=sent,
                 error=f"{type(exc).__name__}: {exc}",
             )
         finally:
-            bar.update()
+            if progress is not None:
+                progress()
         resumed = response.segments[1:]
         return RequestResult(
             request_id=request.request_id,
             policy=policy,
             rate=rate,
+            round=round_,
             arrival=sent,
             first_token=sent + response.ttft_s,
             finish=sent + response.latency_s,
@@ -192,41 +335,118 @@ async def run_one(
     return list(results), delta
 
 
+def round_order(policies: Sequence[PolicySpec], round_: int) -> list[PolicySpec]:
+    """The policies in the given order in even rounds and reversed in odd ones: whatever
+    drifts during a rate's runs (machine load, warm caches) falls on each policy alike."""
+    return list(policies) if round_ % 2 == 0 else list(reversed(policies))
+
+
+def schedule(
+    rates: Sequence[float], policies: Sequence[PolicySpec], rounds: int
+) -> list[tuple[float, int, PolicySpec]]:
+    """Every run of a comparison, in the order they run: (rate, round, policy)."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    return [
+        (rate, r, spec)
+        for rate in rates
+        for r in range(rounds)
+        for spec in round_order(policies, r)
+    ]
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No garbage collection in this process while a run is measured: a collection pauses the
+    event loop that sends requests and (with --engine-only) reads the engine's outputs, at
+    moments that differ from run to run. Garbage is collected before the run instead, so each
+    starts from the same state; what a run leaves is collected before the next."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def median_counters(per_round: Sequence[dict[str, float]]) -> dict[str, float]:
+    """A run's scheduler counters over rounds: the median of each (the one round's own)."""
+    if len(per_round) == 1:
+        return dict(per_round[0])
+    return {key: statistics.median(d[key] for d in per_round) for key in per_round[0]}
+
+
+async def warm_up(target: ReplayTarget, trace: Trace, spec: PolicySpec, rate: float) -> dict:
+    """The first policy on the first requests of `trace`, results discarded: first-use costs
+    (kernels, allocator, tool worker, JIT) land here, not on the first measured run."""
+    head = trace.model_copy(update={"requests": trace.requests[:WARMUP_REQUESTS]})
+    print(f"warm-up (discarded): {spec.label} on {len(head)} requests at {rate:g}/s", flush=True)
+    started = time.monotonic()
+    with collector_paused():
+        await run_one(target, head, spec, rate, id_prefix=f"warmup-{spec.label}-{rate:g}")
+    took = time.monotonic() - started
+    print(f"warm-up done in {took:.1f} s", flush=True)
+    return {"policy": spec.label, "rate": rate, "requests": len(head), "seconds": took}
+
+
 async def run_all(
     target: ReplayTarget,
     args: argparse.Namespace,
     policies: Sequence[PolicySpec],
     rates: Sequence[float],
     max_context: int,
+    traces: dict[float, Trace] | None = None,
 ) -> dict[str, Any]:
-    traces = {rate: load_trace(args, rate, max_context) for rate in rates}
-    total = sum(len(t) for t in traces.values()) * len(policies)
+    """Warm-up, then every run of `schedule`; `traces` per rate (built here when not given)."""
+    if traces is None:
+        traces = build_traces(args, rates, max_context)
+    runs_in_order = schedule(rates, policies, args.rounds)
+    warmup = await warm_up(target, traces[rates[0]], policies[0], rates[0]) if args.warmup else None
     results: list[RequestResult] = []
-    runs: dict[str, dict[str, dict[str, float]]] = {}
+    per_round: dict[str, dict[str, list[dict[str, float]]]] = {}
+    total = sum(len(traces[rate]) for rate, _, _ in runs_in_order)
     with tqdm(total=total, unit="req", desc="lamps bench") as bar:
-        for rate in rates:
-            for spec in policies:
-                bar.set_postfix_str(f"{spec.label} @ {rate:g}/s")
-                got, delta = await run_one(target, traces[rate], spec, rate, bar)
-                results += got
-                runs.setdefault(spec.label, {})[f"{rate:g}"] = delta
-    return {"results": results, "runs": runs, "traces": traces}
+        for rate, r, spec in runs_in_order:
+            bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{args.rounds}")
+            with collector_paused():
+                got, delta = await run_one(target, traces[rate], spec, rate, bar.update, r)
+            results += got
+            per_round.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(delta)
+    runs = {
+        label: {rate: median_counters(deltas) for rate, deltas in by_rate.items()}
+        for label, by_rate in per_round.items()
+    }
+    return {
+        "results": results,
+        "runs": runs,
+        "runs_per_round": per_round,
+        "order": [[rate, r, spec.label] for rate, r, spec in runs_in_order],
+        "warmup": warmup,
+        "traces": traces,
+    }
 
 
 def run_ratio_table(summaries: Sequence[PolicySummary], policies: str) -> str:
     """Ratios of the run's first policy to each of the others (a run of variants compares the
-    variants; the default run, lamps to the baselines)."""
+    variants; the default run, lamps to the baselines); with rounds, their median and spread."""
     base, *others = [spec.label for spec in parse_policies(policies)]
     return ratio_table(summaries, base=base, against=others)
 
 
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
     results: list[RequestResult] = outcome["results"]
-    summaries = summarize_all(results, horizon_s=args.duration)
+    summaries = summarize_all(results, horizon_s=args.duration)  # one per round
     config = {
         "command": vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
         "engine": engine,
+        # Per policy and rate: the run's counters (over rounds: each counter's median) ...
         "scheduler_per_run": outcome["runs"],
+        # ... and every round's, in round order.
+        "scheduler_per_round": outcome.get("runs_per_round"),
+        "order": outcome.get("order"),
+        "warmup": outcome.get("warmup"),
         "traces": {f"{rate:g}": trace.info for rate, trace in outcome["traces"].items()},
     }
     machine = {
@@ -235,7 +455,8 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         "processor": platform.processor(),
         "python": platform.python_version(),
     }
-    write_results(args.out, summaries, config, machine)
+    base, *others = [spec.label for spec in parse_policies(args.policies)]
+    write_results(args.out, summaries, config, machine, round_ratios(summaries, base, others))
     write_request_results(args.out, results)
     try:
         plot(args.out, summaries, results)
@@ -264,23 +485,34 @@ def replot(out: Path) -> str:
 def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     import yaml
 
-    from lamps.bench_targets import bench_engine_settings, engine_target
+    from lamps.bench_targets import bench_engine_settings, engine_target, with_policy_variants
 
     policies = parse_policies(args.policies)
     rates = [float(r) for r in args.rate.split(",")]
-    config = yaml.safe_load(args.config.read_text())
+    if args.rounds < 1:
+        raise SystemExit(f"lamps bench: --rounds must be at least 1, got {args.rounds}")
+    # Every policy of the run is a variant the engine builds at start-up; requests name one.
+    config = with_policy_variants(
+        yaml.safe_load(args.config.read_text()),
+        {s.label: {"policy": s.name, "policy_options": s.options or {}} for s in policies},
+    )
     settings = bench_engine_settings(config, project_dir)
     if not settings.model.exists():  # the embedded models are built on first use
         from lamps.model import prepare_models
 
         prepare_models(data_dir)
     engine = settings.model_dump(mode="json")
+    # The trace is read and checked before the engine starts: a bad file fails in a second.
+    counter = model_token_counter(settings.model) if args.trace else None
+    traces = build_traces(args, rates, settings.max_model_len, counter)
+    for note in trace_notes(traces):
+        print(note, flush=True)
 
     if args.engine_only:
 
         async def go() -> dict[str, Any]:
             async with engine_target(settings) as target:
-                return await run_all(target, args, policies, rates, settings.max_model_len)
+                return await run_all(target, args, policies, rates, settings.max_model_len, traces)
 
         outcome = asyncio.run(go())
     else:
@@ -289,7 +521,7 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
 
         with local_stack(config, project_dir, data_dir, log_to_driver=False):
             outcome = asyncio.run(
-                run_all(DeploymentTarget(), args, policies, rates, settings.max_model_len)
+                run_all(DeploymentTarget(), args, policies, rates, settings.max_model_len, traces)
             )
     table = report(args, outcome, engine)
     print(table)

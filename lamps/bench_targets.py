@@ -1,16 +1,23 @@
 """Where `lamps bench` sends its requests: through the real Serve deployment (a local stack from
 a Serve config), or straight into an engine in this process (a GPU machine without Ray).
-Both run the same trace-replay code in front of the same engine and scheduler plugin."""
+Both run the same trace-replay code in front of the same engine and scheduler plugin.
+
+The policies a run compares are the engine's policy variants, written into its config before it
+starts (`with_policy_variants`); a request names its variant by label, nothing more."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import copy
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from deployments.api_models import TraceResponse
 from lamps_core.trace import TraceScript
+from lamps_vllm.config import PolicyVariant, SchedulerPluginConfig
 from lamps_vllm.engine import EngineSettings, start_engine
 from lamps_vllm.trace_replay import run_trace
 from tool_workers.worker import ToolWorker
@@ -18,7 +25,7 @@ from tool_workers.worker import ToolWorker
 
 class ReplayTarget(Protocol):
     async def replay(
-        self, request_id: str, script: TraceScript, policy: str, options: dict[str, Any] | None
+        self, request_id: str, script: TraceScript, variant: str | None
     ) -> TraceResponse: ...
 
     async def reset_prefix_cache(self) -> None: ...
@@ -38,7 +45,7 @@ class EngineTarget:
         self._vocab = self._engine.model_config.get_vocab_size()
 
     async def replay(
-        self, request_id: str, script: TraceScript, policy: str, options: dict[str, Any] | None
+        self, request_id: str, script: TraceScript, variant: str | None
     ) -> TraceResponse:
         outcome = await run_trace(
             self._engine,
@@ -47,8 +54,7 @@ class EngineTarget:
             request_id,
             script,
             self._tools.call,
-            policy=policy,
-            policy_options=options,
+            policy_variant=variant,
         )
         return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 
@@ -73,14 +79,10 @@ class DeploymentTarget:
         self._engine = serve.get_deployment_handle("EngineReplica", app_name)
 
     async def replay(
-        self, request_id: str, script: TraceScript, policy: str, options: dict[str, Any] | None
+        self, request_id: str, script: TraceScript, variant: str | None
     ) -> TraceResponse:
-        request = {
-            "request_id": request_id,
-            "segments": script.segments,
-            "policy": policy,
-            "policy_options": options,
-        }
+        # `request_id` travels as the client's id only; the server gives the request its own.
+        request = {"request_id": request_id, "segments": script.segments, "policy": variant}
         return await self._ingress.replay.remote(request)
 
     async def reset_prefix_cache(self) -> None:
@@ -106,3 +108,26 @@ def bench_engine_settings(config: dict[str, Any], project_dir: Path) -> EngineSe
     model = Path(engine["model"])
     engine["model"] = model if model.is_absolute() else project_dir / model
     return EngineSettings.model_validate(engine)
+
+
+def with_policy_variants(
+    config: dict[str, Any], variants: Mapping[str, PolicyVariant | dict[str, Any]]
+) -> dict[str, Any]:
+    """A copy of a Serve config whose (first) application's engine has `variants` as its policy
+    variants, validated: what a run must set before the engine or the Serve stack starts, since
+    an engine builds its policies at start-up only."""
+    config = copy.deepcopy(config)
+    engine = config["applications"][0]["args"]["engine"]
+    if "scheduler" in engine and engine["scheduler"] is None:
+        raise SystemExit("this config runs vLLM's own scheduler: it has no policies to compare")
+    scheduler = dict(engine.get("scheduler") or {})
+    scheduler["policy_variants"] = {
+        label: v.model_dump() if isinstance(v, PolicyVariant) else dict(v)
+        for label, v in variants.items()
+    }
+    try:
+        SchedulerPluginConfig.model_validate(scheduler)
+    except ValidationError as exc:
+        raise SystemExit(f"policies: {exc}") from None
+    engine["scheduler"] = scheduler
+    return config

@@ -25,6 +25,10 @@ class Strategy(StrEnum):
     PRESERVE = "preserve"  # keep the blocks resident until the call returns
     DISCARD = "discard"  # free them; recompute (or hit the prefix cache) on return
     SWAP = "swap"  # copy them to host memory and back
+    # Keep the blocks while nobody needs the memory; when memory is needed they are given back
+    # (latest-returning call first) to the prefix cache, where the continuation may still find
+    # them: a Discard that costs nothing unless memory runs short.
+    KEEP = "keep"
 
 
 @dataclass(slots=True)
@@ -36,6 +40,7 @@ class EngineView:
     free_blocks: int
     total_blocks: int
     block_size: int
+    running_requests: int = 0
 
 
 @dataclass(slots=True)
@@ -73,6 +78,8 @@ class SchedulingPolicy(ABC):
     # is fixed when it is queued, so the queue never needs re-sorting. A policy may set it per
     # instance from its options.
     rerank_every_steps: int = 0
+    # What a call whose Swap the engine refused (no swap path, host pool full) gets instead.
+    swap_refused_strategy: Strategy = Strategy.DISCARD
 
     @abstractmethod
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
@@ -92,6 +99,22 @@ class SchedulingPolicy(ABC):
         """The engine's costs were measured again; policies that use them keep the new ones."""
         if hasattr(self, "costs"):
             self.costs = costs
+
+    def admission_tokens(self, request: QueuedRequest, engine: EngineView) -> int | None:
+        """The context `request`'s segment is predicted to reach (its peak KV) if admitted now,
+        for admission by predicted memory; None: admit as vLLM does (blocks free now)."""
+        return None
+
+    def admits(self, peak_blocks: int, committed_blocks: int, engine: EngineView) -> bool:
+        """Whether a segment of `peak_blocks` fits beside `committed_blocks` promised to running
+        requests and preserved calls. Asked only when `admission_tokens` gave a peak."""
+        return True
+
+    def on_preemption(self) -> None:  # noqa: B027
+        """A running request was preempted (it outgrew the memory it was admitted with)."""
+
+    def on_keep_outcome(self, evicted: bool) -> None:  # noqa: B027
+        """A kept call's blocks were given back before it returned (`evicted`), or it found them."""
 
     def review_paused(
         self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int

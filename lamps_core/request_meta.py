@@ -49,12 +49,12 @@ class RequestMeta(BaseModel):
     remaining_segments: list[TraceSegment] | None = Field(
         default=None, description="Oracle knowledge from a trace script: this segment and the rest."
     )
-    policy: str | None = Field(
+    policy_variant: str | None = Field(
         default=None,
-        description="Policy that schedules this request, instead of the engine's default: lets "
-        "a benchmark run several policies one after another on one engine.",
+        description="Label of one of the engine's policy variants (built at its start-up from "
+        "its config) to schedule this request instead of its default: lets a benchmark run "
+        "several policies one after another on one engine. An unknown label gets the default.",
     )
-    policy_options: dict[str, Any] | None = Field(default=None, description="Options of `policy`.")
     reprofile: bool = Field(
         default=False,
         description="Start measuring the engine's costs afresh with this request (the engine "

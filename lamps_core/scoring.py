@@ -13,6 +13,7 @@ With `M` the KV bytes per token, `δ` = `costs.decode_step_s` and the prediction
     call_i   = T_i · C'_i · M               Preserve: holds C'_i for the whole call
              = T_fwd(C'_i) · C'_i · M       Discard: holds nothing, then re-prefills C'_i
              = 2 · T_swap(C'_i) · C'_i · M  Swap: holds nothing, pays the copy out and back in
+             = p · T_fwd(C'_i) · C'_i · M   Keep: a re-prefill only if evicted (probability p)
 
     score = Σ_i (decode_i + call_i)
 
@@ -51,13 +52,19 @@ def decode_memory_time(context_tokens: float, decode_tokens: float, costs: Engin
 
 
 def call_memory_time(
-    context_tokens: float, api_s: float, strategy: Strategy, costs: EngineCosts
+    context_tokens: float,
+    api_s: float,
+    strategy: Strategy,
+    costs: EngineCosts,
+    keep_evict_p: float = 1.0,
 ) -> float:
     m = costs.kv_bytes_per_token
     if strategy is Strategy.PRESERVE:
         return api_s * context_tokens * m
     if strategy is Strategy.DISCARD:
         return costs.t_fwd(context_tokens) * context_tokens * m
+    if strategy is Strategy.KEEP:
+        return keep_evict_p * costs.t_fwd(context_tokens) * context_tokens * m
     return 2 * costs.t_swap(context_tokens) * context_tokens * m
 
 
@@ -68,7 +75,9 @@ def score_remaining(
     *,
     other_tokens: int,
     allow_swap: bool = True,
+    keep_evict_p: float | None = None,
 ) -> ScoredPlan:
+    """`keep_evict_p`: offer Keep with this chance of eviction (None: no Keep)."""
     total = 0.0
     next_call: Strategy | None = None
     context = float(context_tokens)
@@ -84,10 +93,13 @@ def score_remaining(
             other_tokens + context,
             costs,
             allow_swap=allow_swap,
+            keep_evict_p=keep_evict_p,
         )
         if index == 0:
             next_call = strategy
-        total += call_memory_time(context, segment.api_s, strategy, costs)
+        total += call_memory_time(
+            context, segment.api_s, strategy, costs, 1.0 if keep_evict_p is None else keep_evict_p
+        )
         context += segment.api_tokens
     return ScoredPlan(total, next_call)
 

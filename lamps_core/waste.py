@@ -8,10 +8,13 @@ the other running requests and `C_batch` those of the whole batch the copy stall
   `n = ceil(C / saturation_tokens)`. The recompute's own memory grows from 0 to C while it runs
   (the 1/2), and each of the `n` chunks stalls the others for one chunk's forward pass.
 - Swap: `W_S = 2 · T_swap(C) · C_batch · M` (out and back in, the batch stalled each way).
+- Keep (ours, for engines with a prefix cache): `W_K = p · W_D`. The blocks stay where they are
+  and are given back only when memory is needed, so the call costs a Discard only if that happens
+  before it returns, with probability `p` (`admission.KeepEvictionEstimate`, learned).
 
-`min_waste_strategy` takes the argmin with ties going to preserve, then swap, then discard: the
-cheaper-to-undo choice first (a preserved request resumes at once, a swapped one needs no
-recompute).
+`min_waste_strategy` takes the argmin with ties going to preserve, then keep, then swap, then
+discard: the cheaper-to-undo choice first (a preserved request resumes at once, a kept one most
+likely, a swapped one needs no recompute).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from lamps_core.costs import EngineCosts
 from lamps_core.policy import Strategy
 
 # The order ties are broken in; `strategy_wastes` yields strategies in it.
-TIE_ORDER: tuple[Strategy, ...] = (Strategy.PRESERVE, Strategy.SWAP, Strategy.DISCARD)
+TIE_ORDER: tuple[Strategy, ...] = (
+    Strategy.PRESERVE,
+    Strategy.KEEP,
+    Strategy.SWAP,
+    Strategy.DISCARD,
+)
 
 
 def preserve_waste(context_tokens: float, api_s: float, costs: EngineCosts) -> float:
@@ -58,12 +66,17 @@ def strategy_wastes(
     costs: EngineCosts,
     *,
     allow_swap: bool = True,
+    keep_evict_p: float | None = None,
 ) -> dict[Strategy, float]:
-    """Waste of every available strategy, in tie order (swap left out when the engine has none)."""
+    """Waste of every available strategy, in tie order. Swap is left out when the engine has
+    none; Keep unless `keep_evict_p` (the chance kept blocks are lost before the call returns)."""
     wastes = {Strategy.PRESERVE: preserve_waste(context_tokens, api_s, costs)}
+    discard = discard_waste(context_tokens, other_tokens, costs)
+    if keep_evict_p is not None:
+        wastes[Strategy.KEEP] = keep_evict_p * discard
     if allow_swap:
         wastes[Strategy.SWAP] = swap_waste(context_tokens, batch_tokens, costs)
-    wastes[Strategy.DISCARD] = discard_waste(context_tokens, other_tokens, costs)
+    wastes[Strategy.DISCARD] = discard
     return wastes
 
 
@@ -86,8 +99,15 @@ def min_waste_strategy(
     costs: EngineCosts,
     *,
     allow_swap: bool = True,
+    keep_evict_p: float | None = None,
 ) -> Strategy:
     wastes = strategy_wastes(
-        context_tokens, api_s, other_tokens, batch_tokens, costs, allow_swap=allow_swap
+        context_tokens,
+        api_s,
+        other_tokens,
+        batch_tokens,
+        costs,
+        allow_swap=allow_swap,
+        keep_evict_p=keep_evict_p,
     )
     return argmin_strategy(wastes)

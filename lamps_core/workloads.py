@@ -12,6 +12,35 @@ break them. The trace file itself therefore stays readable by the artifacts' own
 `read_trace` picks the sidecar up when it exists; without one (an artifact file) the requests have
 no arrival times and `with_poisson_arrivals(trace, rate, seed)` gives them some.
 
+The artifacts' own files are read as they are (`read_trace`'s keywords), with the rules their
+loaders follow (InferCept's `benchmarks/final_tput_bench_real.py`):
+
+- Text instead of counts. A segment may carry `prompt`, `completion` and `api_token` strings
+  instead of (or beside) `prompt_tokens`, `completion_tokens` and `api_token_length`. A number
+  wins where both are given, as in the artifacts. Text is counted with `count_tokens(text)` (the
+  served model's tokenizer, `lamps bench` passes it) or, without one, as
+  ceil(characters / `chars_per_token`), 4.0 by default: the usual figure for English text under
+  GPT- and Llama-style BPE vocabularies, and these traces are English (GSM8K, HotpotQA, ALFWorld,
+  ShareGPT). A counted completion of 0 tokens (empty text) becomes 1: the engine must decode
+  something.
+- Contexts are cumulative. `TraceScript` requires segment i+1's `prompt_tokens` to be prompt_i +
+  completion_i + api_token_length_i. A later segment's `prompt_tokens` is therefore *computed*
+  that way, not read, when the file gives it no number, or when an earlier length of the same
+  request was counted from text or clamped: a later `prompt` text holds the whole context so far,
+  and tokenizing it on its own would disagree with the sum of its parts (token boundaries merge
+  across the seams). The artifacts do the same: they use only the first segment's prompt length
+  and grow the context by what is decoded and returned. A request given in numbers only must
+  add up, as before.
+- `api_token_length < 0` (seen in the artifacts' files) is clamped to 0 and counted.
+- A call on the last segment: `last_call="drop"` (default) removes its call fields, so the
+  request ends there; `"run"` keeps the call and appends a segment decoding 1 token after it, as
+  the artifacts do (they resume a request whose segments ran out with one more step). A call of
+  0 s returning 0 tokens is no call to the artifacts, so it is dropped in either mode.
+
+What was converted, computed, clamped and dropped is in `Trace.info["reader"]`.
+`sample_requests` takes the first n requests in file order or after a seeded shuffle, and
+`with_time_scale` multiplies every call's duration (`lamps bench --sample`, `--time-scale`).
+
 Generators
 ----------
 Every generator takes `(n, rate, seed, *, scale=1.0, time_scale=None, max_context=None)`, draws
@@ -56,16 +85,27 @@ import json
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeGuard
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lamps_core.trace import MAX_API_TIME_S, TraceScript, TraceSegment
 
 SIDECAR_FORMAT = "lamps-trace-sidecar/1"
+# Characters per token when a trace's text is counted without a tokenizer (see the module doc).
+CHARS_PER_TOKEN = 4.0
+LastCall = Literal["drop", "run"]
+Sample = Literal["inorder", "shuffle"]
+# The artifacts' text fields, and the count each one stands for.
+_TEXT_FIELDS = {
+    "prompt": "prompt_tokens",
+    "completion": "completion_tokens",
+    "api_token": "api_token_length",
+}
+_CALL_FIELDS = ("api_time", "api_token_length", "api_type")
 DECODE_GAMMA_SHAPE = 2.0
 UNIFORM_HALF_WIDTH = 0.5
 
@@ -195,29 +235,138 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def _parse_request(where: str, request_id: str, raw: object) -> TraceScript:
-    if not isinstance(raw, list) or not raw:
-        raise TraceFormatError(
-            f"{where}: request {request_id!r}: expected a non-empty list of segments, "
-            f"got {type(raw).__name__}"
-        )
-    segments = []
-    for i, seg in enumerate(raw):
-        if not isinstance(seg, dict):
+@dataclass
+class ReadStats:
+    """What `read_trace` changed to make an artifact file a valid trace (`Trace.info["reader"]`)."""
+
+    counted_with: str = "numbers only"
+    from_text: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_TEXT_FIELDS, 0))
+    completion_raised_to_1: int = 0
+    prompts_computed: int = 0
+    api_token_length_clamped: int = 0
+    last_calls_dropped: int = 0
+    last_calls_run: int = 0
+
+    def as_info(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def changed(self) -> bool:
+        return self != ReadStats()
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class _Reader:
+    """Turns one request's raw segments into `TraceSegment`s, by the module doc's rules."""
+
+    where: str
+    count_tokens: Callable[[str], int] | None
+    chars_per_token: float
+    last_call: LastCall
+    stats: ReadStats
+
+    def count(self, text: str) -> int:
+        if self.count_tokens is not None:
+            return self.count_tokens(text)
+        return math.ceil(len(text) / self.chars_per_token)
+
+    def fail(self, request_id: str, index: int | None, message: str) -> TraceFormatError:
+        at = f"request {request_id!r}" + ("" if index is None else f", segment {index}")
+        return TraceFormatError(f"{self.where}: {at}: {message}")
+
+    def lengths(self, request_id: str, index: int, seg: dict[str, Any]) -> tuple[dict, bool]:
+        """The segment with every text replaced by its count; True when a count came from text
+        or was clamped (later contexts of the request are then computed, not read).
+
+        A later segment's `prompt` text is dropped uncounted: its context is computed."""
+        out = dict(seg)
+        derived = False
+        for text_key, count_key in _TEXT_FIELDS.items():
+            if text_key not in out:
+                continue
+            text = out.pop(text_key)
+            if not isinstance(text, str):
+                raise self.fail(request_id, index, f"{text_key} must be a string")
+            if count_key in out or (text_key == "prompt" and index > 0):
+                continue  # a number given beside the text wins, as in the artifacts
+            out[count_key] = self.count(text)
+            self.stats.from_text[text_key] += 1
+            derived = True
+            if count_key == "completion_tokens" and out[count_key] < 1:
+                out[count_key] = 1
+                self.stats.completion_raised_to_1 += 1
+        returned = out.get("api_token_length")
+        if _is_int(returned) and returned < 0:
+            out["api_token_length"] = 0
+            self.stats.api_token_length_clamped += 1
+            derived = True
+        return out, derived
+
+    def end_last_call(self, segments: list[dict[str, Any]]) -> None:
+        """Apply `last_call` to a last segment that calls an API (see the module doc)."""
+        last = segments[-1]
+        if not any(key in last for key in ("api_time", "api_token_length")):
+            return
+        empty = not last.get("api_time") and not last.get("api_token_length")
+        if self.last_call == "drop" or empty:
+            for key in _CALL_FIELDS:
+                last.pop(key, None)
+            self.stats.last_calls_dropped += 1
+            return
+        segments.append({"completion_tokens": 1})
+        self.stats.last_calls_run += 1
+
+    def request(self, request_id: str, raw: object) -> TraceScript:
+        """One request of the file, as a valid script (or a `TraceFormatError`)."""
+        if not isinstance(raw, list) or not raw:
             raise TraceFormatError(
-                f"{where}: request {request_id!r}, segment {i}: expected an object, "
-                f"got {type(seg).__name__}"
+                f"{self.where}: request {request_id!r}: expected a non-empty list of segments, "
+                f"got {type(raw).__name__}"
             )
+        segments: list[dict[str, Any]] = []
+        derived = False
+        for i, seg in enumerate(raw):
+            if not isinstance(seg, dict):
+                raise self.fail(request_id, i, f"expected an object, got {type(seg).__name__}")
+            lengths, from_text = self.lengths(request_id, i, seg)
+            if i > 0 and (derived or "prompt_tokens" not in lengths):
+                lengths.pop("prompt_tokens", None)  # filled in by `cumulative`
+            segments.append(lengths)
+            derived = derived or from_text
+        self.end_last_call(segments)
+        return self.validate(request_id, self.cumulative(segments))
+
+    def cumulative(self, segments: list[dict[str, Any]]) -> list[dict]:
+        """Fill in each later segment's missing `prompt_tokens` from the one before it. Where
+        that one's lengths are not numbers the gap stays, and validation names the problem."""
+        for i in range(1, len(segments)):
+            before = segments[i - 1]
+            parts = [
+                before.get("prompt_tokens"),
+                before.get("completion_tokens"),
+                before.get("api_token_length") or 0,
+            ]
+            if "prompt_tokens" in segments[i] or not all(_is_int(x) for x in parts):
+                continue
+            segments[i] = {"prompt_tokens": sum(parts), **segments[i]}
+            self.stats.prompts_computed += 1
+        return segments
+
+    def validate(self, request_id: str, segments: list[dict[str, Any]]) -> TraceScript:
+        parsed = []
+        for i, seg in enumerate(segments):
+            try:
+                parsed.append(TraceSegment.model_validate(seg))
+            except ValidationError as exc:
+                raise self.fail(request_id, i, _errors(exc)) from exc
         try:
-            segments.append(TraceSegment.model_validate(seg))
-        except ValidationError as exc:
-            raise TraceFormatError(
-                f"{where}: request {request_id!r}, segment {i}: {_errors(exc)}"
-            ) from exc
-    try:
-        return TraceScript(segments=segments)
-    except ValidationError as exc:  # the arithmetic between segments; the message names them
-        raise TraceFormatError(f"{where}: request {request_id!r}: {_errors(exc)}") from exc
+            return TraceScript(segments=parsed)
+        except ValidationError as exc:  # the arithmetic between segments; the message names them
+            raise self.fail(request_id, None, _errors(exc)) from exc
 
 
 def _load_json(path: Path) -> object:
@@ -255,18 +404,38 @@ def _read_sidecar(path: Path, ids: Sequence[str]) -> tuple[dict[str, float] | No
     return out, info
 
 
-def read_trace(path: str | Path, *, sidecar: bool = True) -> Trace:
+def read_trace(
+    path: str | Path,
+    *,
+    sidecar: bool = True,
+    count_tokens: Callable[[str], int] | None = None,
+    chars_per_token: float = CHARS_PER_TOKEN,
+    last_call: LastCall = "drop",
+) -> Trace:
     """Load and validate a trace file (and its sidecar, unless `sidecar=False`).
 
+    Artifact files are taken as they are (text segments, a call on the last segment, negative
+    returned lengths): the module doc gives the rules, `Trace.info["reader"]` (a `ReadStats`,
+    present when something was changed) what they changed.
     Raises `TraceFormatError` naming the file, request id and segment index of the first problem.
     """
+    if not chars_per_token > 0 or math.isinf(chars_per_token):
+        raise ValueError(f"chars_per_token must be a positive number, got {chars_per_token}")
+    if last_call not in ("drop", "run"):
+        raise ValueError(f"last_call must be 'drop' or 'run', got {last_call!r}")
     path = Path(path)
     data = _load_json(path)
     if not isinstance(data, dict) or not data:
         raise TraceFormatError(
             f"{path}: expected a non-empty JSON object of request id -> segments"
         )
-    scripts = {str(rid): _parse_request(str(path), str(rid), raw) for rid, raw in data.items()}
+    stats = ReadStats()
+    reader = _Reader(str(path), count_tokens, chars_per_token, last_call, stats)
+    scripts = {str(rid): reader.request(str(rid), raw) for rid, raw in data.items()}
+    if any(stats.from_text.values()):
+        stats.counted_with = (
+            "tokenizer" if count_tokens else f"{chars_per_token:g} characters per token"
+        )
     arrivals, info = _read_sidecar(path, list(scripts)) if sidecar else (None, {})
     requests = [
         TraceRequest(
@@ -276,7 +445,67 @@ def read_trace(path: str | Path, *, sidecar: bool = True) -> Trace:
         )
         for rid, script in scripts.items()
     ]
-    return Trace(requests=requests, info=info)
+    # A file that needed nothing keeps its info as written (a round trip gives the same trace).
+    changes = {"reader": stats.as_info()} if stats.changed else {}
+    return Trace(requests=requests, info={**info, **changes})
+
+
+def sample_requests(trace: Trace, n: int, how: Sample = "inorder", seed: int = 0) -> Trace:
+    """The first `n` requests of `trace` (all of them if it has fewer): in file order, or after a
+    shuffle seeded by `seed` (its own stream, so arrivals drawn from the same seed don't move).
+
+    A shuffled trace with arrival times keeps the file's first `n` arrival times in order: the
+    load is the file's, only which request arrives when changes."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if how not in ("inorder", "shuffle"):
+        raise ValueError(f"how must be 'inorder' or 'shuffle', got {how!r}")
+    picked = list(trace.requests)
+    if how == "shuffle":
+        random.Random(f"sample:{seed}").shuffle(picked)
+    picked = picked[:n]
+    if how == "shuffle" and trace.has_arrivals:
+        times = [req.arrival_time for req in trace.requests[: len(picked)]]
+        picked = [
+            req.model_copy(update={"arrival_time": t}) for req, t in zip(picked, times, strict=True)
+        ]
+    sample = {"how": how, "seed": seed if how == "shuffle" else None, "n": len(picked)}
+    info = {**trace.info, "sample": sample, "file_requests": len(trace)}
+    return Trace(requests=picked, info=info)
+
+
+def with_time_scale(trace: Trace, factor: float) -> Trace:
+    """The same requests with every API call's duration multiplied by `factor`."""
+    if not factor >= 0 or math.isinf(factor):
+        raise ValueError(f"time scale must be >= 0, got {factor}")
+    longest = max(trace.requests, key=lambda req: max(_api_times(req.script)))
+    if max(_api_times(longest.script)) * factor > MAX_API_TIME_S:
+        raise ValueError(
+            f"time scale {factor:g}: request {longest.request_id!r} would have a call longer "
+            f"than {MAX_API_TIME_S:g} s"
+        )
+
+    def scaled(script: TraceScript) -> TraceScript:
+        return TraceScript(
+            segments=[
+                seg
+                if seg.api_time is None
+                else seg.model_copy(update={"api_time": seg.api_time * factor})
+                for seg in script.segments
+            ]
+        )
+
+    requests = [req.model_copy(update={"script": scaled(req.script)}) for req in trace.requests]
+    return Trace(requests=requests, info={**trace.info, "time_scale": factor})
+
+
+def _api_times(script: TraceScript) -> list[float]:
+    return [seg.api_time or 0.0 for seg in script.segments]
+
+
+def over_length(trace: Trace, max_model_len: int) -> list[TraceRequest]:
+    """The requests whose final context exceeds `max_model_len` (the engine would refuse them)."""
+    return [req for req in trace.requests if req.script.total_tokens > max_model_len]
 
 
 # --------------------------------------------------------------------------------------------

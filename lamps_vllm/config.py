@@ -3,13 +3,49 @@ runs in vLLM's engine-core process, which policy to run (`VllmConfig.additional_
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lamps_core.policies import POLICY_NAMES
+from lamps_core.costs import EngineCosts
+from lamps_core.policies import POLICY_NAMES, make_policy
 
 ADDITIONAL_CONFIG_KEY = "lamps"
+# Variants are built at engine start-up and each is consulted on every finished request: a
+# handful (a benchmark's policies) is what they are for.
+MAX_POLICY_VARIANTS = 16
+VARIANT_LABEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Stand-ins for the engine's measured costs, only to see that a policy's options build; the
+# scheduler builds the real objects with the costs it measures.
+_TRIAL_COSTS = EngineCosts(
+    kv_bytes_per_token=1,
+    fwd_intercept_s=0.01,
+    fwd_slope_s=1e-4,
+    swap_slope_s=1e-9,
+    decode_step_s=0.02,
+)
+
+
+def check_policy(name: str, options: dict[str, Any]) -> None:
+    """Raise ValueError unless policy `name` builds with `options` (names, types and values),
+    so a bad config fails where it is read, not in the engine-core process."""
+    make_policy(name, costs=_TRIAL_COSTS, **options)
+
+
+class PolicyVariant(BaseModel):
+    """A policy, with its options, that requests may name by label (`RequestMeta.policy_variant`):
+    how a benchmark runs several policies one after another on one engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: str = Field(description=f"One of {', '.join(POLICY_NAMES)}.")
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _builds(self) -> PolicyVariant:
+        check_policy(self.policy, self.policy_options)
+        return self
 
 
 class SchedulerPluginConfig(BaseModel):
@@ -17,6 +53,11 @@ class SchedulerPluginConfig(BaseModel):
 
     policy: str = Field(default="lamps", description=f"One of {', '.join(POLICY_NAMES)}.")
     policy_options: dict[str, Any] = Field(default_factory=dict)
+    policy_variants: dict[str, PolicyVariant] = Field(
+        default_factory=dict,
+        description="Policies requests may choose by label, all built at start-up; none: every "
+        "request runs `policy` (requests cannot choose).",
+    )
     swap_bytes_per_s: float | None = Field(
         default=None,
         gt=0,
@@ -26,6 +67,26 @@ class SchedulerPluginConfig(BaseModel):
     max_preserve_s: float = Field(
         default=600.0, gt=0, description="Longest a paused request's KV cache is held for it."
     )
+
+    @model_validator(mode="after")
+    def _default_builds(self) -> SchedulerPluginConfig:
+        check_policy(self.policy, self.policy_options)
+        return self
+
+    @field_validator("policy_variants", mode="before")
+    @classmethod
+    def _bounded_variants(cls, variants: Any) -> Any:
+        # Before the variants are built: a config with thousands is refused without building any.
+        if not isinstance(variants, dict):
+            return variants  # pydantic's own error says what was expected
+        if len(variants) > MAX_POLICY_VARIANTS:
+            raise ValueError(f"at most {MAX_POLICY_VARIANTS} policy variants, got {len(variants)}")
+        for label in variants:
+            if not isinstance(label, str) or not VARIANT_LABEL.fullmatch(label):
+                raise ValueError(
+                    f"policy variant label {label!r} must be 1-64 characters of A-Z a-z 0-9 _ . -"
+                )
+        return variants
 
     def to_additional_config(self) -> dict[str, Any]:
         return {ADDITIONAL_CONFIG_KEY: self.model_dump()}

@@ -8,14 +8,23 @@ request's blocks:
 - Preserve: not freed; the request's block table is kept under its engine id until the next
   segment of the same augmented request has been scheduled (and has taken those blocks from the
   prefix cache), or until the policy demotes the call to free memory.
+- Keep: held like Preserve, but promised to nobody: admission does not count the blocks, and
+  when memory is needed the policy gives them back first (to the prefix cache, where the
+  continuation may still find them).
+Admission: a waiting segment whose policy predicts its peak context (`admission_tokens`) gets
+blocks only if the policy `admits` it beside the blocks promised to running segments (their
+predicted peaks) and to preserved calls. It is gated where vLLM allocates a waiting request's
+slots, so a refusal looks to vLLM like a full cache: it stops admitting for this step.
+Every policy call runs behind a guard: a policy that raises is logged and counted, and the step
+goes on with first-come-first-served order and Discard, never taking the engine down.
 `LampsScheduler` is for engines without async scheduling (the CPU backend); `LampsAsyncScheduler`
 for GPUs, where subclassing the synchronous scheduler would turn async scheduling off.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -28,6 +37,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from lamps_core.admission import blocks_for
 from lamps_core.policies import make_policy, policy_options
 from lamps_core.policy import (
     EngineView,
@@ -51,6 +61,11 @@ _SEGMENT_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CA
 CALL_END_STOP_REASON = "tool_call"
 STATS_KEY = "lamps"  # our statistics ride in SchedulerStats.kv_connector_stats under this key
 _STALE_CHECK_STEPS = 1000  # how often swapped-out KV caches nobody came back for are looked for
+_HELD = (Strategy.PRESERVE, Strategy.KEEP)  # strategies whose blocks the plugin holds
+# Statuses of a request vLLM is about to start (or restart) from the waiting queue.
+_ADMITTING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+# The default policy's key among `_policies`: outside the variant label alphabet, so no clash.
+_DEFAULT_POLICY_KEY = "(default)"
 
 
 @dataclass(slots=True)
@@ -65,7 +80,7 @@ class _Tracked:
 
 @dataclass(slots=True)
 class _Paused:
-    """A request paused in an API call whose KV blocks the plugin holds (Preserve)."""
+    """A request paused in an API call whose KV blocks the plugin holds (Preserve or Keep)."""
 
     request: Request  # the finished segment: its engine id still owns the blocks
     call: PausedCall
@@ -102,7 +117,13 @@ class LampsScheduler(Scheduler):
         self._last_output_at = 0.0
         self._policies: dict[str, SchedulingPolicy] = {}
         self._rerank_every = 0  # steps between re-ranks, kept by `_policy`
-        self.lamps_policy = self._policy(self.lamps_config.policy, self.lamps_config.policy_options)
+        # Every policy this engine runs is built here, once: a request can only name one of
+        # them (`RequestMeta.policy_variant`), never have one made for it.
+        self.lamps_policy = self._policy(
+            _DEFAULT_POLICY_KEY, self.lamps_config.policy, self.lamps_config.policy_options
+        )
+        for label, variant in self.lamps_config.policy_variants.items():
+            self._policy(label, variant.policy, variant.policy_options)
         self._tracked: dict[str, _Tracked] = {}
         self._preserved: dict[str, _Paused] = {}  # by augmented request id
         self._pausing: tuple[PausedCall, Strategy] | None = None  # set during _free_request
@@ -111,49 +132,72 @@ class LampsScheduler(Scheduler):
         self.lamps_counts: Counter[str] = Counter()
         self.waiting = PolicyRequestQueue(self._priority, self._engine_view)
         self.skipped_waiting = PolicyRequestQueue(self._priority, self._engine_view)
+        # Admission: predicted peak context (tokens) of each admitted engine request, and the
+        # blocks promised this step (None: not yet counted in this step).
+        self._peaks: dict[str, int] = {}
+        self._committed_blocks: int | None = None
+        self._allocate_slots = self.kv_cache_manager.allocate_slots
+        self.kv_cache_manager.allocate_slots = self._gated_allocate_slots  # type: ignore[method-assign]
         logger.info("LAMPS scheduler running policy %r", self.lamps_config.policy)
 
     # ---- policies ----
 
-    def _policy(self, name: str, options: dict[str, Any]) -> SchedulingPolicy:
-        key = json.dumps([name, options], sort_keys=True)
-        if key not in self._policies:
-            if "swap" in policy_options(name) and not self._can_swap():
-                options = {**options, "swap": False}  # no swap path in this engine
-            policy = make_policy(name, costs=self.lamps_profiler.costs, **options)
-            policy.update_api_estimates(self._api_estimates)
-            self._policies[key] = policy
-            # The most frequent re-rank any policy in use asks for; 0 is "never", not "most often".
-            self._rerank_every = min(
-                (p.rerank_every_steps for p in self._policies.values() if p.rerank_every_steps),
-                default=0,
-            )
-        return self._policies[key]
+    def _policy(self, key: str, name: str, options: dict[str, Any]) -> SchedulingPolicy:
+        """Build policy `name` and keep it under `key` (start-up only)."""
+        if "swap" in policy_options(name) and not self._can_swap():
+            options = {**options, "swap": False}  # no swap path in this engine
+        policy = make_policy(name, costs=self.lamps_profiler.costs, **options)
+        policy.update_api_estimates(self._api_estimates)
+        self._policies[key] = policy
+        # The most frequent re-rank any policy in use asks for; 0 is "never", not "most often".
+        self._rerank_every = min(
+            (p.rerank_every_steps for p in self._policies.values() if p.rerank_every_steps),
+            default=0,
+        )
+        return policy
 
     def _can_swap(self) -> bool:
         return isinstance(self.connector, LampsSwapConnector)
 
     def _policy_for(self, meta: RequestMeta | None) -> SchedulingPolicy:
-        """The request's own policy if it names one (a benchmark switching policies on one
-        engine), else the engine's."""
-        if meta is None or meta.policy is None:
+        """The policy variant the request names (a benchmark switching policies on one engine),
+        else the engine's default."""
+        if meta is None or meta.policy_variant is None:
             return self.lamps_policy
-        key = json.dumps([meta.policy, meta.policy_options or {}], sort_keys=True)
-        if key not in self._policies:
-            try:
-                self._policy(meta.policy, meta.policy_options or {})
-            except ValueError as exc:
-                # The serving layer validates policies; a request that still names a bad one
-                # must not take the engine down with it. Remembered, so logged once.
+        policy = self._policies.get(meta.policy_variant)
+        if policy is None or meta.policy_variant == _DEFAULT_POLICY_KEY:
+            # The serving layer refuses unknown labels; one that still arrives gets the default
+            # rather than an error in the engine core. Counted per lookup, logged the first time.
+            self.lamps_counts["unknown_policy_variant"] += 1
+            if self.lamps_counts["unknown_policy_variant"] == 1:
                 logger.warning(
-                    "policy %r refused (%s); using %r", meta.policy, exc, self.lamps_config.policy
+                    "unknown policy variant %r; using %r (variants: %s)",
+                    meta.policy_variant[:64],
+                    self.lamps_config.policy,
+                    ", ".join(self.lamps_config.policy_variants) or "none",
                 )
-                self._policies[key] = self.lamps_policy
-        return self._policies[key]
+            return self.lamps_policy
+        return policy
 
     def _priority(self, request: Request, engine: EngineView) -> Priority:
         view = self._queued_view(request)
-        return self._policy_for(view.meta).priority(view, engine)
+        try:
+            return self._policy_for(view.meta).priority(view, engine)
+        except Exception:
+            self._policy_failed("priority")
+            # After every ranked request (their first element is a small rank), oldest first.
+            return (math.inf, view.arrival_time, view.engine_request_id)
+
+    def _policy_failed(self, what: str) -> None:
+        """A policy raised: logged (with the traceback, once per kind) and counted; the caller
+        falls back to vLLM's behaviour for this decision."""
+        first = not self.lamps_counts[f"policy_errors_{what}"]
+        self.lamps_counts["policy_errors"] += 1
+        self.lamps_counts[f"policy_errors_{what}"] += 1
+        if first:
+            logger.exception("scheduling policy failed in %s; falling back for this step", what)
+        else:
+            logger.warning("scheduling policy failed in %s again; falling back", what)
 
     # ---- engine costs, measured on the steps this scheduler runs ----
 
@@ -194,6 +238,7 @@ class LampsScheduler(Scheduler):
             free_blocks=pool.get_num_free_blocks(),
             total_blocks=pool.num_gpu_blocks - 1,  # less vLLM's null block
             block_size=self.block_size,
+            running_requests=len(self.running),
         )
 
     def _track(self, request: Request) -> _Tracked:
@@ -228,11 +273,15 @@ class LampsScheduler(Scheduler):
         if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
             self._api_estimates = dict(meta.api_estimates)
             for policy in self._policies.values():
-                policy.update_api_estimates(self._api_estimates)
+                try:
+                    policy.update_api_estimates(self._api_estimates)
+                except Exception:  # estimates a policy cannot use: it keeps its last ones
+                    self._policy_failed("update_api_estimates")
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._steps += 1
+        self._committed_blocks = None
         every = self._rerank_every
         if every and self._steps % every == 0:
             view = self._engine_view()
@@ -270,7 +319,60 @@ class LampsScheduler(Scheduler):
         if tracked is not None:
             tracked.queued_at = time.time()
             tracked.scheduling_steps_at_queue = self._scheduling_steps
+        if self._peaks.pop(request.request_id, None) is not None:
+            # It outgrew what it was admitted with (or others did): admission was too generous.
+            self._committed_blocks = None
+            try:
+                self._policy_for(tracked.meta if tracked else None).on_preemption()
+            except Exception:
+                self._policy_failed("on_preemption")
         super()._preempt_request(request, *args, **kwargs)
+
+    # ---- admission by predicted memory ----
+
+    def _gated_allocate_slots(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        """vLLM's `allocate_slots`, asked first whether a waiting request may start: None (what
+        a full cache returns) makes vLLM stop admitting for this step."""
+        if request.status in _ADMITTING and not self._admit(request):
+            return None
+        return self._allocate_slots(request, *args, **kwargs)
+
+    def _admit(self, request: Request) -> bool:
+        view = self._queued_view(request)
+        policy = self._policy_for(view.meta)
+        engine = self._engine_view()
+        try:
+            peak = policy.admission_tokens(view, engine)
+            if peak is None:
+                return True
+            peak_blocks = blocks_for(peak, self.block_size)
+            committed = self._promised_blocks()
+            if not policy.admits(peak_blocks, committed, engine):
+                self.lamps_counts["admission_refused"] += 1
+                return False
+        except Exception:
+            self._policy_failed("admission")
+            return True
+        self._peaks[request.request_id] = peak
+        self._committed_blocks = committed + peak_blocks
+        return True
+
+    def _promised_blocks(self) -> int:
+        """Blocks promised to running segments (their predicted peak, or what they hold if they
+        have outgrown it or had no prediction) and to preserved calls; kept calls promise none.
+        Counted once a step, then kept up to date as requests are admitted."""
+        if self._committed_blocks is None:
+            bs, peaks = self.block_size, self._peaks
+            running = sum(
+                blocks_for(max(r.num_tokens, peaks.get(r.request_id, 0)), bs) for r in self.running
+            )
+            held = sum(
+                p.num_blocks
+                for p in self._preserved.values()
+                if p.call.strategy is Strategy.PRESERVE
+            )
+            self._committed_blocks = running + held
+        return self._committed_blocks
 
     def _blocks_needed(self) -> int:
         """Blocks short of letting every running request grow a block and the head of the
@@ -296,15 +398,20 @@ class LampsScheduler(Scheduler):
             policy = self._policy_for(paused.call.meta)
             by_policy.setdefault(id(policy), (policy, []))[1].append(paused.call)
         engine, needed = self._engine_view(), self._blocks_needed()
-        decisions = [
-            decision
-            for policy, calls in by_policy.values()
-            for decision in policy.review_paused(calls, engine, needed)
-        ]
+        decisions = []
+        for policy, calls in by_policy.values():
+            try:
+                decisions += policy.review_paused(calls, engine, needed)
+            except Exception:
+                self._policy_failed("review_paused")
+                decisions += [(call, Strategy.DISCARD) for call in calls]
         for call, strategy in decisions:
-            if strategy is Strategy.PRESERVE or call.meta is None:
+            if strategy in (Strategy.PRESERVE, Strategy.KEEP) or call.meta is None:
                 continue
-            if strategy is Strategy.SWAP and self._swap_out_preserved(call.meta.request_id):
+            if call.strategy is Strategy.KEEP:
+                self.lamps_counts["kept_given_back"] += 1
+                self._release(call.meta.request_id, reason="given back")
+            elif strategy is Strategy.SWAP and self._swap_out_preserved(call.meta.request_id):
                 self.lamps_counts["demoted_to_swap"] += 1
             else:
                 self.lamps_counts["demoted_to_discard"] += 1
@@ -345,7 +452,17 @@ class LampsScheduler(Scheduler):
         self._account_held_memory()
         paused = self._preserved.pop(logical_id)
         self._free_request_blocks(paused.request)
-        self.lamps_counts[f"preserve_released_{reason.split()[0]}"] += 1
+        self._committed_blocks = None
+        call = paused.call
+        if call.strategy is Strategy.KEEP:
+            self.lamps_counts[f"keep_released_{reason.split()[0]}"] += 1
+            if reason in ("resumed", "given back"):
+                try:  # the outcome the policy's eviction estimate learns from
+                    self._policy_for(call.meta).on_keep_outcome(evicted=reason != "resumed")
+                except Exception:
+                    self._policy_failed("on_keep_outcome")
+        else:
+            self.lamps_counts[f"preserve_released_{reason.split()[0]}"] += 1
 
     # ---- segment ends ----
 
@@ -374,6 +491,8 @@ class LampsScheduler(Scheduler):
             self._pausing = None
 
     def _pause_strategy(self, request: Request) -> tuple[PausedCall, Strategy] | None:
+        if self._peaks.pop(request.request_id, None) is not None:
+            self._committed_blocks = None
         tracked = self._tracked.pop(request.request_id, None)
         meta = tracked.meta if tracked else None
         for policy in self._policies.values():
@@ -389,17 +508,22 @@ class LampsScheduler(Scheduler):
             strategy=Strategy.DISCARD,
             meta=meta,
         )
-        strategy = self._policy_for(meta).strategy_for_call(call, self._engine_view())
+        policy = self._policy_for(meta)
+        try:
+            strategy = policy.strategy_for_call(call, self._engine_view())
+        except Exception:
+            self._policy_failed("strategy_for_call")
+            strategy = Strategy.DISCARD
         if strategy is Strategy.SWAP and not (
             self._can_swap()
             and self.connector.mark_for_swap(
                 request.request_id, meta.request_id, request.num_tokens
             )
         ):
-            # No swap path, or the host pool is full: the blocks are freed (Discard).
+            # No swap path, or the host pool is full: what the policy says instead.
             self.lamps_counts["swap_refused"] += 1
-            strategy = Strategy.DISCARD
-        if strategy is Strategy.PRESERVE and not self.cache_config.enable_prefix_caching:
+            strategy = policy.swap_refused_strategy
+        if strategy in _HELD and not self.cache_config.enable_prefix_caching:
             # The continuation finds preserved blocks only through the prefix cache.
             strategy = Strategy.DISCARD
         call.strategy = strategy
@@ -408,16 +532,21 @@ class LampsScheduler(Scheduler):
 
     def _free_blocks(self, request: Request) -> None:
         pausing = self._pausing
-        if pausing is None or pausing[1] is not Strategy.PRESERVE:
+        if pausing is None or pausing[1] not in _HELD:
             super()._free_blocks(request)
             return
         call, _ = pausing
         assert call.meta is not None
+        if call.meta.request_id in self._preserved:
+            # A hold under the same augmented id is a continuation that never came: free it
+            # rather than lose track of its blocks.
+            self._release(call.meta.request_id, reason="replaced")
         # Keep the block table: only the request object leaves the scheduler.
         del self.requests[request.request_id]
         blocks = self.kv_cache_manager.get_block_ids(request.request_id)
         self._account_held_memory()
         self._preserved[call.meta.request_id] = _Paused(request, call, sum(len(g) for g in blocks))
+        self._committed_blocks = None
 
     def _account_held_memory(self) -> None:
         """Integrate the blocks held for paused requests over time, up to now: the memory
@@ -439,6 +568,9 @@ class LampsScheduler(Scheduler):
                 "costs": self.lamps_profiler.costs.to_dict(),
                 "preserved_requests": len(self._preserved),
                 "preserved_blocks": sum(p.num_blocks for p in self._preserved.values()),
+                "kept_requests": sum(
+                    1 for p in self._preserved.values() if p.call.strategy is Strategy.KEEP
+                ),
                 "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
             }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -21,6 +20,7 @@ from lamps_core.request_meta import RequestMeta
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import CallTool
 from lamps_vllm.errors import PromptTooLongError
+from tool_workers.simulated_api import SIMULATED_API_TYPES
 from tool_workers.tools import ToolResult
 
 # Filler ids stay clear of the low ids where tokenizers keep their special tokens.
@@ -63,6 +63,13 @@ def check_fits(script: TraceScript, max_model_len: int) -> None:
         )
 
 
+def record_name(api_type: str | None) -> str | None:
+    """The name a simulated call of `api_type` is recorded under: the simulated type itself,
+    else (none, or a real tool's name) the tool that ran, `simulated_api`, so that a script's
+    made-up durations never become a real tool's learned estimate."""
+    return api_type if api_type in SIMULATED_API_TYPES else None
+
+
 def filler_ids(count: int, vocab_size: int, rng: random.Random) -> list[int]:
     return [rng.randrange(_FIRST_FILLER_ID, vocab_size) for _ in range(count)]
 
@@ -75,11 +82,11 @@ async def run_trace(
     script: TraceScript,
     call_tool: CallTool,
     arrival_time: float | None = None,
-    policy: str | None = None,
-    policy_options: dict[str, Any] | None = None,
+    policy_variant: str | None = None,
     api_estimates: dict[str, float] | None = None,
 ) -> TraceOutcome:
-    """Run `script` as one augmented request; `policy` overrides the engine's for it."""
+    """Run `script` as one augmented request; `policy_variant` names one of the engine's policy
+    variants to schedule it (the engine's default policy when None)."""
     check_fits(script, max_model_len)
     arrival = arrival_time if arrival_time is not None else time.time()
     # Seeded by the request id: distinct requests get distinct prompts (no accidental prefix
@@ -100,8 +107,7 @@ async def run_trace(
             remaining_segments=script.segments[index:],
             api_type=seg.api_type,
             api_estimates=api_estimates,
-            policy=policy,
-            policy_options=policy_options,
+            policy_variant=policy_variant,
         )
         params = SamplingParams(
             max_tokens=seg.completion_tokens,
@@ -129,7 +135,7 @@ async def run_trace(
             api_result = await call_tool(
                 "simulated_api",
                 {"duration_s": seg.api_time, "return_tokens": seg.api_token_length},
-                seg.api_type,
+                record_name(seg.api_type),
             )
             context = context + token_ids + filler_ids(seg.api_token_length or 0, vocab_size, rng)
         records.append(

@@ -13,12 +13,17 @@ import pytest
 from lamps.local_stack import RunningStack, load_serve_config, local_stack
 from lamps.model import PreparedModels, prepare_models
 from lamps.redis_server import RedisServer, free_port
-from tests.engine_harness import EngineHarness, tiny_settings
+from tests.engine_harness import HARNESS_VARIANTS, EngineHarness, tiny_settings
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("LAMPS_DATA_DIR", PROJECT_DIR / "data"))
 SERVE_CONFIG = PROJECT_DIR / "cluster" / "serve-cpu.yaml"
 MODEL = "smollm2-135m"
+STACK_VARIANTS = {
+    "lamps": {"policy": "lamps"},
+    "vllm": {"policy": "vllm"},
+    "preserve": {"policy": "fixed", "policy_options": {"strategy": "preserve"}},
+}
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +48,9 @@ def stack(prepared_models: PreparedModels) -> Iterator[RunningStack]:
     app["args"]["max_tool_calls_limit"] = 8
     # Small enough that the context-limit tests need no giant prompts.
     app["args"]["engine"]["max_model_len"] = 2048
+    # Policies a trace request may name (the bench smoke test's, and one that holds KV
+    # through a call), as `lamps bench` sets them before it starts a stack.
+    app["args"]["engine"]["scheduler"]["policy_variants"] = STACK_VARIANTS
     with local_stack(config, PROJECT_DIR, DATA_DIR, log_to_driver=False) as running:
         yield running
 
@@ -50,7 +58,9 @@ def stack(prepared_models: PreparedModels) -> Iterator[RunningStack]:
 @pytest.fixture(scope="session")
 def harness(prepared_models: PreparedModels) -> Iterator[EngineHarness]:
     """A bare engine (tiny dummy model, small KV cache) for tests that look inside it."""
-    h = EngineHarness(tiny_settings(prepared_models.tiny_dummy))
+    h = EngineHarness(
+        tiny_settings(prepared_models.tiny_dummy, scheduler={"policy_variants": HARNESS_VARIANTS})
+    )
     yield h
     h.close()
 

@@ -43,6 +43,26 @@ class EngineHarness:
         self._thread.join(timeout=10)
 
 
+# The policies tests run on the shared engine, each a variant it builds at start-up and a
+# request names by label (RequestMeta.policy_variant).
+HARNESS_VARIANTS: dict[str, dict[str, Any]] = {
+    "vllm": {"policy": "vllm"},
+    "infercept": {"policy": "infercept"},
+    "sjf": {"policy": "sjf"},
+    "lamps": {"policy": "lamps"},
+    "preserve": {"policy": "fixed", "policy_options": {"strategy": "preserve"}},
+    "discard": {"policy": "fixed", "policy_options": {"strategy": "discard"}},
+    "swap": {"policy": "fixed", "policy_options": {"strategy": "swap"}},
+    "preserve-then-swap": {
+        "policy": "fixed",
+        "policy_options": {"strategy": "preserve", "demote_to": "swap"},
+    },
+    "keep": {"policy": "fixed", "policy_options": {"strategy": "keep"}},
+    "lamps-no-admission": {"policy": "lamps", "policy_options": {"admission": False}},
+    "lamps-estimates": {"policy": "lamps", "policy_options": {"predictor": "estimates"}},
+}
+
+
 def tiny_settings(model: Path, **overrides: Any) -> EngineSettings:
     # 4 layers x 2 KV heads x 64 x K,V x fp32 = 4 KiB a token: 16 MiB is 4096 tokens, 256
     # blocks of 16, small enough that a few requests fill it.

@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import gc
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from bench.results import (
     PolicySummary,
     RequestResult,
+    combine_rounds,
     percentile,
     plot,
     ratio_table,
     read_request_results,
     read_results,
+    round_ratios,
+    rounds_summary,
     summarize,
     summarize_all,
     write_request_results,
     write_results,
 )
-from lamps.bench import parse_policies
+from lamps.bench import add_arguments, collector_paused, parse_policies, run_all, schedule
+from lamps_core.trace import TraceScript
 
 
 def result(rid: str, arrival: float, finish: float | None, **kw: object) -> RequestResult:
@@ -191,3 +200,186 @@ def test_policy_variants_keep_their_json_options_whole() -> None:
     ]
     with pytest.raises(SystemExit, match="not JSON"):
         parse_policies('q=lamps:{"max_queued_s":}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds
+
+
+def test_schedule_alternates_the_order_of_policies_per_round() -> None:
+    a, b, c = parse_policies("a=vllm,b=lamps,c=sjf")
+    runs = [(rate, r, spec.label) for rate, r, spec in schedule([4.0, 8.0], [a, b, c], 3)]
+    assert runs == [
+        (4.0, 0, "a"), (4.0, 0, "b"), (4.0, 0, "c"),
+        (4.0, 1, "c"), (4.0, 1, "b"), (4.0, 1, "a"),
+        (4.0, 2, "a"), (4.0, 2, "b"), (4.0, 2, "c"),
+        (8.0, 0, "a"), (8.0, 0, "b"), (8.0, 0, "c"),
+        (8.0, 1, "c"), (8.0, 1, "b"), (8.0, 1, "a"),
+        (8.0, 2, "a"), (8.0, 2, "b"), (8.0, 2, "c"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="rounds"):
+        schedule([4.0], [a], 0)
+
+
+class FakeTarget:
+    """Answers every replay at once; records what it was sent and counts its calls."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.resets = 0
+        self.calls = 0
+
+    async def replay(self, request_id: str, script: TraceScript, *rest: Any) -> Any:
+        self.ids.append(request_id)
+        self.calls += script.num_api_calls
+        seg = script.segments[0]
+        segment = SimpleNamespace(
+            completion_tokens=seg.completion_tokens,
+            prompt_tokens=seg.prompt_tokens,
+            cached_tokens=0,
+            api_duration_s=seg.api_time,
+            queue_and_prefill_s=0.01,
+        )
+        return SimpleNamespace(ttft_s=0.01, latency_s=0.02, segments=[segment])
+
+    async def reset_prefix_cache(self) -> None:
+        self.resets += 1
+
+    async def scheduler_stats(self) -> dict[str, Any]:
+        return {"calls_discard": self.calls, "preemptions": len(self.ids)}
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_run_all_warms_up_then_runs_rounds_with_new_ids_each_run() -> None:
+    args = bench_args(
+        "--workload", "toolbench", "--scale", "0.05", "--rate", "1000", "--requests", "40",
+        "--rounds", "3", "--policies", "a=vllm,b=vllm",
+    )  # fmt: skip
+    target = FakeTarget()
+    outcome = asyncio.run(run_all(target, args, parse_policies(args.policies), [1000.0], 2048))
+    warmup = [i for i in target.ids if i.startswith("warmup-")]
+    assert len(warmup) == 32 and all(i.startswith("warmup-a-1000-") for i in warmup)
+    assert target.ids[:32] == warmup  # before the first round
+    assert outcome["warmup"]["requests"] == 32
+    assert len(target.ids) == len(set(target.ids)) == 32 + 40 * 2 * 3  # no id twice
+    assert target.resets == 1 + 2 * 3  # an empty prefix cache for every run
+    assert [o[2] for o in outcome["order"]] == ["a", "b", "b", "a", "a", "b"]
+    results = outcome["results"]
+    assert len(results) == 40 * 2 * 3  # the warm-up's are discarded
+    assert {(r.policy, r.round) for r in results} == {(p, r) for p in "ab" for r in range(3)}
+    # Scheduler counters per round, each run's own share; the median over rounds beside them.
+    per_round = outcome["runs_per_round"]["a"]["1000"]
+    calls = sum(len(r.script.segments) - 1 for r in outcome["traces"][1000.0].requests)
+    assert [d["calls_discard"] for d in per_round] == [calls] * 3
+    assert [d["preemptions"] for d in per_round] == [40, 40, 40]
+    assert outcome["runs"]["a"]["1000"]["calls_discard"] == calls
+
+    args.warmup = False
+    target = FakeTarget()
+    asyncio.run(run_all(target, args, parse_policies(args.policies), [1000.0], 2048))
+    assert not any(i.startswith("warmup-") for i in target.ids)
+
+
+def test_collector_paused_during_a_run_only() -> None:
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
+
+
+def rounds_of(latencies: dict[str, list[float]]) -> list[RequestResult]:
+    """Per policy, round r: ten requests of latency `latencies[policy][r]`."""
+    return [
+        RequestResult(
+            request_id=str(i),
+            policy=policy,
+            rate=2.0,
+            round=r,
+            arrival=float(i),
+            first_token=i + latency / 10,
+            finish=i + latency,
+            output_tokens=10,
+        )
+        for policy, per_round in latencies.items()
+        for r, latency in enumerate(per_round)
+        for i in range(10)
+    ]
+
+
+# Per-round ratios 1/3, 2, 1.5: median 1.5; the ratio of the medians (2/2) would say 1.
+ROUNDS = {"lamps": [1.0, 2.0, 3.0], "vllm": [3.0, 1.0, 2.0]}
+
+
+def test_ratio_per_round_then_median_and_spread() -> None:
+    summaries = summarize_all(rounds_of(ROUNDS))
+    assert [(s.policy, s.round) for s in summaries] == [
+        ("lamps", 0), ("lamps", 1), ("lamps", 2), ("vllm", 0), ("vllm", 1), ("vllm", 2),
+    ]  # fmt: skip
+    ratios = {r.metric: r.ratio for r in round_ratios(summaries, "lamps", ["vllm"])}
+    mean = ratios["latency_mean_s"]
+    assert mean.per_round == pytest.approx([1 / 3, 2.0, 1.5])
+    assert (mean.median, mean.min, mean.max) == pytest.approx((1.5, 1 / 3, 2.0))
+    assert ratios["ttft_mean_s"].median == pytest.approx(1.5)
+    table = ratio_table(summaries, against=("vllm", "sjf"))
+    assert "median [min, max] over 3 rounds" in table.splitlines()[0]
+    row = table.splitlines()[2]
+    assert row.split()[:5] == ["2", "vllm", "1.50", "[0.33,", "2.00]"]
+    assert "n/a" in table.splitlines()[3]  # no sjf runs
+
+
+def test_rounds_summary_and_combined_summary() -> None:
+    summaries = summarize_all(rounds_of(ROUNDS))
+    spreads = {s.policy: s for s in rounds_summary(summaries)}
+    lat = spreads["vllm"].metrics["latency_mean_s"]
+    assert lat.per_round == pytest.approx([3.0, 1.0, 2.0])
+    assert (lat.median, lat.min, lat.max) == pytest.approx((2.0, 1.0, 3.0))
+    assert set(spreads["vllm"].metrics) == {
+        "latency_mean_s",
+        "latency_p99_s",
+        "ttft_mean_s",
+        "throughput_tokens_per_s",
+    }
+    combined = {s.policy: s for s in combine_rounds(summaries)}["vllm"]
+    assert (combined.round, combined.rounds, combined.requests) == (None, 3, 30)
+    assert combined.drained.latency_mean_s == pytest.approx(2.0)  # median over rounds
+    assert combined.drained.completed == 30 and combined.drained.output_tokens == 300  # totals
+    assert "median over 3 rounds" in combined.drained.label
+    one = summarize_all(rounds_of({"lamps": [1.0]}))
+    assert combine_rounds(one) == one  # one round: the run itself
+
+
+def test_results_files_with_rounds(tmp_path: Path) -> None:
+    results = rounds_of(ROUNDS)
+    summaries = summarize_all(results, horizon_s=30.0)
+    path = write_results(
+        tmp_path, summaries, {"rounds": 3}, ratios=round_ratios(summaries, "lamps", ["vllm"])
+    )
+    body = json.loads(path.read_text())
+    assert body["results"]["vllm"]["2"]["rounds"] == 3
+    assert body["results"]["vllm"]["2"]["drained"]["latency_mean_s"] == pytest.approx(2.0)
+    per_round = body["rounds"]["vllm"]["2"]["per_round"]
+    assert [s["round"] for s in per_round] == [0, 1, 2]
+    assert body["rounds"]["vllm"]["2"]["spread"]["metrics"]["latency_mean_s"]["max"] == 3.0
+    mean = next(r for r in body["ratios"] if r["metric"] == "latency_mean_s")
+    assert mean["ratio"]["median"] == pytest.approx(1.5)
+    read, _ = read_results(path)
+    assert [(s.policy, s.rounds) for s in read] == [("lamps", 3), ("vllm", 3)]
+    assert read_request_results(write_request_results(tmp_path, results)) == results
+    # A record written before rounds existed reads as round 0.
+    old = '{"request_id": "1", "policy": "lamps", "rate": 2.0, "arrival": 0.0, "finish": 1.0}'
+    (tmp_path / "old.jsonl").write_text(old + "\n")
+    assert read_request_results(tmp_path / "old.jsonl")[0].round == 0
+    paths = plot(tmp_path, summaries, results)  # several rounds: medians with min-max bars
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)

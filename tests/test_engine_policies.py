@@ -29,7 +29,7 @@ def workload(seed: int, requests: int) -> list[TraceScript]:
                     "completion_tokens": decode,
                     "api_time": rng.choice([0.01, 0.1, 0.4]),
                     "api_token_length": returned,
-                    "api_type": "sim",
+                    "api_type": "qa",
                 }
             )
             context += decode + returned
@@ -51,7 +51,7 @@ def run_all(h: EngineHarness, policy: str, scripts: list[TraceScript]) -> list[T
                     f"{policy}-{i}",
                     script,
                     worker.call,
-                    policy=policy,
+                    policy_variant=policy,  # the harness engine's variant of that name
                 )
                 for i, script in enumerate(scripts)
             )
@@ -74,7 +74,7 @@ def test_every_policy_completes_the_trace(harness: EngineHarness, policy: str) -
     calls = sum(s.num_api_calls for s in scripts)
     decided = sum(
         after.get(f"calls_{k}", 0) - before.get(f"calls_{k}", 0)
-        for k in ("preserve", "discard", "swap")
+        for k in ("preserve", "discard", "swap", "keep")
     )
     assert decided == calls  # every pause went through the policy
     if policy == "vllm":

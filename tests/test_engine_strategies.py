@@ -39,10 +39,11 @@ SCRIPT = TraceScript.model_validate(
         ]
     }
 )
-PRESERVE = ("fixed", {"strategy": "preserve"})
-DISCARD = ("fixed", {"strategy": "discard"})
-SWAP = ("fixed", {"strategy": "swap"})
-PRESERVE_THEN_SWAP = ("fixed", {"strategy": "preserve", "demote_to": "swap"})
+# Policy variants of the harness engine (tests/engine_harness.py): `fixed` with each strategy.
+PRESERVE = "preserve"
+DISCARD = "discard"
+SWAP = "swap"
+PRESERVE_THEN_SWAP = "preserve-then-swap"
 
 
 async def filler(
@@ -64,7 +65,7 @@ async def filler(
 
 
 def replay(
-    h: EngineHarness, policy: tuple[str, dict[str, Any]], during_call: Any = None
+    h: EngineHarness, policy: str, during_call: Any = None
 ) -> tuple[TraceOutcome, dict[str, Any]]:
     """Replay SCRIPT; `during_call` runs while the request is paused, then the engine's
     figures are read, still inside the pause."""
@@ -86,8 +87,7 @@ def replay(
             f"req-{uuid.uuid4().hex}",
             SCRIPT,
             call_tool,
-            policy=policy[0],
-            policy_options=policy[1],
+            policy_variant=policy,
         )
 
     return h.run(go()), seen
@@ -173,8 +173,7 @@ def test_drained_engine_holds_nothing(harness: EngineHarness) -> None:
                     f"drain-{i}",
                     SCRIPT,
                     lambda n, a, r: ToolWorker(None).call(n, a, r),
-                    policy=(PRESERVE, DISCARD, SWAP)[i % 3][0],
-                    policy_options=(PRESERVE, DISCARD, SWAP)[i % 3][1],
+                    policy_variant=(PRESERVE, DISCARD, SWAP)[i % 3],
                 )
                 for i in range(6)
             )
@@ -227,8 +226,7 @@ def test_a_call_the_model_closes_itself_goes_to_the_policy(harness: EngineHarnes
         request_id=f"auto-{uuid.uuid4().hex}",
         arrival_time=time.time(),
         call_end_token_ids=[[7, 7, 7], closing],
-        policy="fixed",
-        policy_options={"strategy": "discard"},
+        policy_variant=DISCARD,
     )
     paused = harness.run(generate(meta))
     assert list(paused.token_ids) == tokens[:stop_at]

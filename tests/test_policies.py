@@ -198,7 +198,8 @@ def test_sjf_ranks_by_predicted_remaining_decode() -> None:
 
 
 def test_lamps_ranks_a_long_preserved_call_behind_a_longer_request_that_discards() -> None:
-    policy = make_policy("lamps", costs=COSTS, swap=False)
+    # The paper's three strategies (Keep is ours, and would make B's call a cheap keep).
+    policy = make_policy("lamps", costs=COSTS, swap=False, keep=False)
     a, b = crafted_queue()
     assert policy.priority(a, BUSY)[1] == pytest.approx(236_125)
     assert policy.priority(b, BUSY)[1] == pytest.approx(43_725)
@@ -287,7 +288,7 @@ def test_lamps_rerank_period_is_an_option() -> None:
 
 def test_lamps_rescores_when_tool_estimates_change() -> None:
     estimates = ToolEstimatePredictor()
-    policy = make_policy("lamps", costs=COSTS, predictor=estimates, swap=False)
+    policy = make_policy("lamps", costs=COSTS, predictor=estimates, swap=False, keep=False)
     typed = RequestMeta(
         request_id="t",
         arrival_time=0.0,

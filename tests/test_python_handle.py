@@ -74,6 +74,35 @@ def test_handle_errors_are_typed(stack: RunningStack) -> None:
         ).result()
 
 
+def test_handle_gets_engine_errors_typed_and_short(stack: RunningStack) -> None:
+    """An error found in the engine replica reaches a handle caller as its own type, with the
+    short message HTTP gives (`message`; Ray's copy has Ray's traceback as its str())."""
+    from lamps_vllm.errors import PromptTooLongError, UnknownPolicyVariantError
+
+    lamps = serve.get_app_handle("lamps")
+    too_long = {"model": MODEL, "messages": [{"role": "user", "content": "word " * 3000}]}
+    with pytest.raises(PromptTooLongError) as raised:
+        lamps.chat.remote(too_long).result()
+    assert "context" in raised.value.message
+    assert len(raised.value.message) < 300 and "Traceback" not in raised.value.message
+    assert type(raised.value.cause) is PromptTooLongError  # one Ray wrapping, not two
+    with pytest.raises(UnknownPolicyVariantError, match="this deployment has: lamps"):
+        lamps.replay.remote(
+            {
+                "policy": "mine",
+                "segments": [
+                    {
+                        "prompt_tokens": 4,
+                        "completion_tokens": 1,
+                        "api_time": 0,
+                        "api_token_length": 1,
+                    },
+                    {"prompt_tokens": 6, "completion_tokens": 1},
+                ],
+            }
+        ).result()
+
+
 def test_handle_streams_the_same_chunks(stack: RunningStack) -> None:
     lamps = serve.get_app_handle("lamps")
     request = {

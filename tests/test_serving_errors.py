@@ -1,13 +1,19 @@
-"""Bad input gets a 4xx with a message saying what is wrong, and the service stays healthy."""
+"""Bad input gets a 4xx with a message saying what is wrong, and the service stays healthy;
+overload gets a 429 with Retry-After."""
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from ray import serve
 
+from lamps.local_stack import RunningStack
 from tests.conftest import MODEL
 
 pytestmark = pytest.mark.engine
@@ -78,6 +84,27 @@ CASES = [
         id="required-without-tools",
     ),
     pytest.param("/v1/chat/completions", chat(n=3), 400, "n", id="n-unsupported"),
+    pytest.param("/v1/chat/completions", chat(messages=5), 400, "messages", id="messages-a-number"),
+    pytest.param(
+        "/v1/chat/completions", chat(max_tokens=-1), 400, "max_tokens", id="negative-max-tokens"
+    ),
+    pytest.param(
+        "/v1/chat/completions", chat(max_tokens=0), 400, "max_tokens", id="zero-max-tokens"
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(max_completion_tokens=0),
+        400,
+        "max_completion_tokens",
+        id="zero-max-completion-tokens",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        b"{" + b" " * (1 << 20) + b"}",
+        413,
+        "limit of 1048576 bytes",
+        id="body-over-limit",
+    ),
     pytest.param("/v1/traces", trace(api_time=-1.0), 400, "api_time", id="negative-duration"),
     pytest.param("/v1/traces", trace(api_time=1e9), 400, "api_time", id="huge-duration"),
     pytest.param("/v1/traces", trace(api_time=float("nan")), 400, "api_time", id="nan-duration"),
@@ -92,6 +119,27 @@ CASES = [
         id="trace-over-context",
     ),
     pytest.param("/v1/traces", {"segments": []}, 400, "segments", id="empty-trace"),
+    pytest.param(
+        "/v1/traces",
+        {**trace(), "policy": "fastest-please"},
+        400,
+        "unknown policy variant 'fastest-please'; this deployment has: lamps, vllm, preserve",
+        id="unknown-policy-variant",
+    ),
+    pytest.param(
+        "/v1/traces",
+        {**trace(), "policy": "lamps", "policy_options": {"max_wait_s": 0}},
+        400,
+        "policy_options",
+        id="policy-options",
+    ),
+    pytest.param(
+        "/v1/traces",
+        trace(api_type="calculator-600s"),
+        400,
+        "unknown api_type 'calculator-600s'",
+        id="unknown-api-type",
+    ),
 ]
 
 
@@ -136,3 +184,62 @@ def test_service_healthy_after_bad_input(http: httpx.Client) -> None:
     response = http.post("/v1/chat/completions", json=chat(max_tokens=3))
     assert response.status_code == 200
     assert response.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_engine_errors_reach_the_client_short(http: httpx.Client, stream: bool) -> None:
+    """Found in the engine replica (the prompt is tokenized there), yet no Ray wrapping: the
+    one useful line, not pids, actor ids, ANSI codes and a traceback."""
+    body = chat(messages=[{"role": "user", "content": "word " * 3000}], stream=stream)
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "PromptTooLongError"
+    assert "context" in error["message"]
+    assert len(response.text) < 300, response.text
+    for noise in ("Traceback", "ray::", "pid=", "\x1b["):
+        assert noise not in response.text
+
+
+@pytest.fixture(scope="module")
+def tight_ingress(stack: RunningStack) -> Iterator[str]:
+    """A second ingress in front of the suite's engine that admits one request at a time."""
+    from deployments.ingress import Ingress, IngressSettings
+
+    settings = IngressSettings(
+        served_model_name=MODEL, max_model_len=2048, max_in_flight_requests=1
+    )
+    app = serve.deployment(Ingress, name="TightIngress", ray_actor_options={"num_cpus": 0}).bind(
+        serve.get_deployment_handle("EngineReplica", "lamps"),
+        serve.get_deployment_handle("ToolWorker", "lamps"),
+        settings.model_dump(),
+        None,
+    )
+    serve.run(app, name="tight", route_prefix="/tight")
+    try:
+        yield f"{stack.http_url}/tight"
+    finally:
+        serve.delete("tight")
+
+
+def test_overload_is_a_429_with_retry_after(tight_ingress: str) -> None:
+    from lamps_vllm.errors import ServerBusyError
+
+    slow = {"segments": [{**trace()["segments"][0], "api_time": 3.0}, trace()["segments"][1]]}
+    # Admitted, then refused before any work (a wrong model is a 404 once admitted).
+    probe = {**trace(), "model": "gpt-9"}
+    with httpx.Client(base_url=tight_ingress, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.post, "/v1/traces", json=slow)
+        deadline = time.monotonic() + 20
+        while (refused := client.post("/v1/traces", json=probe)).status_code == 404:
+            assert time.monotonic() < deadline, "the slow request never got in"
+            time.sleep(0.05)
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "limit" in refused.json()["error"]["message"]
+        with pytest.raises(ServerBusyError) as raised:  # the Python handle is bounded too
+            serve.get_app_handle("tight").replay.remote(probe).result()
+        assert "limit" in raised.value.message
+        assert running.result().status_code == 200  # the admitted one was not disturbed
+        # Its slot is free again.
+        assert client.post("/v1/traces", json=probe).status_code == 404

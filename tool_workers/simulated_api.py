@@ -13,11 +13,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, create_model, model_validator
 
+from lamps_core.workloads import AUGMENTATION_TYPES, TOOLBENCH_TOOLS
 from tool_workers.tools import Tool, ToolArgs, ToolOutput
 
 __all__ = [
     "DEFAULT_MAX_DURATION_S",
     "MAX_RETURN_TOKENS",
+    "SIMULATED_API_TYPES",
     "ConstantDistribution",
     "Distribution",
     "ExponentialDistribution",
@@ -32,6 +34,12 @@ __all__ = [
 ]
 
 DEFAULT_MAX_DURATION_S = 600.0
+# The API types a simulated call may be recorded under (trace replay): the tool itself, the
+# INFERCEPT augmentation types and the ToolBench-like tool classes of lamps_core.workloads. A
+# fixed set, so a trace cannot create Redis keys or move a real tool's learned duration.
+SIMULATED_API_TYPES: frozenset[str] = frozenset(
+    {"simulated_api", *AUGMENTATION_TYPES, *(tool.name for tool in TOOLBENCH_TOOLS)}
+)
 MAX_RETURN_TOKENS = 32_768
 
 # finite=no NaN/inf; ge=0: a duration cannot be negative.

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tool_workers.registry import ToolRegistry, default_registry
-from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S
+from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S, SIMULATED_API_TYPES
 from tool_workers.stats import ToolCallCounts, ToolDurationEstimate, ToolStatsStore
 from tool_workers.tools import ToolError, ToolResult
 
@@ -52,7 +52,9 @@ class ToolWorker:
         """Run tool ``name``; failures while running come back as ok=False, never raised.
 
         ``record_as`` files the call's statistics under another name: a simulated call standing
-        in for an API type of a trace is learned as that API type.
+        in for an API type of a trace is learned as that API type. Only the fixed
+        ``SIMULATED_API_TYPES`` are taken (Redis keys stay bounded, a real tool's estimate stays
+        its own); any other name is ignored and the call recorded under ``name``.
         """
         tool = self.registry.get(name)
         args = tool.parse_arguments(arguments)
@@ -84,8 +86,13 @@ class ToolWorker:
                 started_at=started_at,
                 num_tokens=out.num_tokens,
             )
-        if record_as is not None:
-            result = result.model_copy(update={"tool": record_as})
+        if record_as is not None and record_as != name:
+            if record_as in SIMULATED_API_TYPES and name == "simulated_api":
+                result = result.model_copy(update={"tool": record_as})
+            else:
+                logger.warning(
+                    "call of %s not recorded as %r (not a simulated API type)", name, record_as[:64]
+                )
         if self.stats is not None:
             await self.stats.record(result)  # never raises on Redis trouble
         return result

@@ -1,6 +1,14 @@
 """LAMPS: rank waiting requests by the memory-over-time of their remaining work (`scoring.py`),
 handle each API call with the strategy predicted for it, and promote starving requests.
 
+Beyond the paper, for vLLM V1 (both on by default, each an option for ablations):
+- `admission`: a segment is admitted only if it fits at its predicted peak beside what running
+  segments and preserved calls are promised (`admission.AdmissionGate`), so running requests are
+  not preempted and recomputed when they grow.
+- `keep`: a fourth strategy, Keep (`Strategy.KEEP`): the blocks stay until memory is needed, then
+  go back to the prefix cache, latest predicted return first. Its waste is the learned chance of
+  eviction times a Discard's (`admission.KeepEvictionEstimate`).
+
 A request's score depends only on its context, its prediction and the engine load when it was
 scored, so it is computed once per (engine request, context length, predictor version) and reused:
 a re-rank costs a dictionary lookup and the starvation test per request. The queue is re-ranked
@@ -13,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
+from lamps_core.admission import AdmissionGate, KeepEvictionEstimate
 from lamps_core.costs import EngineCosts
 from lamps_core.policies.infercept import (
     SwapBudget,
@@ -56,11 +65,12 @@ class _Plan:
     """What was predicted for a queued request when it was scored."""
 
     context_tokens: int  # the context it was scored at; a preempted request comes back longer
-    version: int  # the predictor's version then
+    version: tuple[int, int]  # the predictor's version and the keep estimate's bucket then
     priority: Priority
     next_call: Strategy | None  # the predicted strategy of the call ending this segment
     next_call_s: float  # its predicted duration
     service_s: float  # predicted remaining service (decode and calls), for the latency guard
+    peak_tokens: int  # context when this segment ends: what admission promises it
 
 
 class LampsPolicy(SchedulingPolicy):
@@ -83,6 +93,8 @@ class LampsPolicy(SchedulingPolicy):
         max_queued_s: float | None = None,
         max_latency_s: float | None = None,
         rerank_every_steps: int = DEFAULT_RERANK_EVERY_STEPS,
+        admission: bool = True,
+        keep: bool = True,
     ) -> None:
         if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
             raise ValueError(f"rerank_every_steps must be an int >= 0, got {rerank_every_steps!r}")
@@ -95,6 +107,10 @@ class LampsPolicy(SchedulingPolicy):
         self._is_starving = self.guard.is_starving
         # An instance value shadowing the interface's class default: it is an option here.
         self.rerank_every_steps = rerank_every_steps
+        self.gate = AdmissionGate() if admission else None
+        self.keep_estimate = KeepEvictionEstimate() if keep else None
+        # A refused swap is better kept than dropped: kept blocks cost nothing until needed.
+        self.swap_refused_strategy = Strategy.KEEP if keep else Strategy.DISCARD
         self._plans: dict[str, _Plan] = {}
         # Predicted durations of calls under way: engine request id -> (predictor version, s).
         self._call_s: dict[str, tuple[int, float]] = {}
@@ -102,6 +118,15 @@ class LampsPolicy(SchedulingPolicy):
     def update_api_estimates(self, estimates: Mapping[str, float]) -> None:
         """New per-API-type mean durations for an estimates predictor (no-op for the others)."""
         self.predictor.update(estimates)
+
+    def _keep_evict_p(self) -> float | None:
+        return None if self.keep_estimate is None else self.keep_estimate.probability
+
+    def _version(self) -> tuple[int, int]:
+        # Plans are rescored when the predictor changes, or when the eviction estimate moves to
+        # another twentieth (finer changes would rescore every waiting request too often).
+        p = self._keep_evict_p()
+        return (self.predictor.version, -1 if p is None else round(p * 20))
 
     def forget(self, engine_request_id: str) -> None:
         """Drops what is remembered of a finished engine request."""
@@ -112,16 +137,20 @@ class LampsPolicy(SchedulingPolicy):
 
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
         # Runs for every waiting request at every re-rank: kept to a lookup and the guard's test.
+        plan = self._current_plan(request, engine)
+        if self._is_starving(request, engine, plan.service_s):
+            return promoted_priority(request)
+        return plan.priority
+
+    def _current_plan(self, request: QueuedRequest, engine: EngineView) -> _Plan:
         plan = self._plans.get(request.engine_request_id)
         if (
             plan is None
             or plan.context_tokens != request.context_tokens
-            or plan.version != self.predictor.version
+            or plan.version != self._version()
         ):
             plan = self._plan(request, engine)
-        if self._is_starving(request, engine, plan.service_s):
-            return promoted_priority(request)
-        return plan.priority
+        return plan
 
     def _plan(self, request: QueuedRequest, engine: EngineView) -> _Plan:
         prediction = self.predictor.predict(request.meta, request.generated_tokens)
@@ -131,10 +160,11 @@ class LampsPolicy(SchedulingPolicy):
             self.costs,
             other_tokens=engine.running_tokens,
             allow_swap=self.allow_swap,
+            keep_evict_p=self._keep_evict_p(),
         )
         plan = _Plan(
             context_tokens=request.context_tokens,
-            version=self.predictor.version,
+            version=self._version(),
             priority=(
                 RANKED,
                 scored.memory_time,
@@ -144,12 +174,39 @@ class LampsPolicy(SchedulingPolicy):
             next_call=scored.next_call,
             next_call_s=prediction.api_s,
             service_s=remaining_service_s(prediction, self.costs),
+            peak_tokens=request.context_tokens + prediction.decode_tokens,
         )
         if len(self._plans) >= _MAX_PLANS:
             for stale in list(islice(self._plans, _MAX_PLANS // 2)):
                 del self._plans[stale]
         self._plans[request.engine_request_id] = plan
         return plan
+
+    # Admission
+
+    def admission_tokens(self, request: QueuedRequest, engine: EngineView) -> int | None:
+        # Requests that did not come through our serving layer carry no prediction to promise.
+        if self.gate is None or request.meta is None:
+            return None
+        return self._current_plan(request, engine).peak_tokens
+
+    def admits(self, peak_blocks: int, committed_blocks: int, engine: EngineView) -> bool:
+        if self.gate is None:
+            return True
+        admitted = self.gate.admits(
+            peak_blocks, committed_blocks, engine.total_blocks, running=engine.running_requests
+        )
+        if admitted:
+            self.gate.admitted()
+        return admitted
+
+    def on_preemption(self) -> None:
+        if self.gate is not None:
+            self.gate.missed()
+
+    def on_keep_outcome(self, evicted: bool) -> None:
+        if self.keep_estimate is not None:
+            self.keep_estimate.observe(evicted)
 
     # Calls
 
@@ -158,7 +215,7 @@ class LampsPolicy(SchedulingPolicy):
         # applied at once: preserved first only when Preserve is the prediction.
         plan = self._plans.pop(call.engine_request_id, None)
         version = self.predictor.version
-        if plan is not None and plan.version == version and plan.next_call is not None:
+        if plan is not None and plan.version == self._version() and plan.next_call is not None:
             strategy, call_s = plan.next_call, plan.next_call_s
         else:  # not ranked under this predictor, or a call its prediction did not foresee
             call_s = self.predictor.call_duration(call.meta)
@@ -170,8 +227,9 @@ class LampsPolicy(SchedulingPolicy):
                 engine.running_tokens + tokens,
                 self.costs,
                 allow_swap=self.allow_swap,
+                keep_evict_p=self._keep_evict_p(),
             )
-        if strategy is Strategy.PRESERVE:
+        if strategy in (Strategy.PRESERVE, Strategy.KEEP):
             self._call_s[call.engine_request_id] = (version, call_s)
         return strategy
 
@@ -188,6 +246,7 @@ class LampsPolicy(SchedulingPolicy):
         self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
     ) -> list[tuple[PausedCall, Strategy]]:
         costs, running = self.costs, engine.running_tokens
+        moves, freed = self._release_kept(paused, engine, blocks_needed)
         candidates: list[tuple[dict[Strategy, float], PausedCall]] = []
         for call in paused:
             if call.strategy is not Strategy.PRESERVE:
@@ -203,9 +262,7 @@ class LampsPolicy(SchedulingPolicy):
         self._forget_calls_except(paused)
 
         budget = SwapBudget(self.swap_budget_tokens)
-        moves: list[tuple[PausedCall, Strategy]] = []
-        freed = 0
-        kept: list[tuple[dict[Strategy, float], PausedCall]] = []
+        held: list[tuple[dict[Strategy, float], PausedCall]] = []
         # 1. Preserved calls whose predicted strategy is no longer Preserve (a longer estimate, an
         #    overrun, a heavier batch) go to it; most wasteful first, so they get the swap budget.
         candidates.sort(
@@ -223,7 +280,7 @@ class LampsPolicy(SchedulingPolicy):
                     moves.append((call, target))
                     freed += blocks_of(call.context_tokens, engine.block_size)
                     continue
-            kept.append((wastes, call))
+            held.append((wastes, call))
         if freed >= blocks_needed:
             return moves
 
@@ -234,14 +291,14 @@ class LampsPolicy(SchedulingPolicy):
         #    call whose demotion costs the current maximum goes last, only if nothing else covers
         #    `blocks_needed` (unlike the artifact, which would never free it, a single preserved
         #    call can still be freed).
-        kept.sort(
+        held.sort(
             key=lambda wc: (
                 min(w for s, w in wc[0].items() if s is not Strategy.PRESERVE),
                 wc[1].paused_at,
                 wc[1].engine_request_id,
             )
         )
-        for _, call in kept:
+        for _, call in held:
             if freed >= blocks_needed:
                 break
             target, _ = release_option(
@@ -252,6 +309,24 @@ class LampsPolicy(SchedulingPolicy):
             moves.append((call, target))
             freed += blocks_of(call.context_tokens, engine.block_size)
         return moves
+
+    def _release_kept(
+        self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
+    ) -> tuple[list[tuple[PausedCall, Strategy]], int]:
+        """Kept calls cost nothing until memory is needed; then they go first, the one predicted
+        to return last first, so a call about to return still finds its blocks."""
+        kept = [call for call in paused if call.strategy is Strategy.KEEP]
+        if blocks_needed <= 0 or not kept:
+            return [], 0
+        kept.sort(key=lambda c: (-(c.paused_at + self._predicted_call_s(c)), c.engine_request_id))
+        moves: list[tuple[PausedCall, Strategy]] = []
+        freed = 0
+        for call in kept:
+            if freed >= blocks_needed:
+                break
+            moves.append((call, Strategy.DISCARD))
+            freed += blocks_of(call.context_tokens, engine.block_size)
+        return moves, freed
 
     def _forget_calls_except(self, paused: Sequence[PausedCall]) -> None:
         # Durations of calls no longer paused (returned, or no longer preserved) are not needed.

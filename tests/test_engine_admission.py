@@ -1,0 +1,167 @@
+"""Admission by predicted memory, the Keep strategy and the policy guard, on the real engine
+(tiny dummy model, 255 blocks of 16 tokens: tests/engine_harness.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from lamps_core.request_meta import RequestMeta
+from lamps_core.trace import TraceScript
+from lamps_vllm.trace_replay import TraceOutcome, run_trace
+from tests.engine_harness import EngineHarness
+from tests.test_engine_strategies import BLOCK, DECODE, PROMPT, REUSABLE, filler, replay
+from tool_workers.tools import ToolResult
+from tool_workers.worker import ToolWorker
+
+# One segment growing from 100 to 400 tokens: 25 blocks at its peak. Twelve of them want 300
+# blocks, more than the 255 there are, though their prompts (7 blocks each) fit at once.
+GROWING = TraceScript.model_validate(
+    {"segments": [{"prompt_tokens": 100, "completion_tokens": 300}]}
+)
+
+
+def _counter(h: EngineHarness, key: str) -> int:
+    return int(h.stats.scheduler.get(key, 0))
+
+
+async def _no_tool(name: str, args: dict[str, Any], record_as: str | None) -> ToolResult:
+    raise AssertionError("the script makes no call")
+
+
+def run_growing(h: EngineHarness, variant: str, n: int = 12) -> list[TraceOutcome]:
+    async def go() -> list[TraceOutcome]:
+        return await asyncio.gather(
+            *(
+                run_trace(
+                    h.engine,
+                    h.vocab_size,
+                    2048,
+                    f"grow-{uuid.uuid4().hex}",
+                    GROWING,
+                    _no_tool,
+                    policy_variant=variant,
+                )
+                for _ in range(n)
+            )
+        )
+
+    return h.run(go())
+
+
+def settle(h: EngineHarness) -> None:
+    time.sleep(0.3)  # the engine publishes its figures with each step's statistics
+
+
+def test_admission_by_predicted_memory_avoids_preemptions(harness: EngineHarness) -> None:
+    settle(harness)
+    before = _counter(harness, "preemptions")
+    greedy = run_growing(harness, "lamps-no-admission")
+    settle(harness)
+    greedy_preemptions = _counter(harness, "preemptions") - before
+
+    before, refused = _counter(harness, "preemptions"), _counter(harness, "admission_refused")
+    gated = run_growing(harness, "lamps")
+    settle(harness)
+    assert greedy_preemptions > 0  # vLLM's admission: blocks free now, preempt when they grow
+    assert _counter(harness, "preemptions") == before  # every promise kept
+    assert _counter(harness, "admission_refused") > refused  # the gate did hold requests back
+    for outcome in greedy + gated:
+        assert [s.completion_tokens for s in outcome.segments] == [300]
+    assert harness.stats.kv_blocks_used == 0
+
+
+def test_keep_holds_blocks_until_the_continuation_takes_them(harness: EngineHarness) -> None:
+    outcome, during = replay(harness, "keep")
+    assert during["kept_requests"] == 1
+    assert during["preserved_blocks"] == -(-(PROMPT + DECODE) // BLOCK)
+    assert during["used"] >= (PROMPT + DECODE) // BLOCK
+    assert outcome.segments[1].cached_tokens == REUSABLE
+
+
+def test_kept_blocks_are_given_back_when_memory_is_needed(harness: EngineHarness) -> None:
+    before = _counter(harness, "kept_given_back")
+
+    # Eight requests growing to 536 tokens want 8 x 34 blocks, more than the 241 left beside
+    # the kept request's 14: they all run only if it gives its blocks back.
+    def crowd() -> Any:
+        return filler(harness, requests=8, prompt_tokens=496, concurrently=8, decode=40)
+
+    outcome, during = replay(harness, "keep", crowd)
+    assert during["kept_given_back"] == before + 1, during
+    assert during["kept_requests"] == 0
+    assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
+    settle(harness)
+    assert harness.stats.kv_blocks_used == 0
+
+
+def test_a_repeated_request_id_frees_the_first_hold(harness: EngineHarness) -> None:
+    """Two augmented requests under one id at once (the serving layer never sends this; the
+    engine must still not lose blocks to it): both pause preserved, the second hold replaces the
+    first, which is freed, and nothing is held once both are done."""
+    from tests.test_engine_strategies import SCRIPT
+
+    shared_id = f"dup-{uuid.uuid4().hex}"
+    worker = ToolWorker(redis_url=None)
+
+    async def slow_call(name: str, args: dict[str, Any], record_as: str | None) -> ToolResult:
+        await asyncio.sleep(1.0)  # both pause before either resumes
+        return await worker.call(name, args, record_as)
+
+    async def go() -> list[TraceOutcome]:
+        return await asyncio.gather(
+            *(
+                run_trace(
+                    harness.engine,
+                    harness.vocab_size,
+                    2048,
+                    shared_id,
+                    SCRIPT,
+                    slow_call,
+                    policy_variant="preserve",
+                )
+                for _ in range(2)
+            )
+        )
+
+    before = _counter(harness, "preserve_released_replaced")
+    outcomes = harness.run(go())
+    settle(harness)
+    assert _counter(harness, "preserve_released_replaced") == before + 1
+    assert harness.stats.scheduler["preserved_requests"] == 0
+    assert harness.stats.kv_blocks_used == 0
+    for outcome in outcomes:
+        assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
+
+
+def test_a_failing_policy_is_counted_and_the_engine_serves_on(harness: EngineHarness) -> None:
+    """Estimates the policy refuses (a negative duration, as a corrupted Redis could hold) make
+    it raise inside the engine core: counted, the request served, the engine alive."""
+    before = _counter(harness, "policy_errors")
+    meta = RequestMeta(
+        request_id=f"bad-{uuid.uuid4().hex}",
+        arrival_time=time.time(),
+        api_estimates={"qa": -1.0},
+        policy_variant="lamps-estimates",
+    )
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    async def go() -> int:
+        params = SamplingParams(
+            max_tokens=5, min_tokens=5, ignore_eos=True, extra_args=meta.to_extra_args()
+        )
+        tokens = 0
+        async for output in harness.engine.generate(
+            TokensPrompt(prompt_token_ids=list(range(1000, 1040))), params, f"{meta.request_id}-s0"
+        ):
+            tokens = len(output.outputs[0].token_ids)
+        return tokens
+
+    assert harness.run(go()) == 5
+    settle(harness)
+    assert _counter(harness, "policy_errors") > before
+    outcome, _ = replay(harness, "lamps")  # and the next request is served as usual
+    assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
