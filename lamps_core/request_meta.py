@@ -55,6 +55,12 @@ class RequestMeta(BaseModel):
         "its config) to schedule this request instead of its default: lets a benchmark run "
         "several policies one after another on one engine. An unknown label gets the default.",
     )
+    release_held: bool = Field(
+        default=False,
+        description="This engine request only tells the engine to let go, at once, of the KV it "
+        "holds for `request_id` (preserved, kept or swapped out): the client went away during a "
+        "call. The serving layer sends it for its own requests only.",
+    )
     reprofile: bool = Field(
         default=False,
         description="Start measuring the engine's costs afresh with this request (the engine "

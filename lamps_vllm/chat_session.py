@@ -22,6 +22,7 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from lamps_core.request_meta import RequestMeta
 from lamps_vllm.errors import PromptTooLongError
+from lamps_vllm.holds import released_if_abandoned
 from lamps_vllm.tool_calls import (
     TOOL_CALL_END,
     ParsedToolCall,
@@ -113,62 +114,63 @@ async def run_chat(
     waited_s = 0.0  # by the earlier segments, for the starvation guard
     finish_reason = "stop"
 
-    for segment in range(plan.max_tool_calls + 1):
-        mode = _segment_mode(plan, segment, calls_made=len(executions))
-        prompt_ids = render_prompt(tokenizer, messages, plan.tools if mode != "none" else None)
-        room = max_model_len - len(prompt_ids)
-        if room < 1:
-            if segment == 0:
-                raise PromptTooLongError(
-                    f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                    f"{max_model_len} tokens"
-                )
-            finish_reason = "length"  # tool results filled the context
-            break
-        budget = min(plan.max_tokens - completion_tokens, room)
-        if budget < 1:
-            finish_reason = "length"
-            break
-        ends = call_end_token_ids(tokenizer) if mode == "auto" else None
-        params = _sampling_params(plan, mode, budget, segment, waited_s, ends)
-        prompt_tokens = prompt_tokens or len(prompt_ids)
+    async with released_if_abandoned(engine, plan.request_id):
+        for segment in range(plan.max_tool_calls + 1):
+            mode = _segment_mode(plan, segment, calls_made=len(executions))
+            prompt_ids = render_prompt(tokenizer, messages, plan.tools if mode != "none" else None)
+            room = max_model_len - len(prompt_ids)
+            if room < 1:
+                if segment == 0:
+                    raise PromptTooLongError(
+                        f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                        f"{max_model_len} tokens"
+                    )
+                finish_reason = "length"  # tool results filled the context
+                break
+            budget = min(plan.max_tokens - completion_tokens, room)
+            if budget < 1:
+                finish_reason = "length"
+                break
+            ends = call_end_token_ids(tokenizer) if mode == "auto" else None
+            params = _sampling_params(plan, mode, budget, segment, waited_s, ends)
+            prompt_tokens = prompt_tokens or len(prompt_ids)
 
-        shown = 0
-        final = None
-        submitted, segment_first_token = time.time(), None
-        async for output in engine.generate(
-            TokensPrompt(prompt_token_ids=prompt_ids), params, f"{plan.request_id}-s{segment}"
-        ):
-            final = output.outputs[0]
-            if segment_first_token is None and final.token_ids:
-                segment_first_token = time.time()
-                first_token_time = first_token_time or segment_first_token
-            if mode in ("none", "auto"):
-                visible = visible_prefix(final.text) if mode == "auto" else final.text
-                if len(visible) > shown:
-                    yield TextDelta(visible[shown:])
-                    shown = len(visible)
-        assert final is not None
-        completion_tokens += len(final.token_ids)
-        waited_s += (segment_first_token or time.time()) - submitted
+            shown = 0
+            final = None
+            submitted, segment_first_token = time.time(), None
+            async for output in engine.generate(
+                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{plan.request_id}-s{segment}"
+            ):
+                final = output.outputs[0]
+                if segment_first_token is None and final.token_ids:
+                    segment_first_token = time.time()
+                    first_token_time = first_token_time or segment_first_token
+                if mode in ("none", "auto"):
+                    visible = visible_prefix(final.text) if mode == "auto" else final.text
+                    if len(visible) > shown:
+                        yield TextDelta(visible[shown:])
+                        shown = len(visible)
+            assert final is not None
+            completion_tokens += len(final.token_ids)
+            waited_s += (segment_first_token or time.time()) - submitted
 
-        call = _parse_call(mode, final.text, parser)
-        if call is None:
-            text_parts.append(final.text)
-            finish_reason = final.finish_reason or "stop"
-            break
-        if call.content:
-            text_parts.append(call.content)
-        execution = ToolExecution(
-            call_id=f"call_{uuid.uuid4().hex[:24]}",
-            name=call.name,
-            arguments=call.arguments,
-            result=await call_tool(call.name, call.arguments, None),
-            segment_index=segment,
-        )
-        executions.append(execution)
-        yield execution
-        messages += _conversation_turns(call, execution)
+            call = _parse_call(mode, final.text, parser)
+            if call is None:
+                text_parts.append(final.text)
+                finish_reason = final.finish_reason or "stop"
+                break
+            if call.content:
+                text_parts.append(call.content)
+            execution = ToolExecution(
+                call_id=f"call_{uuid.uuid4().hex[:24]}",
+                name=call.name,
+                arguments=call.arguments,
+                result=await call_tool(call.name, call.arguments, None),
+                segment_index=segment,
+            )
+            executions.append(execution)
+            yield execution
+            messages += _conversation_turns(call, execution)
 
     yield ChatOutcome(
         text="".join(text_parts),

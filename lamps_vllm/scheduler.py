@@ -130,6 +130,7 @@ class LampsScheduler(Scheduler):
         self._steps = 0
         self._scheduling_steps = 0  # steps in which some waiting request was scheduled
         self.lamps_counts: Counter[str] = Counter()
+        self.lamps_times: Counter[str] = Counter()  # seconds, by what they were spent on
         self.waiting = PolicyRequestQueue(self._priority, self._engine_view)
         self.skipped_waiting = PolicyRequestQueue(self._priority, self._engine_view)
         # Admission: predicted peak context (tokens) of each admitted engine request, and the
@@ -210,6 +211,8 @@ class LampsScheduler(Scheduler):
         counts = output.num_scheduled_tokens.values()
         prefill = sum(n for n in counts if n > 1)
         decode = sum(1 for n in counts if n == 1)
+        self.lamps_counts["prefill_tokens"] += prefill
+        self.lamps_counts["decode_tokens"] += decode
         self._step_started[id(output)] = (time.perf_counter(), prefill, decode)
 
     def _step_finished(self, output: SchedulerOutput) -> None:
@@ -219,6 +222,7 @@ class LampsScheduler(Scheduler):
             # With async scheduling the next step is scheduled before this one's output
             # returns: its time runs from the later of its scheduling and the last output.
             seconds = now - max(started[0], self._last_output_at)
+            self.lamps_times["step_s"] += seconds
             if self.lamps_profiler.observe(started[1], started[2], seconds):
                 for policy in self._policies.values():
                     policy.update_costs(self.lamps_profiler.costs)
@@ -268,6 +272,8 @@ class LampsScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         meta = self._track(request).meta
+        if meta is not None and meta.release_held:
+            self._abandon(meta.request_id)
         if meta is not None and meta.reprofile:
             self.lamps_profiler.refresh()
         if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
@@ -280,6 +286,7 @@ class LampsScheduler(Scheduler):
         super().add_request(request)
 
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        started = time.perf_counter()
         self._steps += 1
         self._committed_blocks = None
         every = self._rerank_every
@@ -293,13 +300,20 @@ class LampsScheduler(Scheduler):
             # Like a preserved request, a swapped-out one whose continuation never comes
             # (client gone) must not hold the host pool forever.
             self.connector.drop_stale(self.lamps_config.max_preserve_s)
+        before_vllm = time.perf_counter()
         output = super().schedule(*args, **kwargs)
+        after_vllm = time.perf_counter()
         self._step_scheduled(output)
         if output.scheduled_new_reqs or output.scheduled_cached_reqs.resumed_req_ids:
             self._left_queue(output)
         if output.scheduled_new_reqs:
             self._scheduling_steps += 1
             self._release_resumed(output)
+        # The profile of where a step's time goes (docs/benchmarks.md): ours around vLLM's
+        # scheduling (admission inside it is timed in `_admit`), and vLLM's scheduling itself.
+        done = time.perf_counter()
+        self.lamps_times["plugin_s"] += (before_vllm - started) + (done - after_vllm)
+        self.lamps_times["schedule_s"] += done - started
         return output
 
     def _left_queue(self, output: SchedulerOutput) -> None:
@@ -338,6 +352,13 @@ class LampsScheduler(Scheduler):
         return self._allocate_slots(request, *args, **kwargs)
 
     def _admit(self, request: Request) -> bool:
+        started = time.perf_counter()
+        try:
+            return self._admits(request)
+        finally:
+            self.lamps_times["plugin_s"] += time.perf_counter() - started
+
+    def _admits(self, request: Request) -> bool:
         view = self._queued_view(request)
         policy = self._policy_for(view.meta)
         engine = self._engine_view()
@@ -447,6 +468,13 @@ class LampsScheduler(Scheduler):
             meta = tracked.meta if tracked is not None else None
             if meta is not None and meta.request_id in self._preserved:
                 self._release(meta.request_id, reason="resumed")
+
+    def _abandon(self, logical_id: str) -> None:
+        """The client of `logical_id` is gone: what is held for it goes now, not at expiry."""
+        if logical_id in self._preserved:
+            self._release(logical_id, reason="abandoned")
+        if self._can_swap() and self.connector.drop_logical(logical_id):
+            self.lamps_counts["swap_abandoned"] += 1
 
     def _release(self, logical_id: str, reason: str) -> None:
         self._account_held_memory()
@@ -573,6 +601,7 @@ class LampsScheduler(Scheduler):
                 ),
                 "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
+                **{f"time_{k}": v for k, v in self.lamps_times.items()},
             }
             if self._can_swap():
                 ours["swap"] = asdict(self.connector.swap_stats())

@@ -48,10 +48,17 @@ and they are freed only after the worker has reported the copy. `start_load_kv` 
 (also in steps without a forward pass, via `kv_connector_no_forward`), before the forward pass and
 after vLLM zeroes newly allocated blocks, and copy-outs run before copy-ins there, so a
 continuation that arrives before the copy-out was acknowledged can already be loaded in the same
-step. On a GPU all copies go on the current stream (ordered with the forward pass and with each
-other: a slot freed after a copy-in and reused by a later copy-out cannot be overwritten early);
-`get_finished` waits on an event recorded after the step's copies before reporting them done.
-(A side stream would let copy-outs overlap the forward pass; not needed on CPU, left for later.)
+step.
+
+On a GPU, copy-outs run on a stream of their own, so they overlap the forward pass instead of
+delaying it (INFERCEPT's point: a swap is cheap only if it hides behind compute): the copy stream
+first waits for an event recorded on the compute stream (every earlier write to the blocks is
+done), and a job is reported done only once the event recorded after its copy has completed,
+polled without blocking in `get_finished`, so its blocks are freed (and its slots of a later
+copy-in released) only after the bytes have moved. Copy-ins stay on the compute stream, ahead of
+the forward pass that reads them, after waiting for any copy-out still in flight (a
+continuation can arrive before its own copy-out has finished). `copy_stream: false` in the
+connector's extra config puts copy-outs back on the compute stream.
 
 Not supported: hybrid KV cache groups (HMA: Mamba, sliding-window mixes) -- vLLM turns the hybrid
 manager off for a connector without `SupportsHMA`; the cross-layer KV layout
@@ -90,6 +97,7 @@ logger = logging.getLogger(__name__)
 
 META_KEY = "lamps"  # lamps_core.request_meta.META_KEY; not imported to keep workers light
 HOST_POOL_BYTES_KEY = "host_pool_bytes"
+COPY_STREAM_KEY = "copy_stream"
 DEFAULT_HOST_POOL_BYTES = 1 << 30
 
 
@@ -188,6 +196,10 @@ class HostPool:
         ids = torch.tensor(block_ids, dtype=torch.long)
         if self.sub > 1:
             ids = (ids[:, None] * self.sub + torch.arange(self.sub)[None, :]).reshape(-1)
+        if self.pinned:
+            # From pageable memory a copy to the GPU first waits for its stream to drain, which
+            # would hold the host until the forward pass queued before it is done.
+            return ids.pin_memory().to(self.device, non_blocking=True)
         return ids.to(self.device)
 
     @staticmethod
@@ -336,7 +348,9 @@ class LampsSwapConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self._init_scheduler_side(vllm_config)
         else:
-            self._init_worker_side()
+            self._init_worker_side(
+                bool(self._kv_transfer_config.get_from_extra_config(COPY_STREAM_KEY, True))
+            )
         logger.info(
             "LampsSwapConnector (%s): %d host slots of %d bytes (%d tokens each), %.1f MiB",
             role.name,
@@ -449,6 +463,15 @@ class LampsSwapConnector(KVConnectorBase_V1):
         for entry in stale:
             self._drop_entry(entry)
         return len(stale)
+
+    def drop_logical(self, logical_id: str) -> bool:
+        """Drop the saved KV of augmented request `logical_id` (its continuation will not come);
+        slots still being copied go back when the copy is acknowledged."""
+        entry = self._entries.get(logical_id)
+        if entry is None:
+            return False
+        self._drop_entry(entry)
+        return True
 
     def has_entry(self, logical_id: str) -> bool:
         return logical_id in self._entries
@@ -632,13 +655,17 @@ class LampsSwapConnector(KVConnectorBase_V1):
     # Worker side
     # ============================================================================================
 
-    def _init_worker_side(self) -> None:
+    def _init_worker_side(self, copy_stream: bool) -> None:
         self._pool: HostPool | None = None
         self._sent: set[str] = set()
         self._done: Counter[int] = Counter()
         self._events: list[Any] = []  # CUDA events around this step's copies
         self._seconds_out = 0.0
         self._seconds_in = 0.0
+        self._use_copy_stream = copy_stream
+        self._copy_stream: Any = None  # made once the KV cache is known to be on a GPU
+        # Copy-outs under way on the copy stream: (start event, end event, their jobs).
+        self._copying_out: list[tuple[Any, Any, list[SwapJob]]] = []
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._pool = HostPool(list(kv_caches.values()), self._num_blocks, self._num_slots)
@@ -648,7 +675,13 @@ class LampsSwapConnector(KVConnectorBase_V1):
                 self._pool.bytes_per_block,
                 self._bytes_per_block,
             )
-        logger.info("LampsSwapConnector worker: %s", self._pool.describe())
+        if self._pool.pinned and self._use_copy_stream:
+            self._copy_stream = torch.cuda.Stream(device=self._pool.device)
+        logger.info(
+            "LampsSwapConnector worker: %s; copy-outs on %s",
+            self._pool.describe(),
+            "their own stream" if self._copy_stream is not None else "the compute stream",
+        )
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         if not self.has_connector_metadata():
@@ -657,13 +690,23 @@ class LampsSwapConnector(KVConnectorBase_V1):
         if not isinstance(meta, LampsSwapMetadata) or not (meta.swap_out or meta.swap_in):
             return
         assert self._pool is not None, "register_kv_caches was not called"
+        if self._copy_stream is not None:
+            self._start_copy_outs(meta.swap_out)
+            if meta.swap_in:
+                # A copy-in may read slots a copy-out still writes (its continuation came early).
+                compute = torch.cuda.current_stream(self._pool.device)
+                for _, end, _ in self._copying_out:
+                    compute.wait_event(end)
+            swap_out: list[SwapJob] = []
+        else:
+            swap_out = meta.swap_out
         on_gpu = self._pool.pinned
         events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if on_gpu else []
         # Copy-outs first: a continuation may be loaded in the same step as its copy-out.
         t0 = time.perf_counter()
         if events:
             events[0].record()
-        for job in meta.swap_out:
+        for job in swap_out:
             self._pool.copy_out(job.block_ids, job.host_slots)
         t1 = time.perf_counter()
         if events:
@@ -679,12 +722,42 @@ class LampsSwapConnector(KVConnectorBase_V1):
         else:  # synchronous copies in host memory
             self._seconds_out += t1 - t0
             self._seconds_in += t2 - t1
-        for job in meta.swap_out:
+        self._mark_done(swap_out)
+        for job in meta.swap_in:
+            self._done[job.job_id] += 1
+
+    def _mark_done(self, jobs: list[SwapJob]) -> None:
+        for job in jobs:
             self._done[job.job_id] += 1
             if job.finished_req_id is not None:
                 self._sent.add(job.finished_req_id)
-        for job in meta.swap_in:
-            self._done[job.job_id] += 1
+
+    def _start_copy_outs(self, jobs: list[SwapJob]) -> None:
+        """Copy-outs on the copy stream, after everything the compute stream has queued so far
+        (the blocks' last writes); their jobs are done when `_poll_copy_outs` sees them end."""
+        if not jobs:
+            return
+        assert self._pool is not None
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self._pool.device))
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(ready)
+            start.record(self._copy_stream)
+            for job in jobs:
+                self._pool.copy_out(job.block_ids, job.host_slots)
+            end.record(self._copy_stream)
+        self._copying_out.append((start, end, jobs))
+
+    def _poll_copy_outs(self) -> None:
+        still: list[tuple[Any, Any, list[SwapJob]]] = []
+        for start, end, jobs in self._copying_out:
+            if end.query():
+                self._seconds_out += start.elapsed_time(end) / 1e3
+                self._mark_done(jobs)
+            else:
+                still.append((start, end, jobs))
+        self._copying_out = still
 
     def _wait_copies(self) -> None:
         if self._events:
@@ -693,6 +766,8 @@ class LampsSwapConnector(KVConnectorBase_V1):
             self._seconds_out += start.elapsed_time(mid) / 1e3
             self._seconds_in += mid.elapsed_time(end) / 1e3
             self._events = []
+        if self._copying_out:
+            self._poll_copy_outs()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return

@@ -20,6 +20,7 @@ from lamps_core.request_meta import RequestMeta
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import CallTool
 from lamps_vllm.errors import PromptTooLongError
+from lamps_vllm.holds import released_if_abandoned
 from tool_workers.simulated_api import SIMULATED_API_TYPES
 from tool_workers.tools import ToolResult
 
@@ -96,58 +97,61 @@ async def run_trace(
     records: list[SegmentRecord] = []
     waited_s = 0.0  # by the earlier segments, for the starvation guard
 
-    for index, seg in enumerate(script.segments):
-        assert len(context) == seg.prompt_tokens  # TraceScript validated the arithmetic
-        meta = RequestMeta(
-            request_id=request_id,
-            arrival_time=arrival,
-            segment_index=index,
-            waited_s=waited_s,
-            ends_in_api_call=seg.has_api_call,
-            remaining_segments=script.segments[index:],
-            api_type=seg.api_type,
-            api_estimates=api_estimates,
-            policy_variant=policy_variant,
-        )
-        params = SamplingParams(
-            max_tokens=seg.completion_tokens,
-            min_tokens=seg.completion_tokens,
-            ignore_eos=True,
-            temperature=0.0,
-            extra_args=meta.to_extra_args(),
-        )
-        started = time.time()
-        first_token_at = 0.0
-        token_ids: list[int] = []
-        cached = 0
-        async for output in engine.generate(
-            TokensPrompt(prompt_token_ids=context), params, f"{request_id}-s{index}"
-        ):
-            token_ids = list(output.outputs[0].token_ids)
-            cached = output.num_cached_tokens or 0
-            if not first_token_at and token_ids:
-                first_token_at = time.time()
-        finished = time.time()
-        waited_s += (first_token_at or finished) - started
+    async with released_if_abandoned(engine, request_id):
+        for index, seg in enumerate(script.segments):
+            assert len(context) == seg.prompt_tokens  # TraceScript validated the arithmetic
+            meta = RequestMeta(
+                request_id=request_id,
+                arrival_time=arrival,
+                segment_index=index,
+                waited_s=waited_s,
+                ends_in_api_call=seg.has_api_call,
+                remaining_segments=script.segments[index:],
+                api_type=seg.api_type,
+                api_estimates=api_estimates,
+                policy_variant=policy_variant,
+            )
+            params = SamplingParams(
+                max_tokens=seg.completion_tokens,
+                min_tokens=seg.completion_tokens,
+                ignore_eos=True,
+                temperature=0.0,
+                extra_args=meta.to_extra_args(),
+            )
+            started = time.time()
+            first_token_at = 0.0
+            token_ids: list[int] = []
+            cached = 0
+            async for output in engine.generate(
+                TokensPrompt(prompt_token_ids=context), params, f"{request_id}-s{index}"
+            ):
+                token_ids = list(output.outputs[0].token_ids)
+                cached = output.num_cached_tokens or 0
+                if not first_token_at and token_ids:
+                    first_token_at = time.time()
+            finished = time.time()
+            waited_s += (first_token_at or finished) - started
 
-        api_result = None
-        if seg.has_api_call:
-            api_result = await call_tool(
-                "simulated_api",
-                {"duration_s": seg.api_time, "return_tokens": seg.api_token_length},
-                record_name(seg.api_type),
+            api_result = None
+            if seg.has_api_call:
+                api_result = await call_tool(
+                    "simulated_api",
+                    {"duration_s": seg.api_time, "return_tokens": seg.api_token_length},
+                    record_name(seg.api_type),
+                )
+                context = (
+                    context + token_ids + filler_ids(seg.api_token_length or 0, vocab_size, rng)
+                )
+            records.append(
+                SegmentRecord(
+                    index,
+                    seg.prompt_tokens,
+                    len(token_ids),
+                    cached,
+                    started,
+                    first_token_at,
+                    finished,
+                    api_result,
+                )
             )
-            context = context + token_ids + filler_ids(seg.api_token_length or 0, vocab_size, rng)
-        records.append(
-            SegmentRecord(
-                index,
-                seg.prompt_tokens,
-                len(token_ids),
-                cached,
-                started,
-                first_token_at,
-                finished,
-                api_result,
-            )
-        )
     return TraceOutcome(request_id, arrival, records[-1].finished_at, records)

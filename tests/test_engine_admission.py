@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -165,3 +166,59 @@ def test_a_failing_policy_is_counted_and_the_engine_serves_on(harness: EngineHar
     assert _counter(harness, "policy_errors") > before
     outcome, _ = replay(harness, "lamps")  # and the next request is served as usual
     assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
+
+
+def abandon_during_call(h: EngineHarness, variant: str) -> dict[str, Any]:
+    """Start SCRIPT under `variant`, cancel it while its call runs (a client gone), and return
+    the engine's figures read during the call."""
+    from tests.test_engine_strategies import SCRIPT
+
+    in_call = asyncio.Event()
+
+    async def never_returns(name: str, args: dict[str, Any], record_as: str | None) -> ToolResult:
+        in_call.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("cancelled long before")
+
+    async def go() -> dict[str, Any]:
+        task = asyncio.create_task(
+            run_trace(
+                h.engine,
+                h.vocab_size,
+                2048,
+                f"gone-{uuid.uuid4().hex}",
+                SCRIPT,
+                never_returns,
+                policy_variant=variant,
+            )
+        )
+        await in_call.wait()
+        await asyncio.sleep(0.5)  # the swap-out copy and a step's statistics
+        during = {"used": h.stats.kv_blocks_used, **h.stats.scheduler}
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.5)
+        return during
+
+    return h.run(go())
+
+
+def test_a_request_abandoned_in_its_call_frees_its_blocks_at_once(harness: EngineHarness) -> None:
+    before = _counter(harness, "preserve_released_abandoned")
+    during = abandon_during_call(harness, "preserve")
+    assert during["preserved_requests"] == 1
+    settle(harness)
+    assert _counter(harness, "preserve_released_abandoned") == before + 1
+    assert harness.stats.scheduler["preserved_requests"] == 0
+    assert harness.stats.kv_blocks_used == 0
+
+
+def test_a_request_abandoned_in_its_call_frees_its_host_copy(harness: EngineHarness) -> None:
+    before = _counter(harness, "swap_abandoned")
+    during = abandon_during_call(harness, "swap")
+    assert during["swap"]["host_pool_bytes_in_use"] > 0
+    settle(harness)
+    assert _counter(harness, "swap_abandoned") == before + 1
+    assert harness.stats.scheduler["swap"]["host_pool_bytes_in_use"] == 0
+    assert harness.stats.kv_blocks_used == 0
