@@ -641,7 +641,9 @@ def _vs_rate(
         ax.grid(True, alpha=0.3)
         ax.set_ylim(bottom=0)
         ax.legend()
-    fig.suptitle(f"{title} ({variant})")
+    rounds = max(len(group) for group in runs.values()) if runs else 1
+    over = f"; median of {rounds} rounds, bars from the lowest to the highest" if rounds > 1 else ""
+    fig.suptitle(f"{title} ({variant}{over})")
     fig.savefig(path, dpi=110)
     return path
 

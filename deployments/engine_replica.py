@@ -8,12 +8,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from ray import serve
-from ray.exceptions import RayError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.metrics import EngineStatsBoard
@@ -22,29 +22,42 @@ from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
+from tool_workers.stats import ToolDurationEstimate, ToolStatsStore
 from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
+from tool_workers.worker import recorded_name
 
 logger = logging.getLogger(__name__)
 
 API_ESTIMATES_REFRESH_S = 5.0
+# A tool worker's own deadline for a call is the tool's timeout; we wait this much longer
+# (its Redis record, Ray's round trip) before giving up on a worker that does not answer.
+TOOL_CALL_GRACE_S = 5.0
+DEFAULT_TOOL_TIMEOUT_S = 30.0
 
 
 class EngineReplica:
     async def __init__(
-        self, engine: dict[str, Any], tool_worker: DeploymentHandle, redis_url: str | None
+        self,
+        engine: dict[str, Any],
+        tool_worker: DeploymentHandle,
+        redis_url: str | None,
+        tool_timeouts_s: Mapping[str, float] | None = None,
     ) -> None:
         self.settings = EngineSettings.model_validate(engine)
         self._tools = tool_worker
+        self._tool_timeouts_s = dict(tool_timeouts_s or {})
+        # Calls that fail outside the worker (it died, it hung) are recorded from here.
+        self._tool_stats = ToolStatsStore(redis_url) if redis_url else None
+        self._replica_id = _replica_id()
         self._engine, self._stats = await start_engine(self.settings)
         self._tokenizer = self._engine.get_tokenizer()
         self._vocab_size = self._engine.model_config.get_vocab_size()
         self._max_model_len = self.settings.max_model_len
         self._paused_in_tool_calls = 0
-        replica_id = _replica_id()
         self._board = EngineStatsBoard(redis_url) if redis_url else None
         self._api_estimates: dict[str, float] = {}
         self._background = [
-            asyncio.create_task(self._publish_stats(replica_id)),
+            asyncio.create_task(self._publish_stats(self._replica_id)),
             asyncio.create_task(self._refresh_api_estimates()),
         ]
 
@@ -102,6 +115,16 @@ class EngineReplica:
             "generation_tokens": snap.generation_tokens,
         }
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """`stats()` labelled with this replica and its model: what `/metrics` shows, asked
+        of the replica itself so that it does not depend on Redis."""
+        model = self.settings.served_model_name
+        return {"replica": self._replica_id, "model": model, **self.stats()}
+
+    def api_estimates(self) -> dict[str, float]:
+        """The mean call durations (s) per tool and API type the scheduler is given."""
+        return dict(self._api_estimates)
+
     def scheduler_stats(self) -> dict[str, Any]:
         """The scheduler plugin's figures: policy, engine costs, strategy counts, held memory."""
         return dict(self._stats.snapshot.scheduler)
@@ -123,22 +146,35 @@ class EngineReplica:
         self, name: str, arguments: dict[str, Any], record_as: str | None
     ) -> ToolResult:
         """Run one call on a tool worker. Never raises: a failed call becomes a failed result
-        the model sees, so a broken tool cannot lose the request."""
+        the model (and the client) sees, so a broken tool cannot lose the request."""
         self._paused_in_tool_calls += 1
         started = datetime.now(UTC)
         t0 = time.monotonic()
+        limit_s = self._tool_timeouts_s.get(name, DEFAULT_TOOL_TIMEOUT_S) + TOOL_CALL_GRACE_S
+        ran = True
         try:
-            return await self._tools.call.remote(name, arguments, record_as)
+            call = self._tools.call.remote(name, arguments, record_as)
+            return await asyncio.wait_for(call, timeout=limit_s)
         except (UnknownToolError, ToolArgumentsError) as exc:
-            error = str(exc)  # the model asked for something the server does not offer
-        except RayError as exc:
-            logger.warning("tool worker failed on %s: %s", name, exc)
-            error = f"tool worker unavailable: {type(exc).__name__}"
+            # The model asked for something the server does not offer: the call never ran.
+            error, ran = str(getattr(exc, "cause", None) or exc), False
+        except TimeoutError:
+            error = f"the tool worker did not answer within {limit_s:g} s"
+        except Exception as exc:  # whatever happened to the worker, the request goes on
+            logger.warning("tool worker failed on %s: %r", name, exc)
+            error = _worker_failure(exc)
         finally:
             self._paused_in_tool_calls -= 1
-        return ToolResult(
-            tool=name, ok=False, error=error, started_at=started, duration_s=time.monotonic() - t0
+        result = ToolResult(
+            tool=recorded_name(name, record_as),
+            ok=False,
+            error=error,
+            started_at=started,
+            duration_s=time.monotonic() - t0,
         )
+        if ran and self._tool_stats is not None:
+            await self._tool_stats.record(result)  # the worker could not: count it here
+        return result
 
     async def _publish_stats(self, replica_id: str) -> None:
         if self._board is None:
@@ -153,9 +189,7 @@ class EngineReplica:
         while True:
             try:
                 estimates = await self._tools.estimates.remote()
-                self._api_estimates = {
-                    name: e.mean_s for name, e in estimates.items() if e.count and e.mean_s
-                }
+                self._api_estimates = merge_estimates(self._api_estimates, estimates)
             except Exception as exc:  # Redis or the worker down: keep the last estimates
                 logger.warning("cannot refresh tool duration estimates: %s", exc)
             await asyncio.sleep(API_ESTIMATES_REFRESH_S)
@@ -165,6 +199,28 @@ class EngineReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
+
+
+def merge_estimates(
+    last: Mapping[str, float], fresh: Mapping[str, ToolDurationEstimate]
+) -> dict[str, float]:
+    """The last estimates updated by the fresh ones that have data. A tool missing from Redis
+    (restarted empty, flushed) keeps its last estimate: a replica never trades what it learned
+    for nothing, which would make the scheduler treat every call as of unknown length."""
+    merged = dict(last)
+    merged.update({name: e.mean_s for name, e in fresh.items() if e.count and e.mean_s})
+    return merged
+
+
+def _worker_failure(exc: Exception) -> str:
+    """What the model and the client read when the worker, not the tool, failed: short, no
+    Ray traceback."""
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        return f"the tool worker failed: {type(cause).__name__}: {str(cause)[:200]}"
+    if isinstance(exc, RayActorError):
+        return f"the tool worker was lost during the call ({type(exc).__name__})"
+    return f"the tool worker is unavailable ({type(exc).__name__})"
 
 
 def _replica_id() -> str:

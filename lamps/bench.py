@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -60,16 +61,33 @@ if TYPE_CHECKING:  # the engine's modules load only when a run starts, not for -
 # Figures of the scheduler plugin that are counters: a run's share is after minus before.
 _COUNTERS = (
     "calls_preserve",
+    "calls_keep",
     "calls_discard",
     "calls_swap",
     "demoted_to_discard",
     "demoted_to_swap",
+    "kept_given_back",
+    "keep_released_resumed",
     "swap_refused",
     "preemptions",
+    "admission_refused",
+    "policy_errors",
     "preserved_block_seconds",
+    # The step profile (docs/benchmarks.md): where the engine's time and tokens went.
+    "prefill_tokens",
+    "decode_tokens",
+    "time_step_s",
+    "time_schedule_s",
+    "time_plugin_s",
 )
+# The host pool's counters (the scheduler's figures under "swap"), reported as swap_<name>.
+_SWAP_COUNTERS = ("bytes_out", "bytes_in", "seconds_out", "seconds_in", "refused")
 # The warm-up run: this many requests of the first rate's trace, under the first policy.
 WARMUP_REQUESTS = 32
+# A run during which processes not ours used more than this share of the machine's CPU time is
+# flagged. On the 2-core CPU machine runs at 35-40 % were 1.4-2x slower than their repeats; runs
+# at up to 12 % (system daemons, idle neighbours) were within 2.5 % of each other.
+NOISY_SHARE = 0.20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,7 +191,8 @@ def load_trace(
     sampled, time-scaled and given Poisson arrivals where it has none; or generated."""
     n = args.requests or max(1, round(rate * args.duration))
     if args.trace:
-        trace = sample_requests(source or read_trace_file(args), n, args.sample, args.seed)
+        trace = source if source is not None else read_trace_file(args)
+        trace = sample_requests(trace, n, args.sample, args.seed)
         if args.time_scale is not None:
             trace = with_time_scale(trace, args.time_scale)
         return trace if trace.has_arrivals else with_poisson_arrivals(trace, rate, args.seed)
@@ -329,6 +348,9 @@ async def run_one(
     results = await asyncio.gather(*(one(r) for r in trace.requests))
     after = await target.scheduler_stats()
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in _COUNTERS}
+    swap_before, swap_after = before.get("swap", {}), after.get("swap", {})
+    for key in _SWAP_COUNTERS:
+        delta[f"swap_{key}"] = swap_after.get(key, 0) - swap_before.get(key, 0)
     costs = after.get("costs", {})
     block_bytes = costs.get("kv_bytes_per_token", 0) * after.get("block_size", 0)
     delta["preserved_gb_s"] = delta["preserved_block_seconds"] * block_bytes / 1e9
@@ -360,8 +382,11 @@ def collector_paused() -> Iterator[None]:
     """No garbage collection in this process while a run is measured: a collection pauses the
     event loop that sends requests and (with --engine-only) reads the engine's outputs, at
     moments that differ from run to run. Garbage is collected before the run instead, so each
-    starts from the same state; what a run leaves is collected before the next."""
+    starts from the same state; what a run leaves is collected before the next. What survives
+    (modules, the engine, earlier runs' results: ~700k objects with vLLM loaded, a 0.3 s full
+    collection on the 2-core CPU machine) is frozen, so no later collection walks it again."""
     gc.collect()
+    gc.freeze()
     was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -376,6 +401,68 @@ def median_counters(per_round: Sequence[dict[str, float]]) -> dict[str, float]:
     if len(per_round) == 1:
         return dict(per_round[0])
     return {key: statistics.median(d[key] for d in per_round) for key in per_round[0]}
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """CPU seconds used so far: by the whole machine, and per process of ours (this one and
+    its children: the engine core with --engine-only, Ray's processes otherwise)."""
+
+    machine: float
+    ours: dict[int, float]
+
+    @classmethod
+    def take(cls) -> CpuSample | None:
+        try:
+            import psutil  # comes with Ray and vLLM; without it, no CPU figures
+        except ImportError:
+            return None
+        t = psutil.cpu_times()
+        busy = (
+            t.user
+            + t.nice
+            + t.system
+            + sum(getattr(t, name, 0.0) for name in ("irq", "softirq", "steal"))
+        )
+        ours: dict[int, float] = {}
+        me = psutil.Process()
+        for proc in (me, *me.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):  # a process that ended meanwhile
+                times = proc.cpu_times()
+                ours[proc.pid] = times.user + times.system
+        return cls(busy, ours)
+
+
+def run_conditions(started: float, before: CpuSample | None) -> dict[str, float]:
+    """How long a run took, how loaded the machine was at its end (1-minute load average) and,
+    where psutil is there, the CPU time the machine spent on processes not ours during it:
+    identical runs that differ usually differ here first (a shared machine)."""
+    conditions = {"wall_s": time.monotonic() - started, "load_1m": os.getloadavg()[0]}
+    after = CpuSample.take()
+    if before is not None and after is not None:
+        busy = after.machine - before.machine
+        ours = sum(t - before.ours.get(pid, 0.0) for pid, t in after.ours.items())
+        conditions |= {"cpu_busy_s": busy, "cpu_ours_s": ours, "cpu_others_s": busy - ours}
+    return conditions
+
+
+def noisy_runs(
+    machine: dict[str, dict[str, list[dict[str, float]]]], cpus: int | None = None
+) -> list[str]:
+    """The runs (policy, rate, round) during which other processes took more than
+    `NOISY_SHARE` of the machine's CPU time (`machine_per_round` of `run_all`)."""
+    cpus = cpus or os.cpu_count() or 1
+    notes = []
+    for label, by_rate in machine.items():
+        for rate, per_round in by_rate.items():
+            for r, m in enumerate(per_round):
+                share = m.get("cpu_others_s", 0.0) / (cpus * m["wall_s"]) if m["wall_s"] else 0.0
+                if share > NOISY_SHARE:
+                    notes.append(
+                        f"{label} at {rate}/s, round {r}: other processes took {share:.0%} of "
+                        "the machine's CPU time; its figures may not compare with its repeats"
+                    )
+    return notes
 
 
 async def warm_up(target: ReplayTarget, trace: Trace, spec: PolicySpec, rate: float) -> dict:
@@ -406,14 +493,20 @@ async def run_all(
     warmup = await warm_up(target, traces[rates[0]], policies[0], rates[0]) if args.warmup else None
     results: list[RequestResult] = []
     per_round: dict[str, dict[str, list[dict[str, float]]]] = {}
+    machine: dict[str, dict[str, list[dict[str, float]]]] = {}
     total = sum(len(traces[rate]) for rate, _, _ in runs_in_order)
+    # The bar costs ~0.5 us an update (it redraws at most 10 times a second): no noise.
     with tqdm(total=total, unit="req", desc="lamps bench") as bar:
         for rate, r, spec in runs_in_order:
             bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{args.rounds}")
+            started, cpu = time.monotonic(), CpuSample.take()
             with collector_paused():
                 got, delta = await run_one(target, traces[rate], spec, rate, bar.update, r)
             results += got
             per_round.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(delta)
+            machine.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(
+                run_conditions(started, cpu)
+            )
     runs = {
         label: {rate: median_counters(deltas) for rate, deltas in by_rate.items()}
         for label, by_rate in per_round.items()
@@ -422,6 +515,7 @@ async def run_all(
         "results": results,
         "runs": runs,
         "runs_per_round": per_round,
+        "machine_per_round": machine,
         "order": [[rate, r, spec.label] for rate, r, spec in runs_in_order],
         "warmup": warmup,
         "traces": traces,
@@ -438,6 +532,7 @@ def run_ratio_table(summaries: Sequence[PolicySummary], policies: str) -> str:
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
     results: list[RequestResult] = outcome["results"]
     summaries = summarize_all(results, horizon_s=args.duration)  # one per round
+    noisy = noisy_runs(outcome.get("machine_per_round") or {})
     config = {
         "command": vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
         "engine": engine,
@@ -445,8 +540,11 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         "scheduler_per_run": outcome["runs"],
         # ... and every round's, in round order.
         "scheduler_per_round": outcome.get("runs_per_round"),
+        # Per round: wall time, load average, CPU time of other processes (`run_conditions`).
+        "machine_per_round": outcome.get("machine_per_round"),
         "order": outcome.get("order"),
         "warmup": outcome.get("warmup"),
+        "noisy_runs": noisy,
         "traces": {f"{rate:g}": trace.info for rate, trace in outcome["traces"].items()},
     }
     machine = {
@@ -463,8 +561,15 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
     except ImportError as exc:  # a GPU machine without matplotlib: plot later from the records
         print(f"no plots ({exc}); `lamps bench-plot {args.out}` draws them from requests.jsonl")
     table = run_ratio_table(summaries, args.policies)
-    (args.out / "ratios.txt").write_text(table + "\n")
+    (args.out / "ratios.txt").write_text(with_notes(table, noisy) + "\n")
+    for note in noisy:  # printed apart: the returned table stays a table
+        print(f"note: {note}")
     return table
+
+
+def with_notes(table: str, noisy: Sequence[str]) -> str:
+    """The ratio table, then a line for each run flagged by `noisy_runs` (none: the table)."""
+    return "\n".join([table, *(f"note: {n}" for n in noisy)])
 
 
 def replot(out: Path) -> str:
@@ -478,6 +583,7 @@ def replot(out: Path) -> str:
     summaries = summarize_all(results, horizon_s=command.get("duration"))
     plot(out, summaries, results)
     table = run_ratio_table(summaries, command.get("policies") or "lamps,infercept,vllm")
+    table = with_notes(table, body.get("config", {}).get("noisy_runs") or [])
     (out / "ratios.txt").write_text(table + "\n")
     return table
 

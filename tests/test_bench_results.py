@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -28,7 +29,15 @@ from bench.results import (
     write_request_results,
     write_results,
 )
-from lamps.bench import add_arguments, collector_paused, parse_policies, run_all, schedule
+from lamps.bench import (
+    add_arguments,
+    collector_paused,
+    noisy_runs,
+    parse_policies,
+    report,
+    run_all,
+    schedule,
+)
 from lamps_core.trace import TraceScript
 
 
@@ -255,7 +264,11 @@ def bench_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(list(argv))
 
 
-def test_run_all_warms_up_then_runs_rounds_with_new_ids_each_run() -> None:
+def test_run_all_warms_up_then_runs_rounds_with_new_ids_each_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(gc, "collect", lambda *a: 0)  # a full collection here takes ~1 s
+    monkeypatch.setattr(gc, "freeze", lambda: None)
     args = bench_args(
         "--workload", "toolbench", "--scale", "0.05", "--rate", "1000", "--requests", "40",
         "--rounds", "3", "--policies", "a=vllm,b=vllm",
@@ -278,6 +291,22 @@ def test_run_all_warms_up_then_runs_rounds_with_new_ids_each_run() -> None:
     assert [d["calls_discard"] for d in per_round] == [calls] * 3
     assert [d["preemptions"] for d in per_round] == [40, 40, 40]
     assert outcome["runs"]["a"]["1000"]["calls_discard"] == calls
+    conditions = outcome["machine_per_round"]["b"]["1000"]
+    assert len(conditions) == 3 and all(m["wall_s"] > 0 and "load_1m" in m for m in conditions)
+
+    # The files: per-round counters and ratios, the spread in ratios.txt, a flagged run noted.
+    busy = {"wall_s": 10.0, "cpu_others_s": 9.0 * (os.cpu_count() or 1)}  # 90 % of the machine
+    outcome["machine_per_round"]["b"]["1000"][1] |= busy
+    args.out = tmp_path
+    table = report(args, outcome, engine={})
+    body = json.loads((tmp_path / "results.json").read_text())
+    assert len(body["config"]["scheduler_per_round"]["b"]["1000"]) == 3
+    assert {r["other"] for r in body["ratios"]} == {"b"}
+    assert body["results"]["a"]["1000"]["rounds"] == 3
+    written = (tmp_path / "ratios.txt").read_text().splitlines()
+    assert "over 3 rounds" in written[0] and "[" in written[2]
+    assert written[3].startswith("note: b at 1000/s, round 1:")
+    assert table.splitlines() == written[:3]
 
     args.warmup = False
     target = FakeTarget()
@@ -285,10 +314,23 @@ def test_run_all_warms_up_then_runs_rounds_with_new_ids_each_run() -> None:
     assert not any(i.startswith("warmup-") for i in target.ids)
 
 
-def test_collector_paused_during_a_run_only() -> None:
+def test_runs_where_other_processes_took_the_cpu_are_flagged() -> None:
+    quiet = {"wall_s": 20.0, "load_1m": 4.0, "cpu_others_s": 1.5}  # 4 % of 2 cores
+    busy = {"wall_s": 28.0, "load_1m": 7.1, "cpu_others_s": 22.3}  # 40 %
+    machine = {"a": {"12": [quiet, quiet, quiet]}, "b": {"12": [quiet, quiet, busy]}}
+    notes = noisy_runs(machine, cpus=2)
+    assert len(notes) == 1 and notes[0].startswith("b at 12/s, round 2: ") and "40%" in notes[0]
+    assert noisy_runs({"a": {"12": [{"wall_s": 20.0, "load_1m": 9.0}]}}, cpus=2) == []
+
+
+def test_collector_paused_during_a_run_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    collected: list[str] = []
+    monkeypatch.setattr(gc, "collect", lambda *a: collected.append("collect"))
+    monkeypatch.setattr(gc, "freeze", lambda: collected.append("freeze"))
     assert gc.isenabled()
     with collector_paused():
         assert not gc.isenabled()
+        assert collected == ["collect", "freeze"]  # before the run, never inside it
     assert gc.isenabled()
     gc.disable()
     try:

@@ -52,7 +52,8 @@ def test_bench_runs_policies_side_by_side(stack: RunningStack, tmp_path: Path) -
     runs = body["config"]["scheduler_per_run"]
     calls = sum(len(r.script.segments) - 1 for r in outcome["traces"][4.0].requests)
     assert runs["vllm"]["4"]["calls_discard"] == calls  # vLLM's policy discards every call
-    assert sum(runs["lamps"]["4"][f"calls_{s}"] for s in ("preserve", "discard", "swap")) == calls
+    strategies = ("preserve", "keep", "discard", "swap")
+    assert sum(runs["lamps"]["4"][f"calls_{s}"] for s in strategies) == calls
     records = (tmp_path / "requests.jsonl").read_text().splitlines()
     assert len(records) == 12
     for png in ("latency_vs_rate.png", "ttft_vs_rate.png", "latency_cdf.png"):

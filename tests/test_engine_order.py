@@ -9,7 +9,6 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
@@ -26,7 +25,22 @@ from tool_workers.worker import ToolWorker
 
 @pytest.fixture(scope="module")
 def serial(prepared_models: PreparedModels) -> Iterator[EngineHarness]:
-    h = EngineHarness(tiny_settings(prepared_models.tiny_dummy, max_num_seqs=1))
+    # The policies the tests compare: variants the engine builds at start-up, named by label.
+    variants = {
+        "vllm": {"policy": "vllm"},
+        "sjf": {"policy": "sjf"},
+        "lamps": {"policy": "lamps"},
+        "lamps-unguarded": {"policy": "lamps", "policy_options": {"max_passed_over": None}},
+        "lamps-guarded": {
+            "policy": "lamps",
+            "policy_options": {"max_passed_over": None, "max_queued_s": BOUND_S},
+        },
+    }
+    h = EngineHarness(
+        tiny_settings(
+            prepared_models.tiny_dummy, max_num_seqs=1, scheduler={"policy_variants": variants}
+        )
+    )
     yield h
     h.close()
 
@@ -42,13 +56,12 @@ async def replay_at(
     delay_s: float,
     request_id: str,
     trace: TraceScript,
-    policy: str,
-    options: dict[str, Any] | None = None,
+    variant: str,
 ) -> TraceOutcome:
     await asyncio.sleep(delay_s)
     worker = ToolWorker(redis_url=None)
     return await run_trace(
-        h.engine, h.vocab_size, 2048, request_id, trace, worker.call, None, policy, options
+        h.engine, h.vocab_size, 2048, request_id, trace, worker.call, policy_variant=variant
     )
 
 
@@ -122,16 +135,14 @@ HEAVY = script(16, 96)
 BOUND_S = 1.0
 
 
-def heavy_wait_under_a_stream(h: EngineHarness, options: dict[str, Any]) -> tuple[float, float]:
+def heavy_wait_under_a_stream(h: EngineHarness, variant: str) -> tuple[float, float]:
     """A heavy request queued behind a stream of light ones arriving faster than the engine
     serves them; returns the heavy one's wait and the longest light request's service time."""
     tag = uuid.uuid4().hex[:8]
 
     async def go() -> tuple[TraceOutcome, list[TraceOutcome]]:
-        light = [
-            replay_at(h, 0.02 * i, f"light{i}-{tag}", LIGHT, "lamps", options) for i in range(150)
-        ]
-        heavy = replay_at(h, 0.2, f"heavy-{tag}", HEAVY, "lamps", options)
+        light = [replay_at(h, 0.02 * i, f"light{i}-{tag}", LIGHT, variant) for i in range(150)]
+        heavy = replay_at(h, 0.2, f"heavy-{tag}", HEAVY, variant)
         heavy_outcome, *light_outcomes = await asyncio.gather(heavy, *light)
         return heavy_outcome, light_outcomes
 
@@ -147,12 +158,10 @@ def test_heavy_request_waits_no_longer_than_the_starvation_bound(serial: EngineH
     # The engine also serves a policy that never re-ranks (vLLM's): that must not stop the
     # re-ranks the guard needs.
     serial.run(replay_at(serial, 0.0, f"fcfs-{uuid.uuid4().hex[:8]}", LIGHT, "vllm"))
-    unguarded_wait, served = heavy_wait_under_a_stream(serial, {"max_passed_over": None})
+    unguarded_wait, served = heavy_wait_under_a_stream(serial, "lamps-unguarded")
     # Unguarded, the memory ranking keeps putting the light requests first.
     assert unguarded_wait > 3 * BOUND_S
-    guarded_wait, served = heavy_wait_under_a_stream(
-        serial, {"max_passed_over": None, "max_queued_s": BOUND_S}
-    )
+    guarded_wait, served = heavy_wait_under_a_stream(serial, "lamps-guarded")
     # Promoted at the first re-rank past the bound (every 10 steps), it starts once the light
     # request running then is done.
     rerank_s = 10 * serial.stats.scheduler["costs"]["decode_step_s"]

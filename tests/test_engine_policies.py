@@ -80,3 +80,26 @@ def test_every_policy_completes_the_trace(harness: EngineHarness, policy: str) -
     if policy == "vllm":
         assert after.get("calls_discard", 0) - before.get("calls_discard", 0) == calls
     assert after["preserved_requests"] == 0
+
+
+def test_an_unknown_variant_gets_the_engine_default(harness: EngineHarness) -> None:
+    """A label the engine was not started with (the serving layer refuses those) is served by
+    the default policy and counted; no policy is made for it."""
+    before = harness.stats.scheduler.get("unknown_policy_variant", 0)
+    script = TraceScript.model_validate(
+        {"segments": [{"prompt_tokens": 16, "completion_tokens": 3}]}
+    )
+    outcome = harness.run(
+        run_trace(
+            harness.engine,
+            harness.vocab_size,
+            2048,
+            f"unknown-variant-{random.randrange(1 << 30)}",
+            script,
+            ToolWorker(redis_url=None).call,
+            policy_variant="no-such-variant",
+        )
+    )
+    assert [s.completion_tokens for s in outcome.segments] == [3]
+    harness.run(asyncio.sleep(0.2))  # a step's statistics reach the stat logger
+    assert harness.stats.scheduler["unknown_policy_variant"] > before

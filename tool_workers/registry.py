@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -48,6 +49,30 @@ class ToolRegistry:
         """Validated arguments for tool ``name``; raises UnknownToolError or ToolArgumentsError."""
         return self.get(name).parse_arguments(args)
 
+    def set_timeouts(
+        self, default_s: float | None = None, per_tool_s: Mapping[str, float] | None = None
+    ) -> None:
+        """Limit every tool's calls to ``default_s`` (none: each tool keeps its own limit), then
+        the tools named in ``per_tool_s`` to theirs. A name we do not have is a config error:
+        a typo would otherwise leave that tool on a limit nobody chose."""
+        per_tool_s = dict(per_tool_s or {})
+        unknown = sorted(set(per_tool_s) - set(self._tools))
+        if unknown:
+            raise ValueError(
+                f"tool_timeouts_s names unknown tools {unknown}; tools: {', '.join(self.names())}"
+            )
+        for seconds in [default_s, *per_tool_s.values()]:
+            if seconds is not None and not 0 < seconds < math.inf:
+                raise ValueError(f"a tool timeout must be a positive number of seconds: {seconds}")
+        for tool in self._tools.values():
+            limit = per_tool_s.get(tool.name, default_s)
+            if limit is not None:
+                tool.set_timeout(limit)
+
+    def timeouts(self) -> dict[str, float]:
+        """Each tool's call limit in seconds (what its caller waits for, plus a margin)."""
+        return {name: tool.timeout_s for name, tool in self._tools.items()}
+
     def __contains__(self, name: object) -> bool:
         return name in self._tools
 
@@ -61,12 +86,19 @@ class ToolRegistry:
 def default_registry(
     http_allowlist: Iterable[str] = (),
     max_simulated_duration_s: float = DEFAULT_MAX_DURATION_S,
+    *,
+    http_allow_ips: Iterable[str] = (),
+    tool_timeout_s: float | None = None,
+    tool_timeouts_s: Mapping[str, float] | None = None,
 ) -> ToolRegistry:
-    """calculator, http_get (restricted to ``http_allowlist``) and simulated_api."""
-    return ToolRegistry(
+    """calculator, http_get (restricted to ``http_allowlist`` host names, and to public addresses
+    or ``http_allow_ips``) and simulated_api, with their call limits (``set_timeouts``)."""
+    registry = ToolRegistry(
         [
             Calculator(),
-            HttpGet(http_allowlist),
+            HttpGet(http_allowlist, allow_ips=http_allow_ips),
             SimulatedApi(max_simulated_duration_s),
         ]
     )
+    registry.set_timeouts(tool_timeout_s, tool_timeouts_s)
+    return registry

@@ -132,6 +132,11 @@ class Tool(ABC, Generic[ArgsT]):
     # The worker cancels a call that runs longer than this.
     timeout_s: float = 30.0
 
+    def set_timeout(self, seconds: float) -> None:
+        """Change the call limit (app args `tool_timeout_s`, `tool_timeouts_s`); tools with
+        deadlines of their own (a request inside the call) follow it here."""
+        self.timeout_s = seconds
+
     @abstractmethod
     async def __call__(self, args: ArgsT) -> ToolOutput: ...
 

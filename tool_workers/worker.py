@@ -19,9 +19,9 @@ from typing import Any
 from tool_workers.registry import ToolRegistry, default_registry
 from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S, SIMULATED_API_TYPES
 from tool_workers.stats import ToolCallCounts, ToolDurationEstimate, ToolStatsStore
-from tool_workers.tools import ToolError, ToolResult
+from tool_workers.tools import ToolError, ToolOutput, ToolResult
 
-__all__ = ["ToolWorker"]
+__all__ = ["ToolWorker", "recorded_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +35,29 @@ class ToolWorker:
         http_allowlist: Iterable[str] = (),
         max_simulated_duration_s: float = DEFAULT_MAX_DURATION_S,
         *,
+        http_allow_ips: Iterable[str] = (),
+        tool_timeout_s: float | None = None,
+        tool_timeouts_s: Mapping[str, float] | None = None,
         namespace: str = "lamps",
         registry: ToolRegistry | None = None,
     ) -> None:
-        self.registry = registry or default_registry(http_allowlist, max_simulated_duration_s)
+        self.registry = registry or default_registry(
+            http_allowlist,
+            max_simulated_duration_s,
+            http_allow_ips=http_allow_ips,
+            tool_timeout_s=tool_timeout_s,
+            tool_timeouts_s=tool_timeouts_s,
+        )
         # No Redis URL: tools still run, nothing is recorded and estimates are empty.
         self.stats = ToolStatsStore(redis_url, namespace=namespace) if redis_url else None
 
     def schemas(self) -> list[dict[str, Any]]:
         """The OpenAI ``tools`` list for every registered tool."""
         return self.registry.schemas()
+
+    def timeouts(self) -> dict[str, float]:
+        """Each tool's call limit in seconds."""
+        return self.registry.timeouts()
 
     async def call(
         self, name: str, arguments: Mapping[str, Any] | str, record_as: str | None = None
@@ -61,7 +74,7 @@ class ToolWorker:
         started_at = datetime.now(UTC)
         start = time.perf_counter()
         try:
-            out = await asyncio.wait_for(tool(args), timeout=tool.timeout_s)
+            out = _valid_output(name, await asyncio.wait_for(tool(args), timeout=tool.timeout_s))
         except ToolError as exc:
             result = self._failed(name, str(exc), started_at, start)
         except TimeoutError:
@@ -86,16 +99,16 @@ class ToolWorker:
                 started_at=started_at,
                 num_tokens=out.num_tokens,
             )
-        if record_as is not None and record_as != name:
-            if record_as in SIMULATED_API_TYPES and name == "simulated_api":
-                result = result.model_copy(update={"tool": record_as})
-            else:
-                logger.warning(
-                    "call of %s not recorded as %r (not a simulated API type)", name, record_as[:64]
-                )
+        result = result.model_copy(update={"tool": recorded_name(name, record_as)})
         if self.stats is not None:
             await self.stats.record(result)  # never raises on Redis trouble
         return result
+
+    async def record_failure(self, result: ToolResult) -> None:
+        """Record a call that failed outside the worker (its actor lost mid-call, no answer in
+        time): the caller knows of it, the worker never could."""
+        if self.stats is not None:
+            await self.stats.record(result)
 
     @staticmethod
     def _failed(name: str, error: str, started_at: datetime, start: float) -> ToolResult:
@@ -130,3 +143,24 @@ class ToolWorker:
     async def close(self) -> None:
         if self.stats is not None:
             await self.stats.close()
+
+
+def recorded_name(name: str, record_as: str | None) -> str:
+    """The name a call of tool ``name`` is recorded under: ``record_as`` only for a simulated
+    call standing in for one of the fixed ``SIMULATED_API_TYPES`` (Redis keys stay bounded, a
+    real tool's estimate stays its own); any other name is ignored."""
+    if record_as is None or record_as == name:
+        return name
+    if record_as in SIMULATED_API_TYPES and name == "simulated_api":
+        return record_as
+    logger.warning("call of %s not recorded as %r (not a simulated API type)", name, record_as[:64])
+    return name
+
+
+def _valid_output(name: str, out: object) -> ToolOutput:
+    # A tool that returns something else (None, a bare string, a dict) has a bug: the model
+    # gets a clear error instead of the request failing on it later.
+    if isinstance(out, ToolOutput):
+        return out
+    logger.error("tool %s returned %s, not a ToolOutput", name, type(out).__name__)
+    raise ToolError(f"the tool returned an invalid result ({type(out).__name__})")
