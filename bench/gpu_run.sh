@@ -5,6 +5,7 @@
 #   bash bench/gpu_run.sh bench ARGS...       # lamps bench --engine-only ARGS...
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"  # keep the log to the runs' own lines
 OUT="${OUT:-/tmp/lamps-out}"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl

@@ -88,6 +88,9 @@ class TraceSegmentResult(BaseModel):
     decode_s: float
     api_duration_s: float | None
     api_ok: bool | None
+    api_error: str | None = Field(
+        default=None, description="Why the segment's API call failed (none if it did not)."
+    )
 
 
 class TraceResponse(BaseModel):
@@ -120,6 +123,7 @@ class TraceResponse(BaseModel):
                     decode_s=s.finished_at - s.first_token_at,
                     api_duration_s=s.api_call.duration_s if s.api_call else None,
                     api_ok=s.api_call.ok if s.api_call else None,
+                    api_error=s.api_call.error if s.api_call else None,
                 )
                 for s in outcome.segments
             ],

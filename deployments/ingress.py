@@ -9,16 +9,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any, TypeVar
 
+import ray
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from redis.exceptions import RedisError
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -28,7 +33,15 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 )
 from vllm.entrypoints.openai.engine.protocol import DeltaMessage, UsageInfo
 from vllm.exceptions import VLLMClientError
+from vllm.v1.engine.exceptions import EngineDeadError
 
+from deployments.access import (
+    ADMIN_API_KEYS_ENV,
+    API_KEYS_ENV,
+    ApiKeys,
+    check_exposure,
+    env_keys,
+)
 from deployments.api_models import (
     ChatRequest,
     ChatResponse,
@@ -38,6 +51,7 @@ from deployments.api_models import (
     TraceRequest,
     TraceResponse,
 )
+from deployments.errors import AuthenticationError, EngineUnavailableError, InternalServerError
 from deployments.metrics import EngineStatsBoard, render_prometheus
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, TextDelta, ToolExecution
@@ -56,7 +70,23 @@ from lamps_vllm.trace_replay import check_fits
 from tool_workers.simulated_api import SIMULATED_API_TYPES
 from tool_workers.stats import StatsUnavailableError, ToolCallCounts, ToolStatsStore
 
-app = FastAPI(title="LAMPS", description="Serving for tool-augmented LLMs")
+logger = logging.getLogger(__name__)
+
+# The schema and docs pages are routes of ours (below), behind the API key like every route.
+app = FastAPI(
+    title="LAMPS",
+    description="Serving for tool-augmented LLMs",
+    docs_url=None,
+    redoc_url=None,
+    openapi_url=None,
+)
+
+HEALTH_TIMEOUT_S = 2.0
+METRICS_ENGINE_TIMEOUT_S = 1.0
+ENGINE_LOST = (
+    "the engine replica was lost while serving this request; it was not completed (Serve does "
+    "not retry it elsewhere): retry it"
+)
 
 
 class IngressSettings(BaseModel):
@@ -70,6 +100,9 @@ class IngressSettings(BaseModel):
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     max_in_flight_requests: int = Field(default=256, ge=1)
+    api_keys: ApiKeys = Field(
+        default_factory=ApiKeys, description="Digests of the config's keys (the env adds more)."
+    )
 
 
 def _refuse_unsupported(request: ChatRequest) -> None:
@@ -209,6 +242,9 @@ async def _sse(
                 yield f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
         except RequestError as exc:  # found mid-stream: the status is sent already
             yield f"data: {json.dumps(_error_body(exc))}\n\n"
+        except Exception:
+            logger.exception("chat stream failed")
+            yield f"data: {json.dumps(_error_body(_INTERNAL))}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         # A client gone mid-stream: end the generation now, and give back its admission slot.
@@ -274,22 +310,72 @@ def _error_body(exc: Exception) -> dict[str, Any]:
 
 
 def _error(exc: Exception) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, ServerBusyError) else None
+    headers = None
+    if isinstance(exc, ServerBusyError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    elif isinstance(exc, AuthenticationError):
+        headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(
         _error_body(exc), status_code=getattr(exc, "status_code", 400), headers=headers
     )
 
 
+_INTERNAL = InternalServerError("internal server error (the details are in the server's log)")
+
+
+def _internal_error() -> JSONResponse:
+    """For a bug of ours: logged with its traceback, answered short (never a bare 500)."""
+    logger.exception("request failed")
+    return _error(_INTERNAL)
+
+
 @contextlib.contextmanager
 def _engine_errors() -> Iterator[None]:
     """A client's error found in the engine replica reaches us wrapped by Ray (its str() is
-    Ray's header and traceback): pass the original on, typed and with its short message."""
+    Ray's header and traceback): pass the original on, typed and with its short message. The
+    engine's own failures become a 503 (it is gone or dead) or a short 500 (a bug)."""
     try:
         yield
     except RayTaskError as exc:
         if isinstance(exc.cause, RequestError):
             raise exc.cause from None
-        raise
+        if isinstance(exc.cause, EngineDeadError):
+            logger.warning("engine dead: %s", exc.cause)
+            raise EngineUnavailableError(
+                "the engine failed while serving this request; it was not completed: retry it"
+            ) from None
+        logger.error("engine replica raised: %s", exc)
+        raise _INTERNAL from None
+    except RayActorError as exc:  # the replica's process died or cannot be reached
+        logger.warning("engine replica lost: %r", exc)
+        raise EngineUnavailableError(ENGINE_LOST) from None
+    except DeploymentUnavailableError:
+        raise EngineUnavailableError("no engine replica is running; retry later") from None
+
+
+def _engine_problem(exc: BaseException) -> str:
+    """One line for /health: what is wrong with the engine, without Ray's traceback."""
+    if isinstance(exc, TimeoutError):
+        return f"the engine did not answer within {HEALTH_TIMEOUT_S:g} s (busy, starting or lost)"
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause
+        return f"the engine is unhealthy: {type(cause).__name__}: {str(cause)[:200]}"
+    if isinstance(exc, RayActorError):
+        return f"the engine replica was lost ({type(exc).__name__})"
+    if isinstance(exc, DeploymentUnavailableError):
+        return "no engine replica is running"
+    return f"the engine cannot be reached ({type(exc).__name__})"
+
+
+async def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxies listen on, from the Serve controller (None: unknown)."""
+    try:
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        config = await controller.get_http_config.remote()
+    except Exception as exc:
+        logger.warning("cannot read Serve's HTTP options: %r", exc)
+        return None
+    return config.host
 
 
 def _max_tokens(request: ChatRequest, default: int) -> int:
@@ -307,7 +393,7 @@ def _max_tokens(request: ChatRequest, default: int) -> int:
 # when the class is created; helpers defined after it would be missing in the replica.
 @serve.ingress(app)
 class Ingress:
-    def __init__(
+    async def __init__(
         self,
         engine: DeploymentHandle,
         tool_worker: DeploymentHandle,
@@ -317,6 +403,11 @@ class Ingress:
         self._engine = engine
         self._tools = tool_worker
         self.settings = IngressSettings.model_validate(settings)
+        # Keys from this replica's environment count as the config's do (secrets need not be
+        # written in a config file); without any, serve only where nothing else can reach.
+        environment = ApiKeys.from_keys(env_keys(API_KEYS_ENV), env_keys(ADMIN_API_KEYS_ENV))
+        self._keys = self.settings.api_keys.merged(environment)
+        check_exposure(await _proxy_host(), self._keys)
         self._tool_schemas: dict[str, dict[str, Any]] | None = None
         self._board = EngineStatsBoard(redis_url) if redis_url else None
         self._tool_stats = ToolStatsStore(redis_url) if redis_url else None
@@ -367,6 +458,7 @@ class Ingress:
     @app.post("/v1/chat/completions")
     async def http_chat(self, raw: Request) -> Response:
         try:
+            self._authorize(raw)
             self._refuse_if_busy()  # before reading the body: overload costs little
             request = _parse(ChatRequest, await _json_body(raw, self.settings.max_body_bytes))
             if not request.stream:
@@ -375,46 +467,73 @@ class Ingress:
             first = await anext(chunks)  # validation and the start of generation: 4xx if bad
         except RequestError as exc:
             return _error(exc)
+        except Exception:
+            return _internal_error()
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
 
     @app.post("/v1/traces")
     async def http_trace(self, raw: Request) -> Response:
         try:
+            self._authorize(raw)
             self._refuse_if_busy()
             response = await self.replay(await _json_body(raw, self.settings.max_body_bytes))
         except RequestError as exc:
             return _error(exc)
+        except Exception:
+            return _internal_error()
         return JSONResponse(response.model_dump(mode="json"))
 
     @app.get("/v1/models")
-    async def http_models(self) -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": self.settings.served_model_name,
-                    "object": "model",
-                    "owned_by": "lamps",
-                    "max_model_len": self.settings.max_model_len,
-                }
-            ],
-        }
+    async def http_models(self, raw: Request) -> Response:
+        try:
+            self._authorize(raw)
+        except RequestError as exc:
+            return _error(exc)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.settings.served_model_name,
+                        "object": "model",
+                        "owned_by": "lamps",
+                        "max_model_len": self.settings.max_model_len,
+                    }
+                ],
+            }
+        )
 
     @app.post("/v1/admin/measure-costs")
-    async def http_measure_costs(self) -> dict[str, Any]:
+    async def http_measure_costs(self, raw: Request) -> Response:
         """Re-measure the engine's T_fwd and decode step time (one replica: the one routed to)."""
-        return {"costs": await self._engine.measure_costs.remote()}
+        try:
+            self._authorize(raw, admin=True)
+            with _engine_errors():
+                costs = await self._engine.measure_costs.remote()
+        except RequestError as exc:
+            return _error(exc)
+        except Exception:
+            return _internal_error()
+        return JSONResponse({"costs": costs})
 
     @app.get("/health")
     async def http_health(self) -> Response:
+        """Open to all (load balancers probe it); a bounded wait, and one line on what is
+        wrong."""
         try:
-            await asyncio.wait_for(self._engine.check_health.remote(), timeout=10.0)
+            await asyncio.wait_for(self._engine.check_health.remote(), timeout=HEALTH_TIMEOUT_S)
         except Exception as exc:  # any failure of the engine means unhealthy, whatever its type
-            return JSONResponse({"status": "unhealthy", "error": str(exc)}, status_code=503)
+            return JSONResponse(
+                {"status": "unhealthy", "error": _engine_problem(exc)}, status_code=503
+            )
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def http_metrics(self) -> Response:
+    async def http_metrics(self, raw: Request) -> Response:
+        try:
+            self._authorize(raw)
+        except RequestError as exc:
+            return _error(exc)
         engines: dict[str, dict[str, Any]] = {}
         tools: dict[str, ToolCallCounts] = {}
         redis_up = False
@@ -425,9 +544,44 @@ class Ingress:
                 redis_up = True
             except (StatsUnavailableError, RedisError, OSError):
                 pass  # reported as lamps_redis_up 0; the service itself is unaffected
+        # The replica this call reaches speaks for itself: its gauges stay when Redis is down.
+        own = await self._engine_snapshot()
+        if own is not None:
+            engines[own.pop("replica")] = own
         return Response(
             render_prometheus(engines, tools, redis_up), media_type="text/plain; version=0.0.4"
         )
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def http_openapi(self, raw: Request) -> Response:
+        try:
+            self._authorize(raw)
+        except RequestError as exc:
+            return _error(exc)
+        return JSONResponse(raw.app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def http_docs(self, raw: Request) -> Response:
+        try:
+            self._authorize(raw)
+        except RequestError as exc:
+            return _error(exc)
+        root = raw.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="LAMPS")
+
+    # ---- access ----
+
+    def _authorize(self, raw: Request, *, admin: bool = False) -> None:
+        self._keys.authorize(raw.headers.get("authorization"), admin=admin)
+
+    async def _engine_snapshot(self) -> dict[str, Any] | None:
+        try:
+            return await asyncio.wait_for(
+                self._engine.metrics_snapshot.remote(), timeout=METRICS_ENGINE_TIMEOUT_S
+            )
+        except Exception as exc:  # a missing gauge says enough; /health says why
+            logger.warning("engine statistics unavailable: %r", exc)
+            return None
 
     # ---- admission ----
 

@@ -38,6 +38,7 @@ from bench.results import (
     plot,
     ratio_table,
     round_ratios,
+    summarize,
     summarize_all,
     write_request_results,
     write_results,
@@ -80,6 +81,9 @@ _COUNTERS = (
     "time_schedule_s",
     "time_plugin_s",
 )
+# Not a policy: the control, vLLM's own scheduler without our plugin, on an engine of its own
+# (same settings) started after the plugin's runs (--engine-only only).
+STOCK = "stock"
 # The host pool's counters (the scheduler's figures under "swap"), reported as swap_<name>.
 _SWAP_COUNTERS = ("bytes_out", "bytes_in", "seconds_out", "seconds_in", "refused")
 # The warm-up run: this many requests of the first rate's trace, under the first policy.
@@ -286,8 +290,12 @@ def parse_policies(text: str) -> list[PolicySpec]:
             parsed = json.loads(options) if options else None
         except json.JSONDecodeError as exc:
             raise SystemExit(f"options of {label!r} are not JSON: {exc}") from None
-        if name not in POLICY_NAMES:
-            raise SystemExit(f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}")
+        if name == STOCK and parsed:
+            raise SystemExit(f"{label!r}: {STOCK!r} (vLLM without the plugin) takes no options")
+        if name not in (*POLICY_NAMES, STOCK):
+            raise SystemExit(
+                f"unknown policy {name!r}; known: {', '.join(POLICY_NAMES)}, and {STOCK!r}"
+            )
         specs.append(PolicySpec(label, name, parsed))
     return specs
 
@@ -496,13 +504,15 @@ async def run_all(
     machine: dict[str, dict[str, list[dict[str, float]]]] = {}
     total = sum(len(traces[rate]) for rate, _, _ in runs_in_order)
     # The bar costs ~0.5 us an update (it redraws at most 10 times a second): no noise.
-    with tqdm(total=total, unit="req", desc="lamps bench") as bar:
+    # disable=None: no bar where the output is not a terminal (a GPU run's log).
+    with tqdm(total=total, unit="req", desc="lamps bench", disable=None) as bar:
         for rate, r, spec in runs_in_order:
             bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{args.rounds}")
             started, cpu = time.monotonic(), CpuSample.take()
             with collector_paused():
                 got, delta = await run_one(target, traces[rate], spec, rate, bar.update, r)
             results += got
+            bar.write(run_line(spec.label, rate, r, got, delta))
             per_round.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(delta)
             machine.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(
                 run_conditions(started, cpu)
@@ -520,6 +530,39 @@ async def run_all(
         "warmup": warmup,
         "traces": traces,
     }
+
+
+def run_line(
+    label: str, rate: float, round_: int, got: Sequence[RequestResult], delta: dict[str, float]
+) -> str:
+    """One line per finished run, printed as it ends: a run cut short by a time limit (a lent
+    GPU's) still leaves its figures in the log."""
+
+    def n(key: str) -> str:
+        return f"{delta.get(key, 0):.0f}"
+
+    m = summarize(got).metrics("drained")
+    if m is None or m.latency_mean_s is None:
+        return f"run {label} @ {rate:g}/s round {round_}: no request completed"
+    return (
+        f"run {label} @ {rate:g}/s round {round_}: mean {m.latency_mean_s:.2f} s, "
+        f"P99 {m.latency_p99_s:.2f} s, TTFT {m.ttft_mean_s:.3f} s, "
+        f"{m.throughput_tokens_per_s or 0:.0f} tok/s, {m.completed}/{m.requests} done, "
+        f"preemptions {n('preemptions')}, prefill {n('prefill_tokens')} tok, calls P/K/S/D "
+        f"{n('calls_preserve')}/{n('calls_keep')}/{n('calls_swap')}/{n('calls_discard')}"
+    )
+
+
+def merge_outcomes(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The outcomes of runs on several engines (ours, then the stock control) as one."""
+    first, *rest = outcomes
+    merged = dict(first)
+    for other in rest:
+        merged["results"] = merged["results"] + other["results"]
+        for key in ("runs", "runs_per_round", "machine_per_round"):
+            merged[key] = {**merged[key], **other[key]}
+        merged["order"] = merged["order"] + other["order"]
+    return merged
 
 
 def run_ratio_table(summaries: Sequence[PolicySummary], policies: str) -> str:
@@ -600,7 +643,11 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     # Every policy of the run is a variant the engine builds at start-up; requests name one.
     config = with_policy_variants(
         yaml.safe_load(args.config.read_text()),
-        {s.label: {"policy": s.name, "policy_options": s.options or {}} for s in policies},
+        {
+            s.label: {"policy": s.name, "policy_options": s.options or {}}
+            for s in policies
+            if s.name != STOCK
+        },
     )
     settings = bench_engine_settings(config, project_dir)
     if not settings.model.exists():  # the embedded models are built on first use
@@ -614,11 +661,26 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     for note in trace_notes(traces):
         print(note, flush=True)
 
+    stock = [spec for spec in policies if spec.name == STOCK]
+    if stock and not args.engine_only:
+        raise SystemExit(f"lamps bench: {STOCK!r} (vLLM without the plugin) needs --engine-only")
     if args.engine_only:
 
         async def go() -> dict[str, Any]:
-            async with engine_target(settings) as target:
-                return await run_all(target, args, policies, rates, settings.max_model_len, traces)
+            ours = [spec for spec in policies if spec.name != STOCK]
+            outcomes = []
+            if ours:
+                async with engine_target(settings) as target:
+                    outcomes.append(
+                        await run_all(target, args, ours, rates, settings.max_model_len, traces)
+                    )
+            if stock:  # one engine at a time: a GPU holds one of this size
+                stock_settings = settings.model_copy(update={"scheduler": None})
+                async with engine_target(stock_settings) as target:
+                    outcomes.append(
+                        await run_all(target, args, stock, rates, settings.max_model_len, traces)
+                    )
+            return merge_outcomes(outcomes)
 
         outcome = asyncio.run(go())
     else:

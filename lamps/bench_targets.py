@@ -62,7 +62,9 @@ class EngineTarget:
         await self._engine.reset_prefix_cache()
 
     async def scheduler_stats(self) -> dict[str, Any]:
-        return dict(self._stats.snapshot.scheduler)
+        snapshot = self._stats.snapshot
+        # vLLM's own preemption count where no plugin reports one (the stock control).
+        return {"preemptions": snapshot.preemptions, **snapshot.scheduler}
 
     def close(self) -> None:
         self._engine.shutdown()

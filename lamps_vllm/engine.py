@@ -55,6 +55,11 @@ class EngineSettings(BaseModel):
         ge=1 << 20,
         description="Host memory for swapped-out KV caches (the Swap strategy); none: no swap.",
     )
+    swap_copy_stream: bool = Field(
+        default=True,
+        description="On GPUs, copy swapped-out KV on a CUDA stream of its own, overlapping the "
+        "forward pass (false: on the compute stream).",
+    )
     skip_tokenizer_init: bool = Field(
         default=False, description="Token-id prompts only (dummy models without a tokenizer)."
     )
@@ -93,7 +98,10 @@ class EngineSettings(BaseModel):
             kv_connector="LampsSwapConnector",
             kv_connector_module_path="lamps_vllm.swap_connector",
             kv_role="kv_both",
-            kv_connector_extra_config={"host_pool_bytes": self.swap_pool_bytes},
+            kv_connector_extra_config={
+                "host_pool_bytes": self.swap_pool_bytes,
+                "copy_stream": self.swap_copy_stream,
+            },
         )
 
 

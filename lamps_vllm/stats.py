@@ -23,6 +23,7 @@ class EngineStatsSnapshot:
     prefix_cache_hits: int = 0  # tokens found, cumulative
     prompt_tokens: int = 0  # cumulative
     generation_tokens: int = 0  # cumulative
+    preemptions: int = 0  # cumulative, vLLM's own count (engines without the plugin too)
     # The scheduler plugin's own figures (policy, preserved requests and blocks, strategy
     # counts), which reach us inside SchedulerStats.kv_connector_stats.
     scheduler: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +72,7 @@ class _Recorder(StatLoggerBase):
         if iteration_stats is not None:
             snap.prompt_tokens += iteration_stats.num_prompt_tokens
             snap.generation_tokens += iteration_stats.num_generation_tokens
+            snap.preemptions += getattr(iteration_stats, "num_preempted_reqs", 0)
 
     def log_engine_initialized(self) -> None:
         pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import pickle
@@ -64,12 +65,22 @@ class _Handler(BaseHTTPRequestHandler):
             # 4095 ASCII bytes then a 2-byte character straddling the 4096-byte cap.
             self._send(200, b"a" * 4095 + "é".encode() + b"tail", "text/plain; charset=utf-8")
         elif self.path == "/redirect":
-            self.send_response(302)
-            self.send_header("Location", "http://elsewhere.example/")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self._redirect("http://elsewhere.example/")
+        elif self.path == "/redirect-hello":
+            self._redirect("/hello")  # relative: the same server
+        elif self.path.startswith("/redirect-to/"):
+            self._redirect(self.path.removeprefix("/redirect-to/"))
+        elif self.path == "/slow":
+            time.sleep(3)
+            self._send(200, b"late", "text/plain")
         else:
             self._send(404, b"not here", "text/plain")
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
@@ -182,8 +193,11 @@ def test_http_get_default_allowlist_refuses_everything(http_base: str) -> None:
     assert result.error is not None and "no hosts are allowlisted" in result.error
 
 
+LOCAL = ["127.0.0.1/32"]  # the test server's address: admitted only where a test says so
+
+
 def test_http_get_allowlisted_host(http_base: str) -> None:
-    worker = ToolWorker(None, http_allowlist=["127.0.0.1"])
+    worker = ToolWorker(None, http_allowlist=["127.0.0.1"], http_allow_ips=LOCAL)
     result = run(_call(worker, "http_get", {"url": f"{http_base}/hello"}))
     assert result.ok, result.error
     body = json.loads(result.output)
@@ -201,8 +215,51 @@ def test_http_get_other_host_refused(http_base: str) -> None:
     assert result.error is not None and "'localhost' is not allowlisted" in result.error
 
 
+@pytest.mark.parametrize("name", ["127.0.0.1", "localhost"])
+def test_http_get_refuses_loopback_even_when_allowlisted(http_base: str, name: str) -> None:
+    """An allowlisted name is not enough: it resolves to loopback, refused without an IP
+    allowlist that admits it (the server answers; the refusal is ours)."""
+    url = f"{http_base.replace('127.0.0.1', name)}/hello"
+    refused = run(_call(ToolWorker(None, http_allowlist=[name]), "http_get", {"url": url}))
+    assert not refused.ok
+    assert refused.error is not None and "loopback address 127.0.0.1: refused" in refused.error
+    admitted = ToolWorker(None, http_allowlist=[name], http_allow_ips=LOCAL)
+    allowed = run(_call(admitted, "http_get", {"url": url}))
+    assert allowed.ok, allowed.error
+    assert json.loads(allowed.output)["body"] == "hello tools"
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("127.0.0.2", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped: the IPv4 rules apply
+        ("10.1.2.3", "private"),
+        ("192.168.0.1", "private"),
+        ("169.254.169.254", "link-local"),  # cloud metadata services
+        ("fe80::1", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("100.64.0.1", "non-public"),  # carrier-grade NAT
+        ("240.0.0.1", "reserved"),
+    ],
+)
+def test_http_get_address_refusals(address: str, kind: str) -> None:
+    ip = ipaddress.ip_address(address)
+    refusal = HttpGet(["x"]).address_refusal(ip)
+    assert refusal is not None and refusal.startswith(kind)
+    assert HttpGet(["x"], allow_ips=["0.0.0.0/0", "::/0"]).address_refusal(ip) is None
+    assert HttpGet(["x"]).address_refusal(ipaddress.ip_address("93.184.215.14")) is None
+
+
+def test_http_get_ip_allowlist_must_be_cidrs() -> None:
+    with pytest.raises(ValueError, match="http_allow_ips"):
+        HttpGet(["x"], allow_ips=["10.0.0.5/8"])  # host bits set: a typo, not 10/8
+
+
 def test_http_get_caps_body_and_reports_status(http_base: str) -> None:
-    tool = HttpGet(["127.0.0.1"])
+    tool = HttpGet(["127.0.0.1"], allow_ips=LOCAL)
     big = json.loads(run(tool(tool.args_model(url=f"{http_base}/big"))).output)
     assert big["truncated"] is True
     assert big["body"] == "x" * 4096
@@ -212,15 +269,37 @@ def test_http_get_caps_body_and_reports_status(http_base: str) -> None:
     assert cut["body"] == "a" * 4095  # the split character is dropped, not garbled
 
 
-def test_http_get_does_not_follow_redirects(http_base: str) -> None:
-    tool = HttpGet(["127.0.0.1"])
-    out = json.loads(run(tool(tool.args_model(url=f"{http_base}/redirect"))).output)
-    assert out["status"] == 302
-    assert out["location"] == "http://elsewhere.example/"
+def test_http_get_checks_every_redirect_hop(http_base: str) -> None:
+    # 127.0.0.2 is allowlisted by name but, as a loopback address outside the IP allowlist,
+    # refused: reached by a redirect from an allowed server, it is refused all the same.
+    tool = HttpGet(["127.0.0.1", "127.0.0.2"], allow_ips=LOCAL)
+    port = http_base.rsplit(":", 1)[1]
+
+    def fetch(path: str) -> str:
+        return run(tool(tool.args_model(url=f"{http_base}{path}"))).output
+
+    assert json.loads(fetch("/redirect-hello"))["body"] == "hello tools"  # an allowed hop
+    with pytest.raises(ToolError, match=r"loopback address 127\.0\.0\.2: refused"):
+        fetch(f"/redirect-to/http://127.0.0.2:{port}/hello")
+    with pytest.raises(ToolError, match=r"'elsewhere\.example' is not allowlisted"):
+        fetch("/redirect")
+    with pytest.raises(ToolError, match="not http"):
+        fetch("/redirect-to/file:///etc/passwd")
+    with pytest.raises(ToolError, match="more than 5 redirects"):
+        fetch("/redirect-to/" + "/redirect-to" * 6 + "/hello")
+
+
+def test_http_get_time_is_capped(http_base: str) -> None:
+    tool = HttpGet(["127.0.0.1"], allow_ips=LOCAL)
+    tool.set_timeout(1.0)
+    started = time.monotonic()
+    with pytest.raises(ToolError, match=r"timed out after 0\.8 s"):
+        run(tool(tool.args_model(url=f"{http_base}/slow")))
+    assert time.monotonic() - started < 2
 
 
 def test_http_get_connection_error_is_a_failed_result() -> None:
-    worker = ToolWorker(None, http_allowlist=["127.0.0.1"])
+    worker = ToolWorker(None, http_allowlist=["127.0.0.1"], http_allow_ips=LOCAL)
     result = run(_call(worker, "http_get", {"url": f"http://127.0.0.1:{free_port()}/"}))
     assert not result.ok
     assert result.error is not None and "request failed" in result.error
@@ -394,6 +473,46 @@ class _Buggy(Tool[_NoArgs]):
 
     async def __call__(self, args: _NoArgs) -> ToolOutput:
         raise KeyError("oops")
+
+
+class _Garbage(Tool[_NoArgs]):
+    name: ClassVar[str] = "garbage"
+    description: ClassVar[str] = "returns something that is not a ToolOutput"
+    args_model = _NoArgs
+
+    async def __call__(self, args: _NoArgs) -> ToolOutput:
+        return {"output": 42}  # type: ignore[return-value]
+
+
+def test_garbage_is_a_failed_result_and_counted(redis_url: str, namespace: str) -> None:
+    async def scenario() -> tuple[ToolResult, dict[str, Any]]:
+        worker = ToolWorker(redis_url, namespace=namespace, registry=ToolRegistry([_Garbage()]))
+        try:
+            return await worker.call("garbage", {}), await worker.summary()
+        finally:
+            await worker.close()
+
+    result, summary = run(scenario())
+    assert not result.ok and result.error == "the tool returned an invalid result (dict)"
+    assert summary["garbage"].calls_failed == 1 and summary["garbage"].calls_ok == 0
+
+
+def test_configured_timeouts_apply_per_tool() -> None:
+    """A default for every tool, per-tool overrides over it; the worker enforces them."""
+    worker = ToolWorker(None, tool_timeout_s=7.0, tool_timeouts_s={"simulated_api": 0.2})
+    assert worker.timeouts() == {"calculator": 7.0, "http_get": 7.0, "simulated_api": 0.2}
+    assert ToolWorker(None, max_simulated_duration_s=10).timeouts() == {
+        "calculator": 5.0,  # the tools' own limits when none is configured
+        "http_get": 15.0,
+        "simulated_api": 40.0,
+    }
+    slow = run(_call(worker, "simulated_api", {"duration_s": 2.0}))
+    assert not slow.ok and slow.error == "tool timed out after 0.2 s"
+    assert slow.duration_s < 1.0
+    with pytest.raises(ValueError, match="unknown tools \\['calculater'\\]"):
+        ToolWorker(None, tool_timeouts_s={"calculater": 1.0})
+    with pytest.raises(ValueError, match="positive"):
+        ToolWorker(None, tool_timeout_s=0.0)
 
 
 def test_timeouts_and_bugs_become_failed_results(redis_url: str, namespace: str) -> None:

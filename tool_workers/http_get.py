@@ -118,8 +118,8 @@ class HttpGet(Tool[HttpGetArgs]):
             ("unspecified", ip.is_unspecified),
             ("link-local", ip.is_link_local),
             ("multicast", ip.is_multicast),
-            ("private", ip.is_private),
             ("reserved", ip.is_reserved),
+            ("private", ip.is_private),
             ("non-public", not ip.is_global),
         ):
             if bad:
