@@ -514,6 +514,8 @@ async def run_all(
             results += got
             bar.write(run_line(spec.label, rate, r, got, delta))
             per_round.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(delta)
+            # After every run: a bench cut short by a time limit keeps what it finished.
+            keep_partial(args.out, got, {"label": spec.label, "rate": rate, "round": r, **delta})
             machine.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(
                 run_conditions(started, cpu)
             )
@@ -530,6 +532,18 @@ async def run_all(
         "warmup": warmup,
         "traces": traces,
     }
+
+
+PARTIAL_FILE = "runs.partial.jsonl"
+
+
+def keep_partial(out: Path, got: Sequence[RequestResult], counters: dict[str, Any]) -> None:
+    """Appends a finished run (its requests, then its counters) to `PARTIAL_FILE`."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / PARTIAL_FILE).open("a") as f:
+        for result in got:
+            f.write(result.model_dump_json(exclude_none=True) + "\n")
+        f.write(json.dumps({"counters": counters}) + "\n")
 
 
 def run_line(
@@ -661,6 +675,7 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     for note in trace_notes(traces):
         print(note, flush=True)
 
+    (args.out / PARTIAL_FILE).unlink(missing_ok=True)
     stock = [spec for spec in policies if spec.name == STOCK]
     if stock and not args.engine_only:
         raise SystemExit(f"lamps bench: {STOCK!r} (vLLM without the plugin) needs --engine-only")

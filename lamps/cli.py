@@ -83,6 +83,9 @@ def _serve(config_path: Path, data_dir: Path) -> int:
 
     prepare_models(data_dir)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stack as Ctrl-C does
+    # Started in the background by a shell script, SIGINT arrives ignored: take it back, or
+    # Ctrl-C (and `kill -INT`) would never stop what we start.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
     try:
         with local_stack(load_serve_config(config_path), PROJECT_DIR, data_dir) as stack:

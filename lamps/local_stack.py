@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import psutil
 import ray
@@ -134,7 +134,11 @@ def _redis_for(redis_url: str | None, data_dir: Path) -> RedisServer | None:
     parsed = urlparse(redis_url)
     if parsed.hostname not in ("127.0.0.1", "localhost"):
         return None
-    return RedisServer(data_dir / f"redis-{parsed.port}", port=parsed.port or 6379)
+    return RedisServer(
+        data_dir / f"redis-{parsed.port}",
+        port=parsed.port or 6379,
+        password=unquote(parsed.password) if parsed.password else None,
+    )
 
 
 def _wait_running(schema: ServeDeploySchema, timeout_s: float) -> None:

@@ -2,7 +2,8 @@
 
 The server is daemonized with a pidfile in ``data_dir`` so that a later process
 (another script, a re-run test session) can find it, reuse it or stop it.
-Persistence is off: the stats kept in it are a cache, not a source of truth.
+Persistence is on (an append-only file in ``data_dir``, fsynced every second): the tool
+statistics the scheduler predicts from survive a restart of Redis or of the machine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+from urllib.parse import quote
 
 import redis
 from redis.backoff import NoBackoff
@@ -85,17 +87,20 @@ class RedisServer:
         port: int,
         host: str = "127.0.0.1",
         executable: str = "redis-server",
+        password: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
         self.host = host
         self.executable = executable
+        self.password = password
         self.reused = False
         self._log_offset = 0
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}{self.host}:{self.port}/0"
 
     @property
     def pidfile(self) -> Path:
@@ -110,6 +115,7 @@ class RedisServer:
         return redis.Redis(
             host=self.host,
             port=self.port,
+            password=self.password,
             socket_connect_timeout=0.5,
             socket_timeout=1.0,
             retry=Retry(NoBackoff(), 0),
@@ -186,7 +192,9 @@ class RedisServer:
             "--dir", str(self.data_dir.resolve()),
             "--logfile", str(self.logfile.resolve()),
             "--save", "",
-            "--appendonly", "no",
+            "--appendonly", "yes",
+            "--appendfsync", "everysec",
+            *(["--requirepass", self.password] if self.password else []),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
@@ -216,8 +224,9 @@ class RedisServer:
     def stop(self, timeout_s: float = _STOP_TIMEOUT_S) -> None:
         """Stop the server named by our pidfile and wait until its process is gone.
 
-        A no-op if it is not running. SHUTDOWN NOSAVE first; SIGTERM, then SIGKILL,
-        if the process is still there.
+        A no-op if it is not running. SHUTDOWN NOSAVE first (the append-only file is still
+        flushed; NOSAVE only skips an RDB snapshot); SIGTERM, then SIGKILL, if the process is
+        still there.
         """
         pid = self._read_pid()  # read before SHUTDOWN: redis removes its pidfile on exit
         if pid is None or not _pid_alive(pid):
@@ -267,4 +276,5 @@ class RedisServer:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"RedisServer(url={self.url!r}, data_dir={str(self.data_dir)!r})"
+        where = f"{self.host}:{self.port}"  # not the URL: it may carry the password
+        return f"RedisServer({where}, data_dir={str(self.data_dir)!r})"

@@ -47,3 +47,23 @@ def test_restart_after_failed_start_in_same_dir(tmp_path: Path) -> None:
             RedisServer(tmp_path, port).start(timeout_s=5)
     with RedisServer(tmp_path, free_port()) as server:
         assert redis.Redis.from_url(server.url).ping()
+
+
+def test_data_survives_a_restart(tmp_path: Path) -> None:
+    """Persistence is on: what was written before a stop is there after the next start."""
+    port = free_port()
+    with RedisServer(tmp_path, port) as server:
+        redis.Redis.from_url(server.url).rpush("lamps:tool:x:durations", "0.5", "0.7")
+    assert (tmp_path / "appendonlydir").is_dir()
+    with RedisServer(tmp_path, port) as server:
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        assert client.lrange("lamps:tool:x:durations", 0, -1) == ["0.5", "0.7"]
+
+
+def test_password_is_required_when_set(tmp_path: Path) -> None:
+    with RedisServer(tmp_path, free_port(), password="s3cret/pw") as server:
+        assert server.is_running()  # our own checks authenticate
+        assert redis.Redis.from_url(server.url).ping()  # the URL carries it, quoted
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=server.host, port=server.port).ping()
+        assert "s3cret" not in repr(server)
