@@ -137,6 +137,7 @@ class LampsScheduler(Scheduler):
         # blocks promised this step (None: not yet counted in this step).
         self._peaks: dict[str, int] = {}
         self._committed_blocks: int | None = None
+        self._running_tokens: int | None = None  # C_batch, summed once a step
         self._allocate_slots = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._gated_allocate_slots  # type: ignore[method-assign]
         logger.info("LAMPS scheduler running policy %r", self.lamps_config.policy)
@@ -236,9 +237,12 @@ class LampsScheduler(Scheduler):
 
     def _engine_view(self) -> EngineView:
         pool = self.kv_cache_manager.block_pool
+        if self._running_tokens is None:
+            # Summed once a step: admission asks for a view per waiting request it considers.
+            self._running_tokens = sum(r.num_tokens for r in self.running)
         return EngineView(
             now=time.time(),
-            running_tokens=sum(r.num_tokens for r in self.running),
+            running_tokens=self._running_tokens,
             free_blocks=pool.get_num_free_blocks(),
             total_blocks=pool.num_gpu_blocks - 1,  # less vLLM's null block
             block_size=self.block_size,
@@ -289,6 +293,7 @@ class LampsScheduler(Scheduler):
         started = time.perf_counter()
         self._steps += 1
         self._committed_blocks = None
+        self._running_tokens = None
         every = self._rerank_every
         if every and self._steps % every == 0:
             view = self._engine_view()
@@ -367,7 +372,7 @@ class LampsScheduler(Scheduler):
             if peak is None:
                 return True
             peak_blocks = blocks_for(peak, self.block_size)
-            committed = self._promised_blocks()
+            committed = self._promised_blocks() - self._own_preserved_blocks(view.meta)
             if not policy.admits(peak_blocks, committed, engine):
                 self.lamps_counts["admission_refused"] += 1
                 return False
@@ -377,6 +382,14 @@ class LampsScheduler(Scheduler):
         self._peaks[request.request_id] = peak
         self._committed_blocks = committed + peak_blocks
         return True
+
+    def _own_preserved_blocks(self, meta: RequestMeta | None) -> int:
+        """Blocks preserved for the request's own previous segment: its peak counts them
+        already (the continuation takes them over), so they are not promised twice."""
+        paused = self._preserved.get(meta.request_id) if meta is not None else None
+        if paused is None or paused.call.strategy is not Strategy.PRESERVE:
+            return 0
+        return paused.num_blocks
 
     def _promised_blocks(self) -> int:
         """Blocks promised to running segments (their predicted peak, or what they hold if they
