@@ -33,6 +33,10 @@ API_ESTIMATES_REFRESH_S = 5.0
 # (its Redis record, Ray's round trip) before giving up on a worker that does not answer.
 TOOL_CALL_GRACE_S = 5.0
 DEFAULT_TOOL_TIMEOUT_S = 30.0
+# The committed memory-time a replica reports is its held KV times this: how long, about, the
+# memory held now stays held (a decode of a few hundred tokens, or a short call). A stand-in until
+# the scheduler plugin reports the sum of its requests' scores (docs/fleet.md).
+ROUTING_HORIZON_S = 5.0
 
 
 class EngineReplica:
@@ -113,6 +117,42 @@ class EngineReplica:
             "prefix_cache_hits": snap.prefix_cache_hits,
             "prompt_tokens": snap.prompt_tokens,
             "generation_tokens": snap.generation_tokens,
+        }
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the fleet router (deployments/router.py) places requests by; Serve's controller
+        calls it every `request_routing_stats_period_s` and hands the dict to every router.
+
+        KV figures are in bytes (tokens · M, M from the plugin's costs; 1 byte per token on an
+        engine without the plugin, so replicas of one deployment still compare). The plugin
+        reports no committed memory-time yet, so it is estimated here: the KV held now
+        (running and paused requests' blocks) plus the waiting requests at the running
+        requests' mean size, held for ROUTING_HORIZON_S. Cheap: it reads the last snapshot."""
+        snap = self._stats.snapshot
+        ours = snap.scheduler
+        block_size = int(ours.get("block_size") or self.settings.block_size or 16)
+        per_token = int((ours.get("costs") or {}).get("kv_bytes_per_token") or 1)
+        per_block = block_size * per_token
+        in_use = snap.kv_blocks_used * per_block
+        swapped = int((ours.get("swap") or {}).get("host_pool_bytes_in_use") or 0)
+        paused = int(ours.get("preserved_blocks") or 0) * per_block + swapped
+        mean_request = in_use / snap.running_requests if snap.running_requests else 0.0
+        committed = (in_use + snap.waiting_requests * mean_request) * ROUTING_HORIZON_S
+        return {
+            "stats_time": time.time(),  # wall clock: routers on other nodes compare with theirs
+            "kv_bytes_per_token": per_token,
+            "kv_capacity_bytes": snap.kv_blocks_total * per_block,
+            "kv_in_use_bytes": in_use,
+            "kv_paused_bytes": paused,
+            "kv_preserved_blocks": int(ours.get("preserved_blocks") or 0),
+            "kv_swapped_bytes": swapped,
+            "committed_memory_time": committed,
+            "committed_estimated": True,  # not the plugin's sum of scores (docs/fleet.md)
+            "running_requests": snap.running_requests,
+            "waiting_requests": snap.waiting_requests,
+            "paused_in_tool_calls": self._paused_in_tool_calls,
+            "costs": dict(ours.get("costs") or {}),
+            "healthy": not self._engine.errored,
         }
 
     def metrics_snapshot(self) -> dict[str, Any]:
