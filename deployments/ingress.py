@@ -141,7 +141,8 @@ def _plain_message(message: Any) -> dict[str, Any]:
         else message.model_dump(exclude_none=True)
     )
     content = msg.get("content")
-    if isinstance(content, list):
+    if content is not None and not isinstance(content, str):
+        # A list of parts, possibly still pydantic's lazy ValidatorIterator (not picklable).
         parts = [dict(p) for p in content]
         if any(p.get("type") != "text" for p in parts):
             raise UnsupportedParameterError("only text content parts are supported")
@@ -283,6 +284,8 @@ def _parse(model: type[M], data: M | dict[str, Any]) -> M:
     if issubclass(model, ChatRequest) and not isinstance(data.get("messages"), list):
         # vLLM's validators iterate `messages` before pydantic checks its type.
         raise RequestError("invalid request: messages: must be a list of message objects")
+    if issubclass(model, ChatRequest) and not data["messages"]:
+        raise RequestError("invalid request: messages: at least one message is needed")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
