@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,7 @@ from lamps_core.placement import (
     place,
     script_demand,
 )
+from lamps_core.workloads import CHARS_PER_TOKEN  # a prompt's length without its tokenizer
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,7 +64,6 @@ FALLBACK_COSTS = EngineCosts(
 )
 # A forced tool call before the replica's estimates are known (the router does not see them).
 DEFAULT_CALL_S = 2.0
-CHARS_PER_TOKEN = 4  # a prompt's length without its tokenizer: good enough to rank
 MAX_SESSIONS = 10_000  # sessions remembered for affinity, least recently used dropped
 
 
@@ -181,7 +182,7 @@ def request_demand(call_method: str, args: Sequence[Any], costs: EngineCosts) ->
         chars = sum(len(str(m.get("content") or "")) for m in getattr(plan, "messages", []))
         forced = getattr(plan, "tool_choice", "auto") not in ("auto", "none")
         return chat_demand(
-            max(1, chars // CHARS_PER_TOKEN),
+            max(1, math.ceil(chars / CHARS_PER_TOKEN)),
             int(getattr(plan, "max_tokens", 0) or 0),
             costs,
             expected_calls=1 if forced and getattr(plan, "tools", None) else 0,

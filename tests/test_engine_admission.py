@@ -13,6 +13,7 @@ from lamps_core.request_meta import RequestMeta
 from lamps_core.trace import TraceScript
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tests.engine_harness import EngineHarness
+from tests.test_engine_policies import run_all
 from tests.test_engine_strategies import BLOCK, DECODE, PROMPT, REUSABLE, filler, replay
 from tool_workers.tools import ToolResult
 from tool_workers.worker import ToolWorker
@@ -28,28 +29,8 @@ def _counter(h: EngineHarness, key: str) -> int:
     return int(h.stats.scheduler.get(key, 0))
 
 
-async def _no_tool(name: str, args: dict[str, Any], record_as: str | None) -> ToolResult:
-    raise AssertionError("the script makes no call")
-
-
 def run_growing(h: EngineHarness, variant: str, n: int = 12) -> list[TraceOutcome]:
-    async def go() -> list[TraceOutcome]:
-        return await asyncio.gather(
-            *(
-                run_trace(
-                    h.engine,
-                    h.vocab_size,
-                    2048,
-                    f"grow-{uuid.uuid4().hex}",
-                    GROWING,
-                    _no_tool,
-                    policy_variant=variant,
-                )
-                for _ in range(n)
-            )
-        )
-
-    return h.run(go())
+    return run_all(h, variant, [GROWING] * n)
 
 
 def settle(h: EngineHarness) -> None:

@@ -10,7 +10,6 @@ import itertools
 
 import pytest
 
-from lamps_core.costs import EngineCosts
 from lamps_core.placement import (
     Demand,
     Reason,
@@ -20,6 +19,7 @@ from lamps_core.placement import (
     place,
     script_demand,
 )
+from tests.test_policies import COSTS  # M = 1000 B/token, T_fwd = 0.01 + 0.001·C s
 
 GB = 1e9
 SMALL = Demand(memory_time=0.5 * GB, peak_kv_bytes=0.01 * GB)
@@ -175,15 +175,6 @@ def test_invalid_views_and_parameters_are_refused() -> None:
         Demand(memory_time=-1.0, peak_kv_bytes=0.0)
     with pytest.raises(ValueError, match="max_backlog_s"):
         place(SMALL, [view("a")], max_backlog_s=0.0)
-
-
-COSTS = EngineCosts(
-    kv_bytes_per_token=1000,
-    fwd_intercept_s=0.01,
-    fwd_slope_s=0.001,
-    swap_slope_s=0.0001,
-    decode_step_s=0.01,
-)
 
 
 def test_script_demand_prices_decodes_and_calls_held_for_their_duration() -> None:
