@@ -27,10 +27,6 @@ import math
 from dataclasses import dataclass
 
 
-def blocks_for(tokens: int, block_size: int) -> int:
-    return -(-max(tokens, 0) // block_size) if block_size > 0 else 0
-
-
 @dataclass(slots=True)
 class AdmissionGate:
     """Admits a waiting segment only if every running segment still fits at its predicted peak."""

@@ -37,8 +37,8 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from lamps_core.admission import blocks_for
 from lamps_core.policies import make_policy, policy_options
+from lamps_core.policies.infercept import blocks_of
 from lamps_core.policy import (
     EngineView,
     PausedCall,
@@ -371,7 +371,7 @@ class LampsScheduler(Scheduler):
             peak = policy.admission_tokens(view, engine)
             if peak is None:
                 return True
-            peak_blocks = blocks_for(peak, self.block_size)
+            peak_blocks = blocks_of(peak, self.block_size)
             committed = self._promised_blocks() - self._own_preserved_blocks(view.meta)
             if not policy.admits(peak_blocks, committed, engine):
                 self.lamps_counts["admission_refused"] += 1
@@ -398,7 +398,7 @@ class LampsScheduler(Scheduler):
         if self._committed_blocks is None:
             bs, peaks = self.block_size, self._peaks
             running = sum(
-                blocks_for(max(r.num_tokens, peaks.get(r.request_id, 0)), bs) for r in self.running
+                blocks_of(max(r.num_tokens, peaks.get(r.request_id, 0)), bs) for r in self.running
             )
             held = sum(
                 p.num_blocks

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from lamps_core.admission import AdmissionGate, KeepEvictionEstimate, blocks_for
+from lamps_core.admission import AdmissionGate, KeepEvictionEstimate
 from lamps_core.policies import make_policy
+from lamps_core.policies.infercept import blocks_of
 from lamps_core.policy import EngineView, PausedCall, QueuedRequest, Strategy
 from lamps_core.waste import discard_waste, min_waste_strategy, strategy_wastes
 from tests.test_policies import COSTS, trace_meta
@@ -97,8 +98,8 @@ def test_lamps_promises_each_segment_its_predicted_peak() -> None:
     request = queued("a", 100, [(60, 1.0, 5), (10, None, 0)])
     assert policy.admission_tokens(request, view()) == 160  # the context the call starts at
     engine = view(total=100)
-    assert policy.admits(blocks_for(160, 16), 90, engine) is False  # 10 + 90 > 98
-    assert policy.admits(blocks_for(160, 16), 80, engine) is True
+    assert policy.admits(blocks_of(160, 16), 90, engine) is False  # 10 + 90 > 98
+    assert policy.admits(blocks_of(160, 16), 80, engine) is True
     off = make_policy("lamps", costs=COSTS, admission=False)
     assert off.admission_tokens(request, view()) is None
     assert make_policy("vllm").admission_tokens(request, view()) is None
