@@ -15,7 +15,9 @@ emptiest). The rule picks the smallest `finish_r` among healthy replicas that ca
 request's peak KV at all, ties broken by replica id; a replica holding this session's context
 (`affinity`) wins unless its finish time exceeds the best one by more than `affinity_margin_s`;
 and when every replica's finish time exceeds `max_backlog_s`, nothing is placed: the caller
-backs off (queues the request and retries) instead of piling more work on a full fleet.
+backs off (queues the request and retries) instead of piling more work on a full fleet. A replica
+with no backlog at all (nothing committed, nothing sent) is never full: a request too large for
+the bound on its own would otherwise wait forever on an idle fleet.
 
 No Ray, no vLLM: docs/fleet.md explains the rule; deployments/router.py feeds it Serve's
 replica statistics.
@@ -115,6 +117,10 @@ def finish_time_s(replica: ReplicaView, demand: Demand) -> float:
     return backlog / replica.drain_rate
 
 
+def _idle(replica: ReplicaView) -> bool:
+    return replica.committed_memory_time == 0 and replica.sent_memory_time == 0
+
+
 def place(
     demand: Demand,
     replicas: Iterable[ReplicaView],
@@ -136,7 +142,8 @@ def place(
     finish = {r.replica_id: finish_time_s(r, demand) for r in eligible}
     # Ties go to the lower id: deterministic, and independent of the order Serve lists them in.
     order = sorted(eligible, key=lambda r: (finish[r.replica_id], r.replica_id))
-    open_ = [r for r in order if finish[r.replica_id] <= max_backlog_s]
+    # An idle replica takes any request that fits its cache: waiting cannot make room there.
+    open_ = [r for r in order if finish[r.replica_id] <= max_backlog_s or _idle(r)]
     if not open_:
         return Placement(None, Reason.BACKOFF, (), finish)
     best = open_[0]

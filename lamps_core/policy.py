@@ -80,6 +80,9 @@ class SchedulingPolicy(ABC):
     rerank_every_steps: int = 0
     # What a call whose Swap the engine refused (no swap path, host pool full) gets instead.
     swap_refused_strategy: Strategy = Strategy.DISCARD
+    # Whether a swapped-out context is copied back while other requests run (the continuation
+    # joins the batch a step later) rather than ahead of the forward pass that needs it.
+    swap_in_async: bool = True
 
     @abstractmethod
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:

@@ -371,9 +371,13 @@ class _Reader:
 
 def _load_json(path: Path) -> object:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TraceFormatError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     except json.JSONDecodeError as exc:
         raise TraceFormatError(f"{path}: not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise TraceFormatError(f"{path}: JSON nested too deeply to read") from exc
 
 
 def _read_sidecar(path: Path, ids: Sequence[str]) -> tuple[dict[str, float] | None, dict]:
@@ -383,7 +387,11 @@ def _read_sidecar(path: Path, ids: Sequence[str]) -> tuple[dict[str, float] | No
     data = _load_json(side)
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise TraceFormatError(f"{side}: not a {SIDECAR_FORMAT} file")
-    info = data.get("info") or {}
+    info = data.get("info")
+    if info is None:
+        info = {}
+    if not isinstance(info, dict):
+        raise TraceFormatError(f"{side}: info must be an object, got {type(info).__name__}")
     arrivals = data.get("arrival_times")
     if arrivals is None:
         return None, info
@@ -429,6 +437,8 @@ def read_trace(
         raise TraceFormatError(
             f"{path}: expected a non-empty JSON object of request id -> segments"
         )
+    if "" in data:
+        raise TraceFormatError(f"{path}: request id '': a request id must not be empty")
     stats = ReadStats()
     reader = _Reader(str(path), count_tokens, chars_per_token, last_call, stats)
     scripts = {str(rid): reader.request(str(rid), raw) for rid, raw in data.items()}
@@ -437,17 +447,20 @@ def read_trace(
             "tokenizer" if count_tokens else f"{chars_per_token:g} characters per token"
         )
     arrivals, info = _read_sidecar(path, list(scripts)) if sidecar else (None, {})
-    requests = [
-        TraceRequest(
-            request_id=rid,
-            arrival_time=None if arrivals is None else arrivals[rid],
-            script=script,
-        )
-        for rid, script in scripts.items()
-    ]
     # A file that needed nothing keeps its info as written (a round trip gives the same trace).
     changes = {"reader": stats.as_info()} if stats.changed else {}
-    return Trace(requests=requests, info={**info, **changes})
+    try:  # checked above; a guard so that nothing but a TraceFormatError leaves
+        requests = [
+            TraceRequest(
+                request_id=rid,
+                arrival_time=None if arrivals is None else arrivals[rid],
+                script=script,
+            )
+            for rid, script in scripts.items()
+        ]
+        return Trace(requests=requests, info={**info, **changes})
+    except ValidationError as exc:
+        raise TraceFormatError(f"{path}: {_errors(exc)}") from exc
 
 
 def sample_requests(trace: Trace, n: int, how: Sample = "inorder", seed: int = 0) -> Trace:

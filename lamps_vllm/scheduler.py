@@ -138,8 +138,13 @@ class LampsScheduler(Scheduler):
         self._peaks: dict[str, int] = {}
         self._committed_blocks: int | None = None
         self._running_tokens: int | None = None  # C_batch, summed once a step
+        # Admitted requests whose swapped-out KV is being copied back (WAITING_FOR_REMOTE_KVS,
+        # then waiting for their first step): they hold blocks and their peak is promised.
+        self._loading: dict[str, Request] = {}
         self._allocate_slots = self.kv_cache_manager.allocate_slots
         self.kv_cache_manager.allocate_slots = self._gated_allocate_slots  # type: ignore[method-assign]
+        if self._can_swap():
+            self.connector.load_async_for = self._swap_in_async
         logger.info("LAMPS scheduler running policy %r", self.lamps_config.policy)
 
     # ---- policies ----
@@ -180,6 +185,11 @@ class LampsScheduler(Scheduler):
                 )
             return self.lamps_policy
         return policy
+
+    def _swap_in_async(self, request: Request) -> bool:
+        """Whether the request's swapped-out KV is loaded while other requests run (its
+        policy's choice; a benchmark compares both on one engine)."""
+        return self._policy_for(self._track(request).meta).swap_in_async
 
     def _priority(self, request: Request, engine: EngineView) -> Priority:
         view = self._queued_view(request)
@@ -326,6 +336,7 @@ class LampsScheduler(Scheduler):
         now = time.time()
         started = [new.req_id for new in output.scheduled_new_reqs]
         for req_id in (*started, *output.scheduled_cached_reqs.resumed_req_ids):
+            self._loading.pop(req_id, None)
             tracked = self._tracked.get(req_id)
             if tracked is not None:
                 tracked.waited_s += now - tracked.queued_at
@@ -352,9 +363,16 @@ class LampsScheduler(Scheduler):
     def _gated_allocate_slots(self, request: Request, *args: Any, **kwargs: Any) -> Any:
         """vLLM's `allocate_slots`, asked first whether a waiting request may start: None (what
         a full cache returns) makes vLLM stop admitting for this step."""
-        if request.status in _ADMITTING and not self._admit(request):
+        if (
+            request.status in _ADMITTING
+            and request.request_id not in self._loading  # admitted when its load started
+            and not self._admit(request)
+        ):
             return None
-        return self._allocate_slots(request, *args, **kwargs)
+        blocks = self._allocate_slots(request, *args, **kwargs)
+        if blocks is not None and kwargs.get("delay_cache_blocks"):  # an asynchronous load
+            self._loading[request.request_id] = request
+        return blocks
 
     def _admit(self, request: Request) -> bool:
         started = time.perf_counter()
@@ -398,7 +416,8 @@ class LampsScheduler(Scheduler):
         if self._committed_blocks is None:
             bs, peaks = self.block_size, self._peaks
             running = sum(
-                blocks_of(max(r.num_tokens, peaks.get(r.request_id, 0)), bs) for r in self.running
+                blocks_of(max(r.num_tokens, peaks.get(r.request_id, 0)), bs)
+                for r in (*self.running, *self._loading.values())
             )
             held = sum(
                 p.num_blocks
@@ -532,6 +551,7 @@ class LampsScheduler(Scheduler):
             self._pausing = None
 
     def _pause_strategy(self, request: Request) -> tuple[PausedCall, Strategy] | None:
+        self._loading.pop(request.request_id, None)
         if self._peaks.pop(request.request_id, None) is not None:
             self._committed_blocks = None
         tracked = self._tracked.pop(request.request_id, None)

@@ -140,6 +140,7 @@ def test_swap_frees_blocks_and_brings_the_kv_back(harness: EngineHarness) -> Non
         return filler(harness, requests=16, prompt_tokens=480, concurrently=2)
 
     before = harness.stats.scheduler.get("swap", {}).get("bytes_in", 0)
+    loaded_async = harness.stats.scheduler.get("swap", {}).get("loaded_async", 0)
     outcome, during = replay(harness, SWAP, churn)
     bytes_per_token = harness.stats.scheduler["costs"]["kv_bytes_per_token"]
     assert during["preserved_requests"] == 0
@@ -148,6 +149,8 @@ def test_swap_frees_blocks_and_brings_the_kv_back(harness: EngineHarness) -> Non
     # The continuation's prefix came back from the host pool (the churn evicted the cache).
     assert outcome.segments[1].cached_tokens == REUSABLE
     assert harness.stats.scheduler["swap"]["bytes_in"] - before == REUSABLE * bytes_per_token
+    # The policy's default: loaded while other requests ran (vLLM parked the continuation).
+    assert harness.stats.scheduler["swap"]["loaded_async"] == loaded_async + 1
 
 
 def test_memory_pressure_swaps_preserved_requests_out(harness: EngineHarness) -> None:

@@ -375,8 +375,14 @@ def test_swap_out_then_prefix_cache_serves_continuation(engine: Engine) -> None:
     assert final.host_pool_bytes_in_use == 0 and final.entries == 0
 
 
-def test_swap_in_after_prefix_cache_eviction(engine: Engine) -> None:
+@pytest.mark.parametrize("load_async", [True, False], ids=["async load", "load before the step"])
+def test_swap_in_after_prefix_cache_eviction(
+    engine: Engine, load_async: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of loading give the continuation the same KV bytes and the same answer: the
+    asynchronous one parks the request in vLLM until the worker reports the copy received."""
     conn = engine.conn
+    monkeypatch.setattr(conn, "load_async_for", lambda request: load_async)
     engine.drain()
     out0, cont, ref, ref_digests = reference(engine, seed=20)
     before = conn.swap_stats()
@@ -402,6 +408,7 @@ def test_swap_in_after_prefix_cache_eviction(engine: Engine) -> None:
     nbytes = SAVED_TOKENS // BLOCK * conn.bytes_per_block
     # All saved blocks came from the host pool: a prefix-cache hit would have shortened the load.
     assert after.swapped_in_requests == before.swapped_in_requests + 1
+    assert after.loaded_async - before.loaded_async == int(load_async)
     assert after.bytes_in - before.bytes_in == nbytes
     assert after.served_by_prefix_cache == before.served_by_prefix_cache
     assert got.num_cached_tokens == SAVED_TOKENS

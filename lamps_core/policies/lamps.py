@@ -8,6 +8,9 @@ Beyond the paper, for vLLM V1 (both on by default, each an option for ablations)
 - `keep`: a fourth strategy, Keep (`Strategy.KEEP`): the blocks stay until memory is needed, then
   go back to the prefix cache, latest predicted return first. Its waste is the learned chance of
   eviction times a Discard's (`admission.KeepEvictionEstimate`).
+- `swap_in_async` (every policy's attribute, an option here): a swapped-out context is copied
+  back while other requests run, and the continuation joins the batch a step later
+  (`lamps_vllm/swap_connector.py`); off, the copy runs ahead of the forward pass that reads it.
 
 A request's score depends only on its context, its prediction and the engine load when it was
 scored, so it is computed once per (engine request, context length, predictor version) and reused:
@@ -95,6 +98,7 @@ class LampsPolicy(SchedulingPolicy):
         rerank_every_steps: int = DEFAULT_RERANK_EVERY_STEPS,
         admission: bool = True,
         keep: bool = True,
+        swap_in_async: bool = True,
     ) -> None:
         if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
             raise ValueError(f"rerank_every_steps must be an int >= 0, got {rerank_every_steps!r}")
@@ -111,6 +115,7 @@ class LampsPolicy(SchedulingPolicy):
         self.keep_estimate = KeepEvictionEstimate() if keep else None
         # A refused swap is better kept than dropped: kept blocks cost nothing until needed.
         self.swap_refused_strategy = Strategy.KEEP if keep else Strategy.DISCARD
+        self.swap_in_async = swap_in_async
         self._plans: dict[str, _Plan] = {}
         # Predicted durations of calls under way: engine request id -> (predictor version, s).
         self._call_s: dict[str, tuple[int, float]] = {}
