@@ -85,7 +85,7 @@ _COUNTERS = (
 # (same settings) started after the plugin's runs (--engine-only only).
 STOCK = "stock"
 # The host pool's counters (the scheduler's figures under "swap"), reported as swap_<name>.
-_SWAP_COUNTERS = ("bytes_out", "bytes_in", "seconds_out", "seconds_in", "refused")
+_SWAP_COUNTERS = ("bytes_out", "bytes_in", "seconds_out", "seconds_in", "refused", "loaded_async")
 # The warm-up run: this many requests of the first rate's trace, under the first policy.
 WARMUP_REQUESTS = 32
 # A run during which processes not ours used more than this share of the machine's CPU time is
