@@ -117,6 +117,9 @@ class Metrics(BaseModel):
     # None in results written before these were recorded.
     queued_mean_s: float | None = Field(default=None, description="Per request, all segments.")
     queued_p99_s: float | None = None
+    api_mean_s: float | None = Field(
+        default=None, description="Per request, in its API calls: latency no scheduler can cut."
+    )
     normalized_latency_mean_s: float | None = Field(description="Seconds per output token.")
     window_s: float | None = Field(description="Makespan (drained) or the horizon (horizon).")
     throughput_rps: float | None
@@ -200,6 +203,7 @@ def _metrics(
         ttft_p99_s=_p(ttfts, 99),
         queued_mean_s=_mean(queued),
         queued_p99_s=_p(queued, 99),
+        api_mean_s=_mean([r.api_time for r in done]),
         normalized_latency_mean_s=_mean(normalized),
         window_s=window,
         throughput_rps=len(done) * per_s if per_s else None,
@@ -577,6 +581,39 @@ def ratio_table(
     if len(rows) == 1:
         lines.append(f"(no runs of {base!r})")
     return "\n".join(lines)
+
+
+def latency_parts_table(summaries: Sequence[PolicySummary], variant: Variant = "drained") -> str:
+    """Where each policy's mean latency goes, per rate (medians over rounds): in API calls
+    (no scheduler can cut it), queued for the engine, and the rest (prefill, decode, copies:
+    the engine's steps), with the rest per output token. A ratio between policies can only come
+    from the last three columns."""
+    header = ["rate", "policy", "mean lat", "in calls", "queued", "engine", "engine/token"]
+    rows = [header]
+    combined = sorted(combine_rounds(summaries), key=lambda s: (s.rate, s.policy))
+    for summary in combined:
+        m = summary.metrics(variant)
+        if m is None or m.latency_mean_s is None:
+            continue
+        api, queued = m.api_mean_s or 0.0, m.queued_mean_s or 0.0
+        engine = m.latency_mean_s - api - queued
+        tokens = m.output_tokens / m.completed if m.completed else 0
+        per_token = f"{engine / tokens * 1e3:.1f} ms" if tokens else "n/a"
+        rows.append(
+            [
+                rate_key(summary.rate),
+                summary.policy,
+                *(f"{v:.2f} s" for v in (m.latency_mean_s, api, queued, engine)),
+                per_token,
+            ]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        [
+            f"where the mean latency goes, {variant} (medians over rounds)",
+            *("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows),
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ limit, and in responses the tool executions (call, result, duration) the server 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -25,6 +27,59 @@ class ChatRequest(ChatCompletionRequest):
         ge=0,
         description="Tool calls allowed in this request (server default if unset).",
     )
+
+    @field_validator("messages", mode="after")
+    @classmethod
+    def _messages_the_template_can_render(cls, messages: list[Any]) -> list[Any]:
+        """What vLLM's union admits but a chat template cannot render is refused here (HTTP
+        400), and what it admits lazily is made plain, so that the rest of the path (the
+        ingress's chat plan, Ray's pickling, the template) meets only dicts, lists and strings.
+
+        - A harmony-style message (`author` instead of `role`, vLLM's `openai_harmony.Message`):
+          not OpenAI chat input; our chat templates read `role`.
+        - Content parts: pydantic's lazy iterator becomes a list, a bare string part (vLLM's
+          custom message type allows them) a text part.
+        - A tool call's `arguments` must be a JSON object (as a string, as OpenAI sends them).
+        """
+        return [_plain(index, message) for index, message in enumerate(messages)]
+
+
+def _invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is `message` alone (no "Value error, " before it)."""
+    return PydanticCustomError("invalid_message", message)
+
+
+def _plain(index: int, message: Any) -> dict[str, Any]:
+    if not isinstance(message, dict):  # openai_harmony.Message, the only model in the union
+        raise _invalid(
+            f"message {index} has no `role`: harmony-style messages (`author`) are not "
+            "supported; send OpenAI chat messages (`role`, `content`)"
+        )
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        message["content"] = [_content_part(index, part) for part in content]
+    for call in message.get("tool_calls") or []:
+        _check_arguments(index, call["function"].get("arguments"))
+    return message
+
+
+def _content_part(index: int, part: Any) -> dict[str, Any]:
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):  # not seen; vLLM's part types are all TypedDicts
+        raise _invalid(f"message {index}: a content part must be an object or a string")
+    return part
+
+
+def _check_arguments(index: int, arguments: object) -> None:
+    if not isinstance(arguments, str):
+        return  # pydantic has refused anything but a string already
+    try:
+        parsed = json.loads(arguments)
+    except (json.JSONDecodeError, RecursionError):
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise _invalid(f"message {index}: a tool call's arguments must be a JSON object")
 
 
 class ToolExecutionInfo(BaseModel):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,6 +26,9 @@ _ENGINE_GAUGES = {
     "kv_blocks_total": "KV cache blocks of the engine.",
     "kv_blocks_used": "KV cache blocks in use.",
     "kv_blocks_free": "KV cache blocks free.",
+    "host_pool_used_bytes": "Bytes of the host swap pool holding swapped-out KV caches.",
+    "host_pool_capacity_bytes": "Size of the host swap pool in bytes (0: the engine has none).",
+    "host_pool_entries": "Swapped-out KV caches in the host swap pool.",
 }
 _ENGINE_COUNTERS = {
     "prefix_cache_queries": "Prompt tokens looked up in the prefix cache.",
@@ -32,6 +36,18 @@ _ENGINE_COUNTERS = {
     "prompt_tokens": "Prompt tokens processed.",
     "generation_tokens": "Tokens generated.",
 }
+
+
+def host_pool_gauges(scheduler: Mapping[str, Any]) -> dict[str, int]:
+    """The host swap pool's gauges from the scheduler plugin's statistics (an engine replica's
+    `EngineStatsSnapshot.scheduler`, whose `swap` is the connector's `SwapStats`): zeros for an
+    engine without a swap pool, or before its first step."""
+    swap = scheduler.get("swap") or {}
+    return {
+        "host_pool_used_bytes": int(swap.get("host_pool_bytes_in_use") or 0),
+        "host_pool_capacity_bytes": int(swap.get("host_pool_bytes") or 0),
+        "host_pool_entries": int(swap.get("entries") or 0),
+    }
 
 
 class EngineStatsBoard:
@@ -70,15 +86,19 @@ def render_prometheus(
     redis_up: bool,
 ) -> bytes:
     families: list[Any] = []
+    # A figure a replica does not publish (one of an older version, mid-upgrade) is left out
+    # for that replica rather than failing the scrape.
     for name, doc in _ENGINE_GAUGES.items():
         family = GaugeMetricFamily(f"lamps_engine_{name}", doc, labels=["replica", "model"])
         for replica, stats in engines.items():
-            family.add_metric([replica, stats["model"]], stats[name])
+            if name in stats:
+                family.add_metric([replica, stats["model"]], stats[name])
         families.append(family)
     for name, doc in _ENGINE_COUNTERS.items():
         family = CounterMetricFamily(f"lamps_engine_{name}", doc, labels=["replica", "model"])
         for replica, stats in engines.items():
-            family.add_metric([replica, stats["model"]], stats[name])
+            if name in stats:
+                family.add_metric([replica, stats["model"]], stats[name])
         families.append(family)
     calls = CounterMetricFamily("lamps_tool_calls", "Tool calls made.", labels=["tool", "outcome"])
     seconds = CounterMetricFamily(

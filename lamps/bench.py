@@ -35,6 +35,7 @@ from tqdm import tqdm
 from bench.results import (
     PolicySummary,
     RequestResult,
+    latency_parts_table,
     plot,
     ratio_table,
     round_ratios,
@@ -583,7 +584,9 @@ def run_ratio_table(summaries: Sequence[PolicySummary], policies: str) -> str:
     """Ratios of the run's first policy to each of the others (a run of variants compares the
     variants; the default run, lamps to the baselines); with rounds, their median and spread."""
     base, *others = [spec.label for spec in parse_policies(policies)]
-    return ratio_table(summaries, base=base, against=others)
+    return "\n\n".join(
+        [ratio_table(summaries, base=base, against=others), latency_parts_table(summaries)]
+    )
 
 
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:

@@ -245,7 +245,7 @@ def trace_files(draw: st.DrawFn) -> tuple[Any, Any | None]:
     body = draw(
         st.one_of(
             st.dictionaries(
-                st.text(min_size=1, max_size=6),  # "" is a known failure (below)
+                st.text(max_size=6),  # "" included: refused (BAD_TRACE_FILES)
                 st.one_of(consistent_scripts(), st.lists(near_valid_segment(seg_keys), max_size=3)),
                 min_size=1,
                 max_size=3,
@@ -260,10 +260,10 @@ def trace_files(draw: st.DrawFn) -> tuple[Any, Any | None]:
         sidecar = draw(
             st.fixed_dictionaries(
                 {"format": st.just(SIDECAR_FORMAT) | json_values},
-                # A non-object `info` is a known failure (KNOWN_READ_TRACE_FAILURES).
                 optional={
                     "arrival_times": arrivals | json_values,
-                    "info": st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+                    "info": st.dictionaries(st.text(max_size=5), json_values, max_size=3)
+                    | json_values,
                 },
             )
         )
@@ -290,27 +290,36 @@ def test_read_trace(files: tuple[Any, Any | None], last_call: str) -> None:
 
 
 SEGMENT = [{"prompt_tokens": 5, "completion_tokens": 1}]
-# Found by the fuzzing above: `read_trace` lets these out as other exceptions than the
-# `TraceFormatError` it documents (lamps_core/workloads.py). Strict: a fix turns them into
-# failures here, to be moved into the passing cases.
-KNOWN_READ_TRACE_FAILURES = [
-    pytest.param(json.dumps({"": SEGMENT}).encode(), None, id="empty-request-id-ValidationError"),
+# Found by the fuzzing above (each once let out another exception than `TraceFormatError`:
+# the name after the case), now refused with a message naming the problem.
+BAD_TRACE_FILES = [
+    pytest.param(
+        json.dumps({"": SEGMENT}).encode(), None, "must not be empty", id="empty-request-id"
+    ),
     pytest.param(
         json.dumps({"a": SEGMENT}).encode(),
         {"format": SIDECAR_FORMAT, "info": [1]},
-        id="sidecar-info-not-an-object-TypeError",
+        "info must be an object",
+        id="sidecar-info-not-an-object",
     ),
-    pytest.param(b"\xff\xfe{}", None, id="not-utf8-UnicodeDecodeError"),
-    pytest.param(b"[" * 100_000, None, id="deep-nesting-RecursionError"),
+    pytest.param(
+        json.dumps({"a": SEGMENT}).encode(),
+        {"format": SIDECAR_FORMAT, "info": "x"},
+        "info must be an object",
+        id="sidecar-info-a-string",
+    ),
+    pytest.param(b"\xff\xfe{}", None, "not UTF-8", id="not-utf8"),
+    pytest.param(b"[" * 100_000, None, "nested too deeply", id="deep-nesting"),
+    pytest.param(b'{"a": ' + b"[" * 100_000, None, "nested too deeply", id="deep-in-a-request"),
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="read_trace raises another type than TraceFormatError")
-@pytest.mark.parametrize(("raw", "sidecar"), KNOWN_READ_TRACE_FAILURES)
-def test_read_trace_known_failures(tmp_path: Path, raw: bytes, sidecar: Any) -> None:
+@pytest.mark.parametrize(("raw", "sidecar", "problem"), BAD_TRACE_FILES)
+def test_read_trace_bad_files(tmp_path: Path, raw: bytes, sidecar: Any, problem: str) -> None:
     path = tmp_path / "trace.json"
     path.write_bytes(raw)
     if sidecar is not None:
         sidecar_path(path).write_text(json.dumps(sidecar))
-    with pytest.raises(TraceFormatError):
+    with pytest.raises(TraceFormatError, match=problem) as caught:
         read_trace(path)
+    assert str(tmp_path / "trace") in str(caught.value)  # names the file or its sidecar

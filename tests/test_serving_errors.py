@@ -84,6 +84,43 @@ CASES = [
         id="required-without-tools",
     ),
     pytest.param("/v1/chat/completions", chat(n=3), 400, "n", id="n-unsupported"),
+    # vLLM's message union admits harmony's `Message` (gpt-oss); our templates read `role`:
+    # it was a 500 (jinja's UndefinedError in the engine replica).
+    pytest.param(
+        "/v1/chat/completions",
+        chat(messages=[{"author": {"role": "user"}, "content": [{"type": "text", "text": "hi"}]}]),
+        400,
+        "message 0 has no `role`: harmony-style messages (`author`) are not supported",
+        id="harmony-message",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(messages=[{"author": {"role": "user"}}], stream=True),
+        400,
+        "harmony-style messages",
+        id="harmony-message-streamed",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "calculator", "arguments": "[1]"},
+                        }
+                    ],
+                },
+            ]
+        ),
+        400,
+        "message 1: a tool call's arguments must be a JSON object",
+        id="tool-call-arguments-not-an-object",
+    ),
     pytest.param("/v1/chat/completions", chat(messages=5), 400, "messages", id="messages-a-number"),
     pytest.param(
         "/v1/chat/completions", chat(max_tokens=-1), 400, "max_tokens", id="negative-max-tokens"
