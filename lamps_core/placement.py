@@ -134,9 +134,7 @@ def place(
         raise ValueError(f"max_backlog_s must be > 0, got {max_backlog_s}")
     _check_non_negative("affinity_margin_s", affinity_margin_s)
     # A replica whose whole cache cannot hold the request's peak would preempt it forever.
-    eligible = [
-        r for r in replicas if r.healthy and demand.peak_kv_bytes <= r.kv_capacity_bytes
-    ]
+    eligible = [r for r in replicas if r.healthy and demand.peak_kv_bytes <= r.kv_capacity_bytes]
     if not eligible:
         return Placement(None, Reason.NO_REPLICA, (), {})
     finish = {r.replica_id: finish_time_s(r, demand) for r in eligible}

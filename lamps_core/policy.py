@@ -92,6 +92,10 @@ class SchedulingPolicy(ABC):
     def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
         """How to hold the KV cache of `call`'s request when its API call starts."""
 
+    def counters(self) -> Mapping[str, int]:
+        """Counts of the policy's own decisions, for the engine's statistics."""
+        return {}
+
     def update_api_estimates(self, estimates: Mapping[str, float]) -> None:  # noqa: B027
         """Mean API duration (s) per API type, learned from the tool workers' records."""
 

@@ -556,8 +556,15 @@ class LampsScheduler(Scheduler):
             self._committed_blocks = None
         tracked = self._tracked.pop(request.request_id, None)
         meta = tracked.meta if tracked else None
-        for policy in self._policies.values():
-            policy.forget(request.request_id)
+        try:
+            return self._call_strategy(request, meta)
+        finally:  # after the policy had its plan for this segment's call
+            for policy in self._policies.values():
+                policy.forget(request.request_id)
+
+    def _call_strategy(
+        self, request: Request, meta: RequestMeta | None
+    ) -> tuple[PausedCall, Strategy] | None:
         if meta is None or request.status not in _SEGMENT_END:
             return None
         if not (meta.ends_in_api_call or request.stop_reason == CALL_END_STOP_REASON):
@@ -570,8 +577,13 @@ class LampsScheduler(Scheduler):
             meta=meta,
         )
         policy = self._policy_for(meta)
+        engine = self._engine_view()
+        if request in self.running:  # vLLM removes stopped requests after this step's outputs
+            # The pausing request is not "other" load for its own decision.
+            engine.running_tokens = max(0, engine.running_tokens - request.num_tokens)
+            engine.running_requests = max(0, engine.running_requests - 1)
         try:
-            strategy = policy.strategy_for_call(call, self._engine_view())
+            strategy = policy.strategy_for_call(call, engine)
         except Exception:
             self._policy_failed("strategy_for_call")
             strategy = Strategy.DISCARD
@@ -635,11 +647,19 @@ class LampsScheduler(Scheduler):
                 "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
                 **{f"time_{k}": v for k, v in self.lamps_times.items()},
+                **self._policy_counters(),
             }
             if self._can_swap():
                 ours["swap"] = asdict(self.connector.swap_stats())
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}), STATS_KEY: ours}
         return stats
+
+    def _policy_counters(self) -> dict[str, int]:
+        """The policies' own counts, summed over the variants, as policy_<name>."""
+        total: Counter[str] = Counter()
+        for policy in self._policies.values():
+            total.update(policy.counters())
+        return {f"policy_{name}": n for name, n in total.items()}
 
 
 def _ends_with_any(tokens: Any, endings: list[list[int]]) -> bool:

@@ -79,6 +79,16 @@ def test_every_policy_completes_the_trace(harness: EngineHarness, policy: str) -
     assert decided == calls  # every pause went through the policy
     if policy == "vllm":
         assert after.get("calls_discard", 0) - before.get("calls_discard", 0) == calls
+    if policy == "lamps":
+        # Every pause found the plan made when its segment was ranked (before the fix, the
+        # plugin dropped plans first: all "unranked"); it was used unless made stale meanwhile
+        # (the learned keep estimate moved), never revised for length (the oracle's are exact).
+        def delta(key: str) -> int:
+            return after.get(f"policy_calls_{key}", 0) - before.get(f"policy_calls_{key}", 0)
+
+        counts = {k: v for k, v in after.items() if "calls_" in k}
+        assert delta("as_planned") + delta("replanned_stale") == calls, counts
+        assert delta("as_planned") >= calls // 2, counts
     assert after["preserved_requests"] == 0
 
 

@@ -15,7 +15,9 @@ from lamps_core.policies.lamps import LampsPolicy
 from lamps_core.policy import EngineView, PausedCall, QueuedRequest, SchedulingPolicy, Strategy
 from lamps_core.predictors import ToolEstimatePredictor
 from lamps_core.request_meta import RequestMeta
+from lamps_core.starvation import PROMOTED
 from lamps_core.trace import TraceSegment
+from lamps_core.waste import min_waste_strategy
 
 COSTS = EngineCosts(
     kv_bytes_per_token=1000,
@@ -229,8 +231,10 @@ def test_starvation_guard_promotes_a_request_that_never_ran() -> None:
     fresh = queued("s-s0", arrival=9.0, meta=small)
     order_now = order(policy, [fresh, never_ran, older_starving], engine())
     assert order_now == ["O-s0", "H-s0", "s-s0"]  # promoted first, by arrival among them
+    # At the threshold, not past it: not promoted (asked of a policy that has not promoted H).
+    not_yet = make_policy("lamps", costs=COSTS, max_passed_over=100, max_wait_s=None)
     at_threshold = queued("H-s0", arrival=5.0, context=4000, meta=huge, passed_over=100)
-    assert order(policy, [at_threshold, fresh], engine()) == ["s-s0", "H-s0"]
+    assert order(not_yet, [at_threshold, fresh], engine()) == ["s-s0", "H-s0"]
 
 
 def test_starvation_guard_by_age_and_disabled() -> None:
@@ -238,8 +242,8 @@ def test_starvation_guard_by_age_and_disabled() -> None:
     old = queued("H-s0", arrival=0.0, context=4000, meta=huge)
     fresh = queued("s-s0", arrival=99.0, meta=trace_meta("s", [(5, None, 0)]))
     by_age = make_policy("lamps", costs=COSTS, max_wait_s=60.0)
-    assert order(by_age, [fresh, old], engine(now=100.0)) == ["H-s0", "s-s0"]
     assert order(by_age, [fresh, old], engine(now=50.0)) == ["s-s0", "H-s0"]
+    assert order(by_age, [fresh, old], engine(now=100.0)) == ["H-s0", "s-s0"]
     off = make_policy("lamps", costs=COSTS, max_wait_s=None, max_passed_over=None)
     old.passed_over = 10**6
     assert order(off, [fresh, old], engine(now=1e6)) == ["s-s0", "H-s0"]
@@ -258,7 +262,8 @@ def test_starvation_guard_bounds_the_wait_summed_over_segments() -> None:
     looser = make_policy("lamps", costs=COSTS, max_queued_s=10.0, max_passed_over=None)
     assert order(looser, [fresh, resumed], now) == ["s-s0", "H-s3"]
     resumed.waited_before_s = 0.0  # the same 2 s without the earlier waits: not starving
-    assert order(bounded, [fresh, resumed], now) == ["s-s0", "H-s3"]
+    unpromoted = make_policy("lamps", costs=COSTS, max_queued_s=8.0, max_passed_over=None)
+    assert order(unpromoted, [fresh, resumed], now) == ["s-s0", "H-s3"]
     with pytest.raises(ValueError, match="max_queued_s"):
         make_policy("lamps", costs=COSTS, max_queued_s=-1.0)
 
@@ -345,3 +350,33 @@ def test_lamps_forgets_finished_requests() -> None:
     assert request.engine_request_id in policy._plans
     policy.forget(request.engine_request_id)
     assert request.engine_request_id not in policy._plans
+
+
+def test_lamps_uses_its_plan_at_the_pause_unless_the_length_was_far_off() -> None:
+    policy = make_policy("lamps", costs=COSTS, swap=False, keep=False)
+    a = queued("A-s0", arrival=1.0, meta=SHORT_LONG_CALL)
+    policy.priority(a, BUSY)  # ranked: A's call is planned Preserve (2 s call, 110 tokens)
+    idle = engine(running=0)
+    # Decided afresh on the now idle engine, the call would be discarded (nobody stalls)...
+    assert min_waste_strategy(110, 2.0, 0, 110, COSTS, allow_swap=False) is D
+    # ...but the plan stands: the segment ended at the length it was planned for.
+    assert policy.strategy_for_call(paused("A-s0", 110, 100.0, meta=SHORT_LONG_CALL), idle) is P
+    assert policy.counters()["calls_as_planned"] == 1
+    # A segment that ended far from its predicted length (here 3x) is decided afresh.
+    policy.priority(a, BUSY)
+    assert policy.strategy_for_call(paused("A-s0", 330, 100.0, meta=SHORT_LONG_CALL), idle) is D
+    assert policy.counters()["calls_replanned_length"] == 1
+
+
+def test_lamps_promotion_lasts_until_the_request_finishes() -> None:
+    policy = make_policy("lamps", costs=COSTS, max_passed_over=100)
+    meta = trace_meta("starved", [(10, 1.0, 0), (50, None, 0)])
+    first = queued("starved-s0", arrival=1.0, meta=meta, passed_over=101)
+    assert policy.priority(first, BUSY)[0] == PROMOTED
+    # Its next segment (a new engine request, not passed over yet) is still promoted, as is the
+    # same segment re-ranked after a preemption reset its count.
+    later = queued("starved-s1", arrival=1.0, context=120, meta=meta, passed_over=0)
+    assert policy.priority(later, BUSY)[0] == PROMOTED
+    other = queued("fresh-s0", arrival=2.0, meta=trace_meta("fresh", [(10, None, 0)]))
+    assert policy.priority(other, BUSY)[0] != PROMOTED
+    assert policy.counters()["promoted"] == 1

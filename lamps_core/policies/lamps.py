@@ -20,6 +20,7 @@ every `rerank_every_steps` steps because waiting time enters the order only thro
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -61,6 +62,12 @@ DEFAULT_RERANK_EVERY_STEPS = 10
 # Plans of requests that finish without a call are popped only by `forget`; past this many the
 # oldest half goes (a dropped plan is only recomputed, never wrong).
 _MAX_PLANS = 1 << 15
+# A plan's strategy stands at the pause unless the segment's real context is this far (relative)
+# from the peak the plan predicted: the waste comparison it came from rested on a wrong length.
+REPLAN_CONTEXT_ERROR = 0.25
+# Promoted augmented requests remembered (by logical id) so a promotion lasts until the request
+# finishes, across its segments, re-ranks and preemptions; the oldest go past this many.
+_MAX_PROMOTED = 1 << 14
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +126,9 @@ class LampsPolicy(SchedulingPolicy):
         self._plans: dict[str, _Plan] = {}
         # Predicted durations of calls under way: engine request id -> (predictor version, s).
         self._call_s: dict[str, tuple[int, float]] = {}
+        # Augmented requests promoted by the starvation guard (logical id, else engine id).
+        self._promoted: dict[str, None] = {}
+        self._counts: Counter[str] = Counter()
 
     def update_api_estimates(self, estimates: Mapping[str, float]) -> None:
         """New per-API-type mean durations for an estimates predictor (no-op for the others)."""
@@ -140,12 +150,26 @@ class LampsPolicy(SchedulingPolicy):
 
     # Ranking
 
+    def counters(self) -> Mapping[str, int]:
+        return self._counts
+
     def priority(self, request: QueuedRequest, engine: EngineView) -> Priority:
         # Runs for every waiting request at every re-rank: kept to a lookup and the guard's test.
+        key = request.meta.request_id if request.meta is not None else request.engine_request_id
+        if key in self._promoted:  # promoted until it finishes, as in the paper
+            return promoted_priority(request)
         plan = self._current_plan(request, engine)
         if self._is_starving(request, engine, plan.service_s):
+            self._promote(key)
             return promoted_priority(request)
         return plan.priority
+
+    def _promote(self, key: str) -> None:
+        self._counts["promoted"] += 1
+        if len(self._promoted) >= _MAX_PROMOTED:
+            for oldest in list(islice(self._promoted, _MAX_PROMOTED // 2)):
+                del self._promoted[oldest]
+        self._promoted[key] = None
 
     def _current_plan(self, request: QueuedRequest, engine: EngineView) -> _Plan:
         plan = self._plans.get(request.engine_request_id)
@@ -217,12 +241,17 @@ class LampsPolicy(SchedulingPolicy):
 
     def strategy_for_call(self, call: PausedCall, engine: EngineView) -> Strategy:
         # The strategy predicted when the request was ranked (from its predicted pre-call length),
-        # applied at once: preserved first only when Preserve is the prediction.
+        # applied at once: preserved first only when Preserve is the prediction. The engine's
+        # state overrules the plan in one case: the segment ended far from the predicted length
+        # (`REPLAN_CONTEXT_ERROR`), so the wastes are compared again with the real context and
+        # the load now. A plan made under another predictor or keep estimate is not used either.
         plan = self._plans.pop(call.engine_request_id, None)
         version = self.predictor.version
-        if plan is not None and plan.version == self._version() and plan.next_call is not None:
+        why_not = _why_not_planned(plan, self._version(), call.context_tokens)
+        self._counts["calls_as_planned" if why_not is None else f"calls_replanned_{why_not}"] += 1
+        if plan is not None and plan.next_call is not None and why_not is None:
             strategy, call_s = plan.next_call, plan.next_call_s
-        else:  # not ranked under this predictor, or a call its prediction did not foresee
+        else:
             call_s = self.predictor.call_duration(call.meta)
             tokens = call.context_tokens
             strategy = min_waste_strategy(
@@ -338,3 +367,18 @@ class LampsPolicy(SchedulingPolicy):
         if len(self._call_s) > len(paused):
             live = {call.engine_request_id for call in paused}
             self._call_s = {rid: v for rid, v in self._call_s.items() if rid in live}
+
+
+def _why_not_planned(
+    plan: _Plan | None, version: tuple[int, int], context_tokens: int
+) -> str | None:
+    """Why a pause cannot take its plan's strategy (a counter's suffix); None: it can."""
+    if plan is None:
+        return "unranked"
+    if plan.version != version:
+        return "stale"  # made under another predictor version or keep estimate
+    if plan.next_call is None:
+        return "unforeseen"  # its prediction had no call at the end of this segment
+    if abs(context_tokens - plan.peak_tokens) > REPLAN_CONTEXT_ERROR * max(plan.peak_tokens, 1):
+        return "length"
+    return None
