@@ -174,6 +174,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="drive an engine in this process instead of the Serve deployment "
         "(machines without Ray; same engine, plugin and replay code)",
     )
+    parser.add_argument(
+        "--router",
+        help="compare Serve request routers instead of policies: ROUTER[,ROUTER...] of "
+        "lamps.bench_targets.ROUTERS (memory, pow2, round-robin, hash), each on a fleet of "
+        "--replicas engine replicas running the first of --policies; ratios compare the first "
+        "router with the others",
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="engine replicas of a --router run")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
@@ -568,6 +576,35 @@ def run_line(
     )
 
 
+def run_routers(
+    args: argparse.Namespace,
+    config: dict[str, Any],
+    policy: PolicySpec,
+    rates: Sequence[float],
+    max_context: int,
+    traces: dict[float, Trace],
+    project_dir: Path,
+    data_dir: Path,
+) -> dict[str, Any]:
+    """Each router of `--router` on its own fleet of `--replicas` replicas (a fresh stack: the
+    router is fixed when a deployment's handles are made), all running `policy`; results are
+    labelled by router. Rounds alternate the order within each fleet only: one fleet at a time."""
+    from lamps.bench_targets import FleetTarget, parse_routers, with_fleet
+    from lamps.local_stack import local_stack
+
+    outcomes = []
+    for router in parse_routers(args.router):
+        labelled = PolicySpec(router, policy.name, policy.options)
+        print(f"fleet: {args.replicas} replicas behind {router!r}, policy {policy.label}")
+        fleet = with_fleet(config, args.replicas, router)
+        with local_stack(fleet, project_dir, data_dir, log_to_driver=False):
+            target = FleetTarget(variant=policy.label)  # results carry the router's label
+            outcomes.append(
+                asyncio.run(run_all(target, args, [labelled], rates, max_context, traces))
+            )
+    return merge_outcomes(outcomes)
+
+
 def merge_outcomes(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The outcomes of runs on several engines (ours, then the stock control) as one."""
     first, *rest = outcomes
@@ -580,10 +617,20 @@ def merge_outcomes(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-def run_ratio_table(summaries: Sequence[PolicySummary], policies: str) -> str:
-    """Ratios of the run's first policy to each of the others (a run of variants compares the
-    variants; the default run, lamps to the baselines); with rounds, their median and spread."""
-    base, *others = [spec.label for spec in parse_policies(policies)]
+def compared_labels(policies: str, routers: str | None) -> list[str]:
+    """The labels a run's results carry: its routers in a --router run, else its policies."""
+    if routers:
+        from lamps.bench_targets import parse_routers
+
+        return parse_routers(routers)
+    return [spec.label for spec in parse_policies(policies)]
+
+
+def run_ratio_table(summaries: Sequence[PolicySummary], labels: Sequence[str]) -> str:
+    """Ratios of the run's first policy (or router) to each of the others (a run of variants
+    compares the variants; the default run, lamps to the baselines); with rounds, their median
+    and spread."""
+    base, *others = labels
     return "\n\n".join(
         [ratio_table(summaries, base=base, against=others), latency_parts_table(summaries)]
     )
@@ -620,7 +667,7 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         plot(args.out, summaries, results)
     except ImportError as exc:  # a GPU machine without matplotlib: plot later from the records
         print(f"no plots ({exc}); `lamps bench-plot {args.out}` draws them from requests.jsonl")
-    table = run_ratio_table(summaries, args.policies)
+    table = run_ratio_table(summaries, compared_labels(args.policies, args.router))
     (args.out / "ratios.txt").write_text(with_notes(table, noisy) + "\n")
     for note in noisy:  # printed apart: the returned table stays a table
         print(f"note: {note}")
@@ -642,7 +689,10 @@ def replot(out: Path) -> str:
     command = body.get("config", {}).get("command", {})
     summaries = summarize_all(results, horizon_s=command.get("duration"))
     plot(out, summaries, results)
-    table = run_ratio_table(summaries, command.get("policies") or "lamps,infercept,vllm")
+    labels = compared_labels(
+        command.get("policies") or "lamps,infercept,vllm", command.get("router")
+    )
+    table = run_ratio_table(summaries, labels)
     table = with_notes(table, body.get("config", {}).get("noisy_runs") or [])
     (out / "ratios.txt").write_text(table + "\n")
     return table
@@ -682,7 +732,13 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     stock = [spec for spec in policies if spec.name == STOCK]
     if stock and not args.engine_only:
         raise SystemExit(f"lamps bench: {STOCK!r} (vLLM without the plugin) needs --engine-only")
-    if args.engine_only:
+    if args.router:
+        if args.engine_only:
+            raise SystemExit("lamps bench: --router needs the Serve deployment, not --engine-only")
+        outcome = run_routers(
+            args, config, policies[0], rates, settings.max_model_len, traces, project_dir, data_dir
+        )
+    elif args.engine_only:
 
         async def go() -> dict[str, Any]:
             ours = [spec for spec in policies if spec.name != STOCK]

@@ -94,6 +94,29 @@ class DeploymentTarget:
         return await self._engine.scheduler_stats.remote()
 
 
+class FleetTarget(DeploymentTarget):
+    """The application with several engine replicas behind a router (`lamps bench --router`):
+    every request asks for policy variant `variant` (the run's label is the router's). The
+    replicas cannot be addressed one by one through a handle, so a fleet run reports no scheduler
+    counters (one replica's would pass for all) and resets no prefix cache: request ids, and so
+    prompts, are new in every run anyway."""
+
+    def __init__(self, variant: str, app_name: str = "lamps") -> None:
+        super().__init__(app_name)
+        self._variant = variant
+
+    async def replay(
+        self, request_id: str, script: TraceScript, variant: str | None
+    ) -> TraceResponse:
+        return await super().replay(request_id, script, self._variant)
+
+    async def reset_prefix_cache(self) -> None:
+        return None
+
+    async def scheduler_stats(self) -> dict[str, Any]:
+        return {}
+
+
 @contextlib.asynccontextmanager
 async def engine_target(settings: EngineSettings) -> AsyncIterator[EngineTarget]:
     target = EngineTarget(settings)
@@ -132,4 +155,60 @@ def with_policy_variants(
     except ValidationError as exc:
         raise SystemExit(f"policies: {exc}") from None
     engine["scheduler"] = scheduler
+    return config
+
+
+# The routers a fleet run (`lamps bench --router`) can compare, as Serve's request_router_config
+# names them. Ray 2.60's others need what our replicas lack: the capacity-queue router a
+# CapacityQueue deployment of its own, Ray Serve LLM's prefix-aware and KV-aware routers the
+# `ray[llm]` extras (pyarrow) and vLLM's KV events. Without a session header, `hash` (Serve's
+# consistent-hash router) hashes a fresh id per request: uniform placement.
+ROUTERS: dict[str, dict[str, Any]] = {
+    "memory": {
+        "request_router_class": "deployments.router.MemoryAwareRouter",
+        "request_routing_stats_period_s": 0.5,
+    },
+    "pow2": {
+        "request_router_class": (
+            "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter"
+        ),
+    },
+    "round-robin": {
+        "request_router_class": "ray.serve.experimental.round_robin_router.RoundRobinRouter",
+    },
+    "hash": {
+        "request_router_class": (
+            "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
+        ),
+    },
+}
+
+
+def parse_routers(text: str) -> list[str]:
+    routers = [r.strip() for r in text.split(",") if r.strip()]
+    unknown = sorted(set(routers) - set(ROUTERS))
+    if unknown or not routers:
+        raise SystemExit(
+            f"unknown router(s) {', '.join(unknown) or '(none)'}; known: {', '.join(ROUTERS)}"
+        )
+    return routers
+
+
+def with_fleet(config: dict[str, Any], replicas: int, router: str) -> dict[str, Any]:
+    """A copy of a Serve config whose engine deployment runs `replicas` replicas behind
+    `router` (one of `ROUTERS`), sharing the CPUs the config gave its one replica (a CPU
+    machine runs them all; on GPUs the replicas' `num_gpus` is what places them)."""
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    deployments = app.setdefault("deployments", [])
+    engine = next((d for d in deployments if d.get("name") == "EngineReplica"), None)
+    if engine is None:
+        engine = {"name": "EngineReplica"}
+        deployments.append(engine)
+    engine.pop("autoscaling_config", None)
+    engine["num_replicas"] = replicas
+    actor = dict(engine.get("ray_actor_options") or {})
+    actor["num_cpus"] = float(actor.get("num_cpus", 1)) / replicas
+    engine["ray_actor_options"] = actor
+    engine["request_router_config"] = dict(ROUTERS[router])
     return config
