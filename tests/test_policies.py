@@ -6,6 +6,8 @@ Costs: M = 1000 B/token, T_fwd(C) = 0.01 + 0.001·C s, T_swap(C) = 0.0001·C s, 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from lamps_core.costs import EngineCosts
@@ -380,3 +382,15 @@ def test_lamps_promotion_lasts_until_the_request_finishes() -> None:
     other = queued("fresh-s0", arrival=2.0, meta=trace_meta("fresh", [(10, None, 0)]))
     assert policy.priority(other, BUSY)[0] != PROMOTED
     assert policy.counters()["promoted"] == 1
+
+
+def test_lamps_rescores_when_the_engine_costs_move_materially() -> None:
+    policy = make_policy("lamps", costs=COSTS, swap=False, keep=False)
+    a = queued("A-s0", arrival=1.0, meta=SHORT_LONG_CALL)
+    first = policy.priority(a, BUSY)
+    # A 1 % change of a cost (the fit drifting as steps come in) keeps the scores...
+    policy.update_costs(replace(COSTS, decode_step_s=COSTS.decode_step_s * 1.01))
+    assert policy.priority(a, BUSY) == first
+    # ...3x slower decode steps make every request's remaining decode dearer: rescored.
+    policy.update_costs(replace(COSTS, decode_step_s=COSTS.decode_step_s * 3))
+    assert policy.priority(a, BUSY)[1] > first[1]

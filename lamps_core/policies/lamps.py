@@ -75,7 +75,7 @@ class _Plan:
     """What was predicted for a queued request when it was scored."""
 
     context_tokens: int  # the context it was scored at; a preempted request comes back longer
-    version: tuple[int, int]  # the predictor's version and the keep estimate's bucket then
+    version: tuple[int, int, int]  # predictor version, keep estimate bucket, costs version
     priority: Priority
     next_call: Strategy | None  # the predicted strategy of the call ending this segment
     next_call_s: float  # its predicted duration
@@ -110,6 +110,9 @@ class LampsPolicy(SchedulingPolicy):
         if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
             raise ValueError(f"rerank_every_steps must be an int >= 0, got {rerank_every_steps!r}")
         self.costs = costs
+        # The costs the current plans were scored with, and their version (see `_version`).
+        self._planned_costs = costs
+        self._costs_version = 0
         defaults = PredictionDefaults(default_decode_tokens, default_api_s, default_api_tokens)
         self.predictor = make_predictor(predictor, noise=noise, seed=seed, defaults=defaults)
         self.allow_swap = swap
@@ -137,11 +140,19 @@ class LampsPolicy(SchedulingPolicy):
     def _keep_evict_p(self) -> float | None:
         return None if self.keep_estimate is None else self.keep_estimate.probability
 
-    def _version(self) -> tuple[int, int]:
-        # Plans are rescored when the predictor changes, or when the eviction estimate moves to
-        # another twentieth (finer changes would rescore every waiting request too often).
+    def _version(self) -> tuple[int, int, int]:
+        # Plans are rescored when the predictor changes, when the eviction estimate moves to
+        # another twentieth, or when the engine's measured costs move materially (finer changes
+        # would rescore every waiting request too often: the fit moves a little at every
+        # prefill-only step).
         p = self._keep_evict_p()
-        return (self.predictor.version, -1 if p is None else round(p * 20))
+        return (self.predictor.version, -1 if p is None else round(p * 20), self._costs_version)
+
+    def update_costs(self, costs: EngineCosts) -> None:
+        self.costs = costs
+        if _costs_moved(self._planned_costs, costs):
+            self._planned_costs = costs
+            self._costs_version += 1
 
     def forget(self, engine_request_id: str) -> None:
         """Drops what is remembered of a finished engine request."""
@@ -367,6 +378,18 @@ class LampsPolicy(SchedulingPolicy):
         if len(self._call_s) > len(paused):
             live = {call.engine_request_id for call in paused}
             self._call_s = {rid: v for rid, v in self._call_s.items() if rid in live}
+
+
+# A cost that moved by more than this (relative) since the plans were scored rescores them.
+COST_CHANGE_RESCORES = 0.10
+
+
+def _costs_moved(planned: EngineCosts, now: EngineCosts) -> bool:
+    for name in ("fwd_intercept_s", "fwd_slope_s", "swap_slope_s", "decode_step_s"):
+        before, after = getattr(planned, name), getattr(now, name)
+        if abs(after - before) > COST_CHANGE_RESCORES * max(abs(before), 1e-12):
+            return True
+    return planned.kv_bytes_per_token != now.kv_bytes_per_token
 
 
 def _why_not_planned(
