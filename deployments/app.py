@@ -70,7 +70,12 @@ class AppArgs(BaseModel):
         ge=1,
         description="Chat and trace requests an ingress replica runs at once; more get 429.",
     )
-
+    max_routing_wait_s: PositiveSeconds | None = Field(
+        default=None,
+        description="Longest a request waits at Serve's router for an engine replica (every "
+        "one full: the fleet router backs off, or all queues are at max_ongoing_requests), "
+        "then 429; none: as long as it takes.",
+    )
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod
@@ -128,6 +133,7 @@ def build_app(args: dict[str, Any]) -> Application:
         policy_variants=list(engine.scheduler.policy_variants) if engine.scheduler else [],
         max_body_bytes=app_args.max_body_bytes,
         max_in_flight_requests=app_args.max_in_flight_requests,
+        max_routing_wait_s=app_args.max_routing_wait_s,
         api_keys=ApiKeys.from_keys(app_args.api_keys, app_args.admin_api_keys),
     )
     return serve.deployment(

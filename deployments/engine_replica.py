@@ -16,7 +16,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.metrics import EngineStatsBoard
+from deployments.metrics import EngineStatsBoard, host_pool_gauges
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
@@ -58,6 +58,7 @@ class EngineReplica:
         self._vocab_size = self._engine.model_config.get_vocab_size()
         self._max_model_len = self.settings.max_model_len
         self._paused_in_tool_calls = 0
+        self._requests_received = 0  # chat and trace requests routed here, since start
         self._board = EngineStatsBoard(redis_url) if redis_url else None
         self._api_estimates: dict[str, float] = {}
         self._background = [
@@ -67,6 +68,7 @@ class EngineReplica:
 
     async def chat(self, plan: ChatPlan) -> AsyncIterator[ChatEvent]:
         """Stream the events of one chat request (text deltas, tool executions, outcome)."""
+        self._requests_received += 1
         plan.api_estimates = self._api_estimates or None
         async for event in run_chat(
             self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool
@@ -81,6 +83,7 @@ class EngineReplica:
         policy_variant: str | None = None,
     ) -> TraceOutcome:
         self._check_variant(policy_variant)
+        self._requests_received += 1
         return await run_trace(
             self._engine,
             self._vocab_size,
@@ -117,6 +120,7 @@ class EngineReplica:
             "prefix_cache_hits": snap.prefix_cache_hits,
             "prompt_tokens": snap.prompt_tokens,
             "generation_tokens": snap.generation_tokens,
+            **host_pool_gauges(snap.scheduler),
         }
 
     def record_routing_stats(self) -> dict[str, Any]:
@@ -140,6 +144,9 @@ class EngineReplica:
         committed = (in_use + snap.waiting_requests * mean_request) * ROUTING_HORIZON_S
         return {
             "stats_time": time.time(),  # wall clock: routers on other nodes compare with theirs
+            "replica": self._replica_id,
+            # Where the router's choices went (logs, tests); the rule does not read it.
+            "requests_received": self._requests_received,
             "kv_bytes_per_token": per_token,
             "kv_capacity_bytes": snap.kv_blocks_total * per_block,
             "kv_in_use_bytes": in_use,

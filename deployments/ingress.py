@@ -53,6 +53,7 @@ from deployments.api_models import (
 )
 from deployments.errors import AuthenticationError, EngineUnavailableError, InternalServerError
 from deployments.metrics import EngineStatsBoard, render_prometheus
+from deployments.router_wait import await_placement
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, TextDelta, ToolExecution
 from lamps_vllm.errors import (
@@ -100,6 +101,9 @@ class IngressSettings(BaseModel):
     )
     max_body_bytes: int = Field(default=1 << 20, ge=1)
     max_in_flight_requests: int = Field(default=256, ge=1)
+    max_routing_wait_s: float | None = Field(
+        default=None, gt=0, description="Longest wait for an engine replica, then 429."
+    )
     api_keys: ApiKeys = Field(
         default_factory=ApiKeys, description="Digests of the config's keys (the env adds more)."
     )
@@ -424,7 +428,9 @@ class Ingress:
             plan = await self._plan(request)
             outcome = None
             with _engine_errors():
-                async for event in self._engine.options(stream=True).chat.remote(plan):
+                events = self._engine.options(stream=True).chat.remote(plan)
+                await await_placement(events, self.settings.max_routing_wait_s)
+                async for event in events:
                     if isinstance(event, ChatOutcome):
                         outcome = event
             assert outcome is not None
@@ -437,8 +443,9 @@ class Ingress:
         with self._admitted():
             request = _parse(ChatRequest, request)
             plan = await self._plan(request)
-            events = self._engine.options(stream=True).chat.remote(plan)
             with _engine_errors():
+                events = self._engine.options(stream=True).chat.remote(plan)
+                await await_placement(events, self.settings.max_routing_wait_s)
                 async for chunk in _stream_chunks(plan, self.settings.served_model_name, events):
                     yield chunk
 
@@ -449,9 +456,11 @@ class Ingress:
             # The engine keys on this id (KV holds, swap entries): always the server's own.
             request_id = f"trace-{uuid.uuid4().hex}"
             with _engine_errors():
-                outcome = await self._engine.replay.remote(
+                response = self._engine.replay.remote(
                     request_id, script, time.time(), request.policy
                 )
+                await await_placement(response, self.settings.max_routing_wait_s)
+                outcome = await response
             return TraceResponse.from_outcome(
                 outcome, self.settings.served_model_name, request.request_id
             )

@@ -15,6 +15,9 @@ Use it in a Serve config (docs/fleet.md):
       request_router_class: deployments.router.MemoryAwareRouter
       request_router_kwargs: {max_backlog_s: 30, affinity_margin_s: 1}
       request_routing_stats_period_s: 0.5
+
+`request_router_kwargs` are checked by `RouterOptions` (unknown or out-of-range values fail the
+deployment, and tests/test_cluster_configs.py checks every shipped config against it).
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve.request_router import (
-    FIFOMixin,
     PendingRequest,
     ReplicaID,
     ReplicaResult,
@@ -197,22 +200,44 @@ def request_demand(call_method: str, args: Sequence[Any], costs: EngineCosts) ->
     return Demand(0.0, 0.0)
 
 
-class MemoryAwareRouter(FIFOMixin, RequestRouter):
+class RouterOptions(BaseModel):
+    """The router's `request_router_kwargs` in a Serve config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_backlog_s: float = Field(
+        default=DEFAULT_MAX_BACKLOG_S,
+        gt=0,
+        allow_inf_nan=False,
+        description="A replica whose finish time for the request would exceed this is full; "
+        "when all are, the request waits at the router (docs/fleet.md).",
+    )
+    affinity_margin_s: float = Field(
+        default=DEFAULT_AFFINITY_MARGIN_S,
+        ge=0,
+        allow_inf_nan=False,
+        description="How much later a conversation's own replica may finish than the best one "
+        "and still take its next turn.",
+    )
+
+
+class MemoryAwareRouter(RequestRouter):
     """Serve's router API: `choose_replicas` returns ranked groups (one replica each, best
     first; Serve tries the next when one's queue is full) or nothing with `should_backoff`
     set, which makes Serve wait (exponential backoff) and ask again: the request queues at
-    the router until a replica's backlog falls under the bound."""
+    the router until a replica's backlog falls under the bound.
 
-    def initialize_state(
-        self,
-        max_backlog_s: float = DEFAULT_MAX_BACKLOG_S,
-        affinity_margin_s: float = DEFAULT_AFFINITY_MARGIN_S,
-        **kwargs: Any,
-    ) -> None:
-        if kwargs:
-            raise ValueError(f"unknown MemoryAwareRouter option(s): {', '.join(sorted(kwargs))}")
-        self._max_backlog_s = float(max_backlog_s)
-        self._affinity_margin_s = float(affinity_margin_s)
+    Not FIFOMixin: with it, Serve hands the replica chosen for one request to the oldest
+    pending one, whose demand and session may be nothing alike (a long-call request placed
+    where a short chat turn's context is). Here each request goes where its own rank says."""
+
+    def initialize_state(self, **kwargs: Any) -> None:
+        try:
+            options = RouterOptions.model_validate(kwargs)
+        except ValidationError as exc:
+            raise ValueError(f"MemoryAwareRouter options: {exc}") from None
+        self._max_backlog_s = options.max_backlog_s
+        self._affinity_margin_s = options.affinity_margin_s
         self._ledger = SentLedger()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         # The session of each request between choose_replicas and on_request_routed.

@@ -1,5 +1,6 @@
-"""Every config in cluster/ is one its tool accepts, names an application our builder takes, and
-runs Redis with a password and persistence, reachable from the cluster only."""
+"""Every config in cluster/ is one its tool accepts, names an application our builder takes, routes
+engine requests with a router that accepts its settings, and runs Redis with a password and
+persistence, reachable from the cluster only."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from ray.serve._private.utils import import_attr
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import RequestRouter
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import AppArgs
+from deployments.router import MemoryAwareRouter
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 
@@ -36,6 +42,61 @@ def test_serve_config_deploys_our_app(name: str, config: dict[str, Any]) -> None
     AppArgs.model_validate(app.args)
     deployment_names = {d.name for d in app.deployments}
     assert deployment_names <= {"EngineReplica", "Ingress", "ToolWorker"}
+    for deployment in app.deployments:
+        if isinstance(deployment.request_router_config, dict):
+            check_router_settings(deployment.name, deployment.request_router_config)
+
+
+def check_router_settings(deployment: str, settings: dict[str, Any]) -> None:
+    """What Serve does with `request_router_config` when it deploys: Ray's own model, the class
+    imported by its path, `initialize_state(**request_router_kwargs)` on a real instance."""
+    config = RequestRouterConfig.model_validate(settings)
+    assert isinstance(config.request_router_class, str)
+    router_class = import_attr(config.request_router_class)
+    assert issubclass(router_class, RequestRouter)
+    router = router_class(DeploymentID(deployment, "lamps"), DeploymentHandleSource.UNKNOWN)
+    router.initialize_state(**config.request_router_kwargs)
+
+
+FLEET_CONFIGS = ["serve-gpu.yaml", "kuberay serveConfigV2"]
+
+
+@pytest.mark.parametrize("name", FLEET_CONFIGS)
+def test_gpu_configs_route_engine_requests_by_memory(name: str) -> None:
+    config = dict(serve_configs())[name]
+    [app] = config["applications"]
+    [engine] = [d for d in app["deployments"] if d["name"] == "EngineReplica"]
+    router = engine["request_router_config"]
+    assert import_attr(router["request_router_class"]) is MemoryAwareRouter
+    # Stats older than a second make the router lean on its own counts for too long.
+    assert router["request_routing_stats_period_s"] <= 1.0
+    assert AppArgs.model_validate(app["args"]).max_routing_wait_s is not None  # 429, not forever
+
+
+def test_router_settings_that_the_router_refuses_fail_the_check() -> None:
+    good = {"request_router_class": "deployments.router.MemoryAwareRouter"}
+    check_router_settings("EngineReplica", good)
+    for kwargs in ({"max_backlog_s": 0}, {"affinity_margin_s": -1}, {"max_backlog": 30}):
+        with pytest.raises(ValueError, match="MemoryAwareRouter options"):
+            check_router_settings("EngineReplica", {**good, "request_router_kwargs": kwargs})
+    with pytest.raises((ImportError, AttributeError)):
+        check_router_settings("EngineReplica", {"request_router_class": "deployments.router.Nope"})
+
+
+def test_kuberay_runs_the_same_application_as_serve_gpu() -> None:
+    configs = dict(serve_configs())
+    assert configs["kuberay serveConfigV2"] == configs["serve-gpu.yaml"]
+
+
+def test_ray_up_deploys_serve_gpu_with_the_heads_redis() -> None:
+    config = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    [deploy] = [c for c in config["head_start_ray_commands"] if "serve run" in c]
+    assert "~/lamps/cluster/serve-gpu.yaml" in deploy
+    assert "redis://lamps-redis:6379/0#redis://$(hostname -I" in deploy
+    assert "--non-blocking" in deploy
+    # After `ray start`: the application needs the running cluster.
+    commands = config["head_start_ray_commands"]
+    assert commands.index(deploy) > max(i for i, c in enumerate(commands) if "ray start" in c)
 
 
 def test_cluster_launcher_config_is_valid() -> None:
@@ -50,7 +111,7 @@ def test_cluster_redis_is_private_persistent_and_keyed() -> None:
     ingress from the environment (serve-gpu.yaml binds HTTP to 0.0.0.0)."""
     config = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
     [redis] = [c for c in config["head_start_ray_commands"] if c.startswith("redis-server")]
-    assert "0.0.0.0" not in redis and "--bind \"$(hostname -I" in redis
+    assert "0.0.0.0" not in redis and '--bind "$(hostname -I' in redis
     assert "--requirepass" in redis and "--appendonly yes" in redis
     [head] = [c for c in config["head_start_ray_commands"] if "ray start" in c]
     [worker] = [c for c in config["worker_start_ray_commands"] if "ray start" in c]

@@ -1,6 +1,6 @@
 """The Serve glue of the fleet router (deployments/router.py): Serve's real RequestRouter base
 class, fed fake replicas whose `routing_stats` look like EngineReplica.record_routing_stats.
-No Ray cluster: a real-Ray test with two engine replicas is still to do (docs/fleet.md)."""
+No Ray cluster here: tests/test_fleet.py runs the router in front of two real engine replicas."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest, ReplicaID
 
@@ -58,8 +59,12 @@ def trace_args(n: int, api_time: float) -> list[Any]:
     script = TraceScript.model_validate(
         {
             "segments": [
-                {"prompt_tokens": 1000, "completion_tokens": 10, "api_time": api_time,
-                 "api_token_length": 5},
+                {
+                    "prompt_tokens": 1000,
+                    "completion_tokens": 10,
+                    "api_time": api_time,
+                    "api_token_length": 5,
+                },
                 {"prompt_tokens": 1015, "completion_tokens": 10},
             ]
         }
@@ -69,7 +74,11 @@ def trace_args(n: int, api_time: float) -> list[Any]:
 
 def chat_request(n: int, messages: list[dict[str, Any]]) -> PendingRequest:
     plan = ChatPlan(
-        request_id=f"c{n}", messages=messages, tools=[], tool_choice="auto", max_tokens=64,
+        request_id=f"c{n}",
+        messages=messages,
+        tools=[],
+        tool_choice="auto",
+        max_tokens=64,
         max_tool_calls=0,
     )
     return pending("chat", [plan], n)
@@ -153,6 +162,29 @@ def test_a_full_fleet_backs_off_and_sets_should_backoff() -> None:
     assert asyncio.run(main()) == ([], True)
 
 
+def test_a_request_over_the_bound_alone_runs_on_an_idle_replica_not_never() -> None:
+    async def main() -> list[list[str]]:
+        # Each request: 1005 tokens held through a 200 s call, 0.2 s of a 1 GB replica's
+        # drain, twice the bound: no replica could ever take it if idle ones were "full".
+        router = make_router(max_backlog_s=0.1)
+        replicas = [replica("a", 0.0), replica("b", 0.0)]
+        return [
+            ids(await router.choose_replicas(replicas, trace_request(n, 200.0)))  # type: ignore[arg-type]
+            for n in range(3)
+        ]
+
+    first, second, third = asyncio.run(main())
+    assert first == ["a", "b"]  # both idle: both open, the lower id first
+    assert second == ["b"]  # "a" has the first one now: over the bound, not idle
+    assert third == []  # neither is idle: back off
+
+
+def test_router_options_are_checked() -> None:
+    for bad in ({"max_backlog_s": 0}, {"affinity_margin_s": float("nan")}, {"margin": 1}):
+        with pytest.raises(ValueError, match="MemoryAwareRouter options"):
+            make_router(**bad)
+
+
 def test_unhealthy_and_preserved_replicas_rank_last_or_not_at_all() -> None:
     async def main() -> list[str]:
         router = make_router()
@@ -173,15 +205,18 @@ def test_a_conversations_next_turn_goes_back_within_the_margin() -> None:
     async def main() -> tuple[list[str], list[str], list[str]]:
         router = make_router(affinity_margin_s=1.0)
         turn_1 = await router.choose_replicas(
-            [replica("a", 1.0), replica("b", 1.2)], chat_request(1, first)  # type: ignore[list-item]
+            [replica("a", 1.0), replica("b", 1.2)],
+            chat_request(1, first),  # type: ignore[list-item]
         )
         # Now "b" is emptier by 0.5 s: the session stays on "a" (within 1 s).
         turn_2 = await router.choose_replicas(
-            [replica("a", 1.0), replica("b", 0.5)], chat_request(2, later)  # type: ignore[list-item]
+            [replica("a", 1.0), replica("b", 0.5)],
+            chat_request(2, later),  # type: ignore[list-item]
         )
         # "a" is 3 s behind: the session moves.
         turn_3 = await router.choose_replicas(
-            [replica("a", 4.0), replica("b", 1.0)], chat_request(3, later)  # type: ignore[list-item]
+            [replica("a", 4.0), replica("b", 1.0)],
+            chat_request(3, later),  # type: ignore[list-item]
         )
         return ids(turn_1), ids(turn_2), ids(turn_3)
 
@@ -193,12 +228,25 @@ def test_a_conversations_next_turn_goes_back_within_the_margin() -> None:
 
 def test_session_key_is_the_conversation_head_and_demand_reads_the_request() -> None:
     head = [{"role": "user", "content": "What is 2+2?"}]
-    plan = ChatPlan(request_id="x", messages=head, tools=[], tool_choice="auto", max_tokens=8,
-                    max_tool_calls=0)
-    longer = ChatPlan(request_id="y", messages=[*head, {"role": "assistant", "content": "4"}],
-                      tools=[], tool_choice="auto", max_tokens=8, max_tool_calls=0)
-    other = ChatPlan(request_id="z", messages=[{"role": "user", "content": "Hi"}], tools=[],
-                     tool_choice="auto", max_tokens=8, max_tool_calls=0)
+    plan = ChatPlan(
+        request_id="x", messages=head, tools=[], tool_choice="auto", max_tokens=8, max_tool_calls=0
+    )
+    longer = ChatPlan(
+        request_id="y",
+        messages=[*head, {"role": "assistant", "content": "4"}],
+        tools=[],
+        tool_choice="auto",
+        max_tokens=8,
+        max_tool_calls=0,
+    )
+    other = ChatPlan(
+        request_id="z",
+        messages=[{"role": "user", "content": "Hi"}],
+        tools=[],
+        tool_choice="auto",
+        max_tokens=8,
+        max_tool_calls=0,
+    )
     assert session_key("chat", [plan]) == session_key("chat", [longer])
     assert session_key("chat", [plan]) != session_key("chat", [other])
     assert session_key("replay", ["r", None]) is None
@@ -215,15 +263,22 @@ def test_engine_replica_reports_its_kv_and_an_estimated_commitment() -> None:
     from deployments.engine_replica import ROUTING_HORIZON_S, EngineReplica
     from lamps_vllm.stats import EngineStatsSnapshot
 
-    snap = EngineStatsSnapshot(running_requests=2, waiting_requests=1, kv_blocks_total=100,
-                               kv_blocks_used=30)
-    snap.scheduler = {"block_size": 16, "costs": COSTS, "preserved_blocks": 10,
-                      "swap": {"host_pool_bytes_in_use": 4096}}
+    snap = EngineStatsSnapshot(
+        running_requests=2, waiting_requests=1, kv_blocks_total=100, kv_blocks_used=30
+    )
+    snap.scheduler = {
+        "block_size": 16,
+        "costs": COSTS,
+        "preserved_blocks": 10,
+        "swap": {"host_pool_bytes_in_use": 4096},
+    }
     replica_ = EngineReplica.__new__(EngineReplica)
     replica_._stats = SimpleNamespace(snapshot=snap)  # type: ignore[attr-defined]
     replica_.settings = SimpleNamespace(block_size=None)  # type: ignore[assignment]
     replica_._engine = SimpleNamespace(errored=False, shutdown=lambda: None)  # type: ignore[attr-defined]
     replica_._paused_in_tool_calls = 3
+    replica_._replica_id = "r1"
+    replica_._requests_received = 7
     stats = replica_.record_routing_stats()
     block = 16 * 1000
     assert stats["kv_capacity_bytes"] == 100 * block
@@ -232,5 +287,6 @@ def test_engine_replica_reports_its_kv_and_an_estimated_commitment() -> None:
     # 30 blocks held by 2 running, one more waiting at their mean: 45 blocks for the horizon.
     assert stats["committed_memory_time"] == 45 * block * ROUTING_HORIZON_S
     assert stats["healthy"] is True and abs(stats["stats_time"] - time.time()) < 5
+    assert (stats["replica"], stats["requests_received"]) == ("r1", 7)
     replica_._engine = SimpleNamespace(errored=True, shutdown=lambda: None)  # type: ignore[attr-defined]
     assert replica_.record_routing_stats()["healthy"] is False
