@@ -16,6 +16,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.autoscaling import KV_PRESSURE
 from deployments.metrics import EngineStatsBoard, host_pool_gauges
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
@@ -161,6 +162,15 @@ class EngineReplica:
             "costs": dict(ours.get("costs") or {}),
             "healthy": not self._engine.errored,
         }
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (deployments/autoscaling.py): this replica's memory
+        pressure, the KV its requests hold or wait for (device cache, host pool, and the waiting
+        requests at the running ones' mean size) over its KV capacity."""
+        routing = self.record_routing_stats()
+        capacity = routing["kv_capacity_bytes"]
+        demand = routing["committed_memory_time"] / ROUTING_HORIZON_S + routing["kv_swapped_bytes"]
+        return {KV_PRESSURE: demand / capacity if capacity else 0.0}
 
     def metrics_snapshot(self) -> dict[str, Any]:
         """`stats()` labelled with this replica and its model: what `/metrics` shows, asked

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.autoscaling_policy import _apply_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
@@ -59,3 +61,19 @@ def test_serve_scales_up_on_memory_while_requests_are_few() -> None:
     assert replicas == 3
     # Demand gone: one replica. (Serve's deployment state clips to min/max_replicas after.)
     assert policy(context([0.05, 0.05], 2, config))[0] == 1
+
+
+@pytest.mark.parametrize("config", ["serve-gpu.yaml", "kuberay-rayservice.yaml"])
+def test_shipped_configs_scale_engines_on_memory(config: str) -> None:
+    text = (Path(__file__).resolve().parent.parent / "cluster" / config).read_text()
+    docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    loaded = next((doc for doc in docs if doc.get("kind") == "RayService"), docs[0])
+    if "spec" in loaded:  # the RayService embeds the Serve config as text
+        loaded = yaml.safe_load(loaded["spec"]["serveConfigV2"])
+    deployments = loaded["applications"][0]["deployments"]
+    engine = next(d for d in deployments if d["name"] == "EngineReplica")
+    autoscaling = AutoscalingConfig.model_validate(engine["autoscaling_config"])
+    policy = autoscaling.policy
+    assert policy.policy_function == "deployments.autoscaling.MemoryPressurePolicy"
+    built = MemoryPressurePolicy(**policy.policy_kwargs)
+    assert 0 < built.target_pressure <= 1
