@@ -18,12 +18,18 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.autoscaling import KV_PRESSURE
 from deployments.metrics import EngineStatsBoard, host_pool_gauges
+from lamps_core.call_durations import ApiEstimate, CallDurationSummary
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
-from tool_workers.stats import ToolDurationEstimate, ToolStatsStore
+from tool_workers.stats import (
+    ToolDurationEstimate,
+    ToolStatsStore,
+    engine_api_estimates,
+    merge_distributions,
+)
 from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
 from tool_workers.worker import recorded_name
 
@@ -61,7 +67,10 @@ class EngineReplica:
         self._paused_in_tool_calls = 0
         self._requests_received = 0  # chat and trace requests routed here, since start
         self._board = EngineStatsBoard(redis_url) if redis_url else None
-        self._api_estimates: dict[str, float] = {}
+        self._api_estimates: dict[str, float] = {}  # means, by tool and API type
+        self._api_durations: dict[str, CallDurationSummary] = {}  # learned distributions
+        # What the scheduler is sent with every request: both of the above, built at refresh.
+        self._scheduler_estimates: dict[str, ApiEstimate] = {}
         self._background = [
             asyncio.create_task(self._publish_stats(self._replica_id)),
             asyncio.create_task(self._refresh_api_estimates()),
@@ -70,7 +79,8 @@ class EngineReplica:
     async def chat(self, plan: ChatPlan) -> AsyncIterator[ChatEvent]:
         """Stream the events of one chat request (text deltas, tool executions, outcome)."""
         self._requests_received += 1
-        plan.api_estimates = self._api_estimates or None
+        # Means and learned distributions (RequestMeta.api_estimates validates both).
+        plan.api_estimates = self._scheduler_estimates or None
         async for event in run_chat(
             self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool
         ):
@@ -94,7 +104,7 @@ class EngineReplica:
             self._call_tool,
             arrival_time,
             policy_variant,
-            self._api_estimates or None,
+            self._scheduler_estimates or None,  # means and distributions, as in `chat`
         )
 
     def _check_variant(self, label: str | None) -> None:
@@ -241,12 +251,17 @@ class EngineReplica:
             await asyncio.sleep(1.0)
 
     async def _refresh_api_estimates(self) -> None:
-        """What calls of each tool take, from the tool workers' Redis records; it travels to the
-        scheduler with every request (RequestMeta.api_estimates)."""
+        """What calls of each tool take (mean and learned distribution), from the tool workers'
+        Redis records; it travels to the scheduler with every request
+        (RequestMeta.api_estimates)."""
         while True:
             try:
                 estimates = await self._tools.estimates.remote()
                 self._api_estimates = merge_estimates(self._api_estimates, estimates)
+                self._api_durations = merge_distributions(self._api_durations, estimates)
+                self._scheduler_estimates = engine_api_estimates(
+                    self._api_estimates, self._api_durations
+                )
             except Exception as exc:  # Redis or the worker down: keep the last estimates
                 logger.warning("cannot refresh tool duration estimates: %s", exc)
             await asyncio.sleep(API_ESTIMATES_REFRESH_S)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.costs import EngineCosts
 from lamps_core.request_meta import RequestMeta
 
@@ -96,7 +97,7 @@ class SchedulingPolicy(ABC):
         """Counts of the policy's own decisions, for the engine's statistics."""
         return {}
 
-    def update_api_estimates(self, estimates: Mapping[str, float]) -> None:  # noqa: B027
+    def update_api_estimates(self, estimates: Mapping[str, ApiEstimate]) -> None:  # noqa: B027
         """Mean API duration (s) per API type, learned from the tool workers' records."""
 
     def forget(self, engine_request_id: str) -> None:  # noqa: B027

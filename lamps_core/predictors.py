@@ -6,8 +6,10 @@ follows, how long that call lasts and how many tokens it returns.
   LAMPS evaluation's sensitivity test. Each segment's draw comes from an RNG seeded by
   (seed, request id, segment index), so it is the same whichever order requests are asked about
   and whichever segment of the request asks.
-- `ToolEstimatePredictor`: call durations from per-API-type means that the engine refreshes from
-  the tool workers' records; lengths from the trace when it has them. It looks one call ahead.
+- `ToolEstimatePredictor`: call durations from what the engine refreshes from the tool workers'
+  records per API type: a mean, or a learned distribution (`call_durations.CallDurationSummary`);
+  lengths from the trace when it has them. It looks one call ahead. With a distribution it also
+  answers `remaining_call_s` for a call under way: `E[D - e | D > e]` after `e` seconds.
 
 A request without a trace (chat, or no meta at all) gets `PredictionDefaults`.
 """
@@ -20,7 +22,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lamps_core.request_meta import RequestMeta
+from lamps_core.call_durations import ApiEstimate, CallDurationSummary
+from lamps_core.request_meta import MAX_API_ESTIMATES, RequestMeta
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +126,21 @@ class Predictor(ABC):
         """The remaining work of the segment `meta` describes, which has decoded
         `generated_tokens` already (non-zero after a preemption)."""
 
-    def update(self, estimates: Mapping[str, float]) -> None:  # noqa: B027 (optional hook)
-        """New per-API-type mean durations (seconds); ignored by predictors that do not use them."""
+    def update(self, estimates: Mapping[str, ApiEstimate]) -> None:  # noqa: B027 (optional hook)
+        """New call durations per API type (a mean in seconds, or a learned distribution);
+        ignored by predictors that do not use them."""
 
     def call_duration(self, meta: RequestMeta | None) -> float:
         """Predicted seconds of the API call that ends the segment `meta` describes. A segment
         can stop for a call nobody foresaw (a chat turn that chose a tool): the default then."""
         prediction = self.predict(meta)
         return prediction.api_s if prediction.has_call else self.defaults.api_s
+
+    def remaining_call_s(self, meta: RequestMeta | None, elapsed_s: float) -> float | None:
+        """Predicted seconds still to go of the call ending `meta`'s segment, which has run
+        `elapsed_s`; None where the predictor has no distribution of that call's duration to
+        condition on (the caller keeps its own rule: the oracle's duration is not a guess)."""
+        return None
 
 
 class OraclePredictor(Predictor):
@@ -174,38 +184,68 @@ class NoisyOraclePredictor(Predictor):
 
 
 class ToolEstimatePredictor(Predictor):
-    """Durations from `estimates` (API type -> mean seconds), else `defaults.api_s`."""
+    """Durations from `estimates` (API type -> mean seconds, or a learned distribution), else
+    `defaults.api_s` (the cold-start prior).
+
+    A call's predicted duration is its distribution's mean, not its median: a call's waste
+    (`waste.preserve_waste`) is linear in its duration, so the expected waste is the waste of the
+    mean, while a median would price a tool that is usually fast and sometimes very slow as
+    always fast. It is also `remaining_call_s` at 0 s elapsed, so the plan made at the pause and
+    the first review of the call agree."""
 
     def __init__(
         self,
-        estimates: Mapping[str, float] | None = None,
+        estimates: Mapping[str, ApiEstimate] | None = None,
         defaults: PredictionDefaults | None = None,
     ) -> None:
         super().__init__(defaults)
         self._estimates: dict[str, float] = {}
+        self._distributions: dict[str, CallDurationSummary] = {}
         if estimates:
             self.update(estimates)
         self.version = 0
 
     @property
     def estimates(self) -> Mapping[str, float]:
+        """Mean seconds per API type (a distribution's mean where one was given)."""
         return dict(self._estimates)
 
-    def update(self, estimates: Mapping[str, float]) -> None:
-        new = {}
-        for api_type, seconds in estimates.items():
-            if not (math.isfinite(seconds) and seconds >= 0):
-                raise ValueError(f"estimate for {api_type!r} must be finite and >= 0: {seconds}")
-            new[api_type] = float(seconds)
+    @property
+    def distributions(self) -> Mapping[str, CallDurationSummary]:
+        return dict(self._distributions)
+
+    def update(self, estimates: Mapping[str, ApiEstimate]) -> None:
+        if len(estimates) > MAX_API_ESTIMATES:
+            raise ValueError(f"at most {MAX_API_ESTIMATES} API types, got {len(estimates)}")
+        means: dict[str, float] = {}
+        distributions: dict[str, CallDurationSummary] = {}
+        for api_type, estimate in estimates.items():
+            if isinstance(estimate, CallDurationSummary):  # validated when it was built
+                distributions[api_type] = estimate
+                means[api_type] = estimate.mean_s
+                continue
+            if isinstance(estimate, bool) or not isinstance(estimate, int | float):
+                raise ValueError(f"estimate for {api_type!r} is not a duration: {estimate!r}")
+            if not (math.isfinite(estimate) and estimate >= 0):
+                raise ValueError(f"estimate for {api_type!r} must be finite and >= 0: {estimate}")
+            means[api_type] = float(estimate)
         # Bumping the version makes callers recompute every cached score, so only on a change.
-        if new != self._estimates:
-            self._estimates = new
+        if means != self._estimates or distributions != self._distributions:
+            self._estimates = means
+            self._distributions = distributions
             self.version += 1
 
     def duration(self, api_type: str | None) -> float:
         if api_type is None:
             return self.defaults.api_s
         return self._estimates.get(api_type, self.defaults.api_s)
+
+    def remaining_call_s(self, meta: RequestMeta | None, elapsed_s: float) -> float | None:
+        api_type = _call_type(meta)
+        distribution = self._distributions.get(api_type) if api_type is not None else None
+        if distribution is None:
+            return None
+        return distribution.expected_remaining_s(elapsed_s)
 
     def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
         if meta is None or not meta.remaining_segments:
@@ -225,6 +265,15 @@ class ToolEstimatePredictor(Predictor):
         # One call ahead: the decode after it, and the forecast ends there.
         forecasts = [call, SegmentForecast(rest[0].completion_tokens, None)] if rest else [call]
         return Prediction(_after_generated(forecasts, generated_tokens))
+
+
+def _call_type(meta: RequestMeta | None) -> str | None:
+    """The API type of the call ending the segment `meta` describes, when known."""
+    if meta is None:
+        return None
+    if meta.remaining_segments:
+        return meta.remaining_segments[0].api_type
+    return meta.api_type
 
 
 def _after_generated(

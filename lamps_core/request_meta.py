@@ -8,13 +8,20 @@ ranks a resumed segment by the request it belongs to, not as a newcomer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from lamps_core.call_durations import CallDurationSummary
 from lamps_core.trace import TraceSegment
 
 META_KEY = "lamps"
+# The serving layer sends estimates for its registry's tools and the fixed simulated API types
+# only (a few dozen); the caps keep every request's metadata small whatever Redis holds.
+MAX_API_ESTIMATES = 256
+MAX_API_TYPE_CHARS = 128
+
+ApiTypeName = Annotated[str, Field(min_length=1, max_length=MAX_API_TYPE_CHARS)]
 
 
 class RequestMeta(BaseModel):
@@ -41,10 +48,15 @@ class RequestMeta(BaseModel):
     api_type: str | None = Field(
         default=None, description="The API (tool) the call ending this segment uses, when known."
     )
-    api_estimates: dict[str, float] | None = Field(
+    # A mean stays a bare float (the predictor checks it, so a bad one is refused inside the
+    # engine, counted, and the last estimates kept); a distribution is checked here.
+    api_estimates: dict[ApiTypeName, float | CallDurationSummary] | None = Field(
         default=None,
-        description="Mean duration (s) per API type from the tool workers' records, as the "
-        "serving layer last read them: how the scheduler's predictions learn durations.",
+        max_length=MAX_API_ESTIMATES,
+        description="Call duration per API type from the tool workers' records, as the serving "
+        "layer last read them: a mean (s), or the learned distribution (recency-weighted "
+        "equal-mass atoms, `CallDurationSummary`). How the scheduler's predictions learn "
+        "durations.",
     )
     remaining_segments: list[TraceSegment] | None = Field(
         default=None, description="Oracle knowledge from a trace script: this segment and the rest."

@@ -20,6 +20,7 @@ from vllm.inputs import TokensPrompt
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.request_meta import RequestMeta
 from lamps_vllm.errors import PromptTooLongError
 from lamps_vllm.holds import released_if_abandoned
@@ -52,7 +53,7 @@ class ChatPlan:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, seed, stop
     arrival_time: float = field(default_factory=time.time)
     # Set by the engine replica: what the tool workers' records say calls take (by tool).
-    api_estimates: dict[str, float] | None = None
+    api_estimates: dict[str, ApiEstimate] | None = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.policies import make_policy, policy_options
 from lamps_core.policies.infercept import blocks_of
 from lamps_core.policy import (
@@ -111,7 +112,7 @@ class LampsScheduler(Scheduler):
             ),
         )
         self._step_started: dict[int, tuple[float, int, int]] = {}
-        self._api_estimates: dict[str, float] = {}
+        self._api_estimates: dict[str, ApiEstimate] = {}
         self._held_block_seconds = 0.0
         self._held_since = time.monotonic()
         self._last_output_at = 0.0

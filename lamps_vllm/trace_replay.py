@@ -16,6 +16,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.request_meta import RequestMeta
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import CallTool
@@ -84,7 +85,7 @@ async def run_trace(
     call_tool: CallTool,
     arrival_time: float | None = None,
     policy_variant: str | None = None,
-    api_estimates: dict[str, float] | None = None,
+    api_estimates: dict[str, ApiEstimate] | None = None,
 ) -> TraceOutcome:
     """Run `script` as one augmented request; `policy_variant` names one of the engine's policy
     variants to schedule it (the engine's default policy when None)."""

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from lamps_core.call_durations import CallDurationSummary
 from lamps_core.costs import EngineCosts
 from lamps_core.policies import POLICY_NAMES, UnknownPolicyError, make_policy
 from lamps_core.policies.fcfs_discard import VllmPolicy
@@ -394,3 +395,29 @@ def test_lamps_rescores_when_the_engine_costs_move_materially() -> None:
     # ...3x slower decode steps make every request's remaining decode dearer: rescored.
     policy.update_costs(replace(COSTS, decode_step_s=COSTS.decode_step_s * 3))
     assert policy.priority(a, BUSY)[1] > first[1]
+
+
+# A tool that usually answers in 0.01 s and one call in 16 takes 4 s: mean 0.259375 s.
+MOSTLY_FAST = CallDurationSummary(atoms_s=(0.01,) * 15 + (4.0,), max_s=4.0, count=160)
+
+
+def test_lamps_review_prices_a_call_past_the_fast_mode_by_its_learned_remaining_time() -> None:
+    # Context 400 among 1000 running tokens: W_S = 112 000, W_P = 400 000 · T. Preserved at the
+    # pause (mean 0.259 s: W_P 103 750). 0.1 s later the fast mode is over: E[D - 0.1 | D > 0.1]
+    # = 3.9 s (W_P 1 560 000): swap. With only the same mean, the elapsed-time fallback would
+    # keep it (max(0.259, 0.1) s: W_P 103 750).
+    call_meta = RequestMeta(request_id="q", arrival_time=0.0, ends_in_api_call=True, api_type="qa")
+    learned = make_policy("lamps", costs=COSTS, predictor="estimates", keep=False)
+    learned.update_api_estimates({"qa": MOSTLY_FAST})
+    call = paused("q-s0", 400, paused_at=100.0, meta=call_meta)
+    assert learned.strategy_for_call(call, engine(now=100.0)) is P
+    assert learned.predictor.remaining_call_s(call_meta, 0.1) == pytest.approx(3.9)
+    # Still inside the fast mode (5 ms): every atom is possible, 0.254 s to go: preserved.
+    assert learned.review_paused([call], engine(now=100.005), 0) == []
+    assert learned.review_paused([call], engine(now=100.1), 0) == [(call, S)]
+
+    mean_only = make_policy("lamps", costs=COSTS, predictor="estimates", keep=False)
+    mean_only.update_api_estimates({"qa": MOSTLY_FAST.mean_s})
+    assert mean_only.strategy_for_call(call, engine(now=100.0)) is P
+    assert mean_only.review_paused([call], engine(now=100.1), 0) == []
+    assert mean_only.review_paused([call], engine(now=100.3), 0) == [(call, S)]  # overrun

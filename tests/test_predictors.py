@@ -6,6 +6,7 @@ import statistics
 
 import pytest
 
+from lamps_core.call_durations import CallDurationSummary
 from lamps_core.predictors import (
     NoisyOraclePredictor,
     OraclePredictor,
@@ -170,3 +171,54 @@ def test_make_predictor_names_bad_options() -> None:
         make_predictor("oracle", noise=0.1)
     with pytest.raises(ValueError, match="noise must be"):
         make_predictor("noisy", noise=-0.1)
+
+
+# A tool that answers in 0.1 s or in 10 s, equally often (mean 5.05 s).
+BIMODAL = CallDurationSummary(atoms_s=(0.1,) * 8 + (10.0,) * 8, max_s=10.0, count=16)
+
+
+def test_tool_estimates_with_a_distribution_predict_its_mean_and_condition_on_elapsed() -> None:
+    predictor = ToolEstimatePredictor(defaults=PredictionDefaults(api_s=9.0))
+    predictor.update({"search": BIMODAL, "calculator": 0.001})
+    assert predictor.version == 1
+    assert predictor.estimates == {"search": pytest.approx(5.05), "calculator": 0.001}
+    assert predictor.distributions == {"search": BIMODAL}
+    # The plan at the pause: the mean (waste is linear in the duration), one call ahead.
+    assert predictor.call_duration(meta()) == pytest.approx(5.05)
+    assert predictor.predict(meta()).segments[0].api_s == pytest.approx(5.05)
+    # A call under way: E[D - e | D > e] (a trace's call and a forced chat call alike).
+    assert predictor.remaining_call_s(meta(), 0.0) == pytest.approx(5.05)
+    assert predictor.remaining_call_s(meta(), 1.0) == pytest.approx(9.0)
+    forced = RequestMeta(request_id="c", arrival_time=0.0, ends_in_api_call=True, api_type="search")
+    assert predictor.remaining_call_s(forced, 1.0) == pytest.approx(9.0)
+    # No distribution (a mean only, an untyped call, no meta): the caller's own rule.
+    only_mean = RequestMeta(
+        request_id="c", arrival_time=0.0, ends_in_api_call=True, api_type="calculator"
+    )
+    assert predictor.remaining_call_s(only_mean, 1.0) is None
+    assert predictor.remaining_call_s(meta(segment=1), 1.0) is None
+    assert predictor.remaining_call_s(None, 1.0) is None
+
+
+def test_tool_estimates_version_follows_the_distribution_and_refuses_bad_values() -> None:
+    predictor = ToolEstimatePredictor({"search": BIMODAL})
+    predictor.update({"search": BIMODAL})
+    assert predictor.version == 0
+    # The same mean, another shape: predictions of running calls change, so the version does.
+    flat = CallDurationSummary(atoms_s=(5.05,), max_s=5.05, count=3)
+    predictor.update({"search": flat})
+    assert predictor.version == 1
+    assert predictor.remaining_call_s(meta(), 1.0) == pytest.approx(4.05)
+    for bad in ({"search": True}, {"search": "5"}, {f"t{i}": 1.0 for i in range(300)}):
+        with pytest.raises(ValueError):
+            predictor.update(bad)  # type: ignore[arg-type]
+    assert predictor.version == 1 and predictor.distributions == {"search": flat}
+
+
+def test_oracle_and_noisy_predictors_have_no_distribution() -> None:
+    for predictor in (OraclePredictor(), NoisyOraclePredictor(0.2, seed=1)):
+        predictor.update({"search": BIMODAL})  # ignored, as means are
+        assert predictor.remaining_call_s(meta(), 1.0) is None
+        assert predictor.call_duration(meta()) == pytest.approx(
+            2.0 if isinstance(predictor, OraclePredictor) else predictor.predict(meta()).api_s
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import math
@@ -19,8 +20,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import redis.asyncio as aioredis
 
 from lamps.redis_server import RedisServer, free_port
+from lamps_core.call_durations import summarize_durations
+from lamps_core.costs import EngineCosts
+from lamps_core.policies import make_policy
+from lamps_core.policy import EngineView, PausedCall, Strategy
+from lamps_core.request_meta import RequestMeta
 from tool_workers import (
     Tool,
     ToolArgs,
@@ -44,6 +51,7 @@ from tool_workers.simulated_api import (
     UniformDistribution,
     sample_duration,
 )
+from tool_workers.stats import engine_api_estimates, merge_distributions
 from tool_workers.tools import ToolError
 
 # --- fixtures ---------------------------------------------------------------------
@@ -638,3 +646,67 @@ def test_worker_without_redis_runs_tools() -> None:
 
     result, estimates = run(scenario())
     assert result.ok and result.output == "42" and estimates == {}
+
+
+def test_a_bimodal_tool_s_records_reach_the_lamps_review(redis_url: str, namespace: str) -> None:
+    """Recorded durations of a tool that usually answers in 10 ms and once in 16 calls takes 4 s
+    become the distribution the engine is sent; the LAMPS review of a call preserved at its pause
+    then prices it, once past the fast mode, by the 4 s mode (a swap), not by the mean."""
+    recorded = ([4.0] + [0.01] * 15) * 4  # oldest first; the newest call was a fast one
+
+    async def scenario() -> dict[str, Any]:
+        worker = ToolWorker(redis_url, namespace=namespace)
+        raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+            assert worker.stats is not None
+            for seconds in recorded:
+                assert await worker.stats.record(_result("qa", seconds))  # a simulated API type
+            # A name outside the server's registry and simulated types, and corrupted records.
+            assert await worker.stats.record(_result("made_up_by_someone", 1.0))
+            await raw.lpush(f"{namespace}:tool:qa:durations", "nan", "-3", "not a number")
+            return await worker.estimates()
+        finally:
+            await raw.aclose()
+            await worker.close()
+
+    estimates = run(scenario())
+    assert "made_up_by_someone" not in estimates  # never sent to the engine
+    qa = estimates["qa"]
+    assert qa.count == len(recorded)  # the corrupted entries are skipped
+    newest_first = recorded[::-1]
+    assert qa.distribution == summarize_durations(newest_first, timeout_s=630.0)
+    assert qa.distribution is not None and qa.distribution.timeout_s == 630.0  # simulated_api's
+
+    # What the engine replica attaches to every request, as the engine core validates it.
+    sent = engine_api_estimates(
+        {name: e.mean_s for name, e in estimates.items() if e.mean_s is not None},
+        merge_distributions({}, estimates),
+    )
+    call_meta = RequestMeta(
+        request_id="q", arrival_time=0.0, ends_in_api_call=True, api_type="qa", api_estimates=sent
+    )
+    in_engine = RequestMeta.from_extra_args(call_meta.to_extra_args())
+    assert in_engine is not None and in_engine.api_estimates is not None
+    assert in_engine.api_estimates["qa"] == qa.distribution
+
+    costs = EngineCosts(
+        kv_bytes_per_token=1000,
+        fwd_intercept_s=0.01,
+        fwd_slope_s=0.001,
+        swap_slope_s=0.0001,
+        decode_step_s=0.01,
+    )
+    policy = make_policy("lamps", costs=costs, predictor="estimates", keep=False)
+    policy.update_api_estimates(in_engine.api_estimates)
+    mean_s = qa.distribution.mean_s
+    assert mean_s < 0.28  # under the break-even of W_P = 400 000·T and W_S = 112 000: preserved
+    view = EngineView(
+        now=100.0, running_tokens=1000, free_blocks=0, total_blocks=1000, block_size=16
+    )
+    call = PausedCall("q-s0", 400, 100.0, Strategy.PRESERVE, in_engine)
+    assert policy.strategy_for_call(call, view) is Strategy.PRESERVE
+    later = dataclasses.replace(view, now=100.1)  # past the 10 ms mode
+    remaining = policy.predictor.remaining_call_s(in_engine, 0.1)
+    assert remaining is not None and remaining > 3.0  # the 4 s mode, not the mean
+    assert remaining == pytest.approx(qa.distribution.expected_remaining_s(0.1))
+    assert policy.review_paused([call], later, 0) == [(call, Strategy.SWAP)]

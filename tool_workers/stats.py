@@ -1,8 +1,11 @@
 """Tool-call statistics in Redis, shared by all tool workers of a deployment.
 
-Per tool we keep the recent durations (a capped list) for duration estimates and
-running counters for Prometheus. Redis is a best-effort side channel here: an
-outage drops records (counted in ``dropped_records``) but never fails a tool call.
+Per tool we keep the recent durations (a capped list, newest first) for duration
+estimates and running counters for Prometheus. An estimate carries the recency-weighted
+distribution the scheduler conditions a running call on
+(``lamps_core.call_durations``); ``engine_api_estimates`` builds what the engine is sent.
+Redis is a best-effort side channel here: an outage drops records (counted in
+``dropped_records``) but never fails a tool call.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
@@ -18,6 +21,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError, RedisError
 
+from lamps_core.call_durations import (
+    ApiEstimate,
+    CallDurationSummary,
+    is_call_duration,
+    summarize_durations,
+)
+from lamps_core.request_meta import MAX_API_ESTIMATES
 from tool_workers.tools import ToolResult
 
 __all__ = [
@@ -25,6 +35,8 @@ __all__ = [
     "ToolCallCounts",
     "ToolDurationEstimate",
     "ToolStatsStore",
+    "engine_api_estimates",
+    "merge_distributions",
     "percentile",
 ]
 
@@ -43,7 +55,10 @@ class StatsUnavailableError(RuntimeError):
 
 
 class ToolDurationEstimate(BaseModel):
-    """Duration statistics of a tool over its recent calls; count=0 and None values without data."""
+    """Duration statistics of a tool over its recent calls; count=0 and None values without data.
+
+    ``distribution`` is recency-weighted (the newest calls count most); the other figures weigh
+    every kept call alike."""
 
     tool: str
     count: int = 0
@@ -51,9 +66,14 @@ class ToolDurationEstimate(BaseModel):
     p50_s: float | None = None
     p90_s: float | None = None
     last_s: float | None = None
+    distribution: CallDurationSummary | None = None
 
     @classmethod
-    def from_samples(cls, tool: str, newest_first: Sequence[float]) -> ToolDurationEstimate:
+    def from_samples(
+        cls, tool: str, newest_first: Sequence[float], timeout_s: float | None = None
+    ) -> ToolDurationEstimate:
+        # What is not a duration (a corrupted record: NaN, negative, absurd) is not learned from.
+        newest_first = [v for v in newest_first if is_call_duration(v)]
         if not newest_first:
             return cls(tool=tool)
         ordered = sorted(newest_first)
@@ -64,7 +84,49 @@ class ToolDurationEstimate(BaseModel):
             p50_s=percentile(ordered, 0.5),
             p90_s=percentile(ordered, 0.9),
             last_s=newest_first[0],
+            distribution=summarize_durations(
+                newest_first,
+                timeout_s=timeout_s
+                if timeout_s is not None and is_call_duration(timeout_s)
+                else None,
+            ),
         )
+
+
+def _parse_samples(raw: Iterable[str]) -> list[float]:
+    """Redis list entries as floats; an entry that is not a number is left out."""
+    values = []
+    for entry in raw:
+        try:
+            values.append(float(entry))
+        except ValueError:
+            continue
+    return values
+
+
+def merge_distributions(
+    last: Mapping[str, CallDurationSummary], fresh: Mapping[str, ToolDurationEstimate]
+) -> dict[str, CallDurationSummary]:
+    """The last distributions updated by the fresh ones that have data: like the means, a tool
+    missing from Redis (restarted empty, flushed) keeps what was learned of it."""
+    merged = dict(last)
+    merged.update({name: e.distribution for name, e in fresh.items() if e.distribution})
+    return merged
+
+
+def engine_api_estimates(
+    means: Mapping[str, float], distributions: Mapping[str, CallDurationSummary]
+) -> dict[str, ApiEstimate]:
+    """What the scheduler is sent per API type (``RequestMeta.api_estimates``): the learned
+    distribution where there is one, else the mean; at most ``MAX_API_ESTIMATES`` types (the
+    names are the server's own, see ``ToolWorker.estimates``, so the cap only guards a bug)."""
+    merged: dict[str, ApiEstimate] = {**means, **distributions}
+    if len(merged) > MAX_API_ESTIMATES:
+        logger.warning(
+            "tool stats: %d API types, sending the first %d", len(merged), MAX_API_ESTIMATES
+        )
+        merged = dict(sorted(merged.items())[:MAX_API_ESTIMATES])
+    return merged
 
 
 class ToolCallCounts(BaseModel):
@@ -163,7 +225,7 @@ class ToolStatsStore:
             raw = await self._redis.lrange(self._durations_key(tool), 0, -1)
         except _REDIS_FAILURES as exc:
             raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
-        return ToolDurationEstimate.from_samples(tool, [float(v) for v in raw])
+        return ToolDurationEstimate.from_samples(tool, _parse_samples(raw))
 
     async def known_tools(self) -> list[str]:
         """Tools that have at least one record (in this namespace)."""
@@ -174,9 +236,10 @@ class ToolStatsStore:
         return sorted(names)
 
     async def all_estimates(
-        self, tools: Iterable[str] | None = None
+        self, tools: Iterable[str] | None = None, timeouts_s: Mapping[str, float] | None = None
     ) -> dict[str, ToolDurationEstimate]:
-        """Estimates for ``tools`` (default: every tool with records), in one round trip."""
+        """Estimates for ``tools`` (default: every tool with records), in one round trip;
+        ``timeouts_s`` (tool -> call limit) bounds their distributions."""
         names = list(tools) if tools is not None else await self.known_tools()
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -185,8 +248,9 @@ class ToolStatsStore:
                 lists = await pipe.execute()
         except _REDIS_FAILURES as exc:
             raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
+        limits = timeouts_s or {}
         return {
-            name: ToolDurationEstimate.from_samples(name, [float(v) for v in raw])
+            name: ToolDurationEstimate.from_samples(name, _parse_samples(raw), limits.get(name))
             for name, raw in zip(names, lists, strict=True)
         }
 

@@ -122,13 +122,32 @@ class ToolWorker:
 
     async def estimates(self) -> dict[str, ToolDurationEstimate]:
         """Duration estimates of every tool and API type with records (calls filed under
-        `record_as` included: the API types of traces).
+        `record_as` included: the API types of traces), each with its learned distribution.
+
+        Only the server's own names are read: this registry's tools and the fixed
+        ``SIMULATED_API_TYPES``. Whatever else the Redis namespace holds (another deployment's
+        tools, a stray key) never reaches the scheduler, so what it is sent stays bounded.
 
         Raises StatsUnavailableError if Redis cannot be read.
         """
         if self.stats is None:
             return {}
-        return await self.stats.all_estimates()
+        allowed = self.recorded_names()
+        names = [name for name in await self.stats.known_tools() if name in allowed]
+        return await self.stats.all_estimates(names, self._timeouts_by_recorded_name())
+
+    def recorded_names(self) -> frozenset[str]:
+        """The names calls can be recorded under (see ``recorded_name``)."""
+        return frozenset(self.registry.names()) | SIMULATED_API_TYPES
+
+    def _timeouts_by_recorded_name(self) -> dict[str, float]:
+        # A simulated API type is recorded from simulated_api calls: that tool's limit bounds it.
+        limits = self.registry.timeouts()
+        simulated = limits.get("simulated_api")
+        if simulated is not None:
+            for api_type in SIMULATED_API_TYPES:
+                limits.setdefault(api_type, simulated)
+        return limits
 
     async def summary(self) -> dict[str, ToolCallCounts]:
         """Per-tool call counters for Prometheus; raises StatsUnavailableError if Redis fails."""

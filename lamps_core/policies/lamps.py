@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from itertools import islice
 
 from lamps_core.admission import AdmissionGate, KeepEvictionEstimate
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.costs import EngineCosts
 from lamps_core.policies.infercept import (
     SwapBudget,
@@ -133,7 +134,7 @@ class LampsPolicy(SchedulingPolicy):
         self._promoted: dict[str, None] = {}
         self._counts: Counter[str] = Counter()
 
-    def update_api_estimates(self, estimates: Mapping[str, float]) -> None:
+    def update_api_estimates(self, estimates: Mapping[str, ApiEstimate]) -> None:
         """New per-API-type mean durations for an estimates predictor (no-op for the others)."""
         self.predictor.update(estimates)
 
@@ -287,6 +288,18 @@ class LampsPolicy(SchedulingPolicy):
         self._call_s[call.engine_request_id] = (version, seconds)
         return seconds
 
+    def _review_call_s(self, call: PausedCall, elapsed_s: float) -> float:
+        """The call duration a review weighs preserving by. With a learned distribution of the
+        call's duration, the time it still has to go given how long it has run,
+        `E[D - e | D > e]`: a call past its tool's fast mode is priced as a slow one, and the
+        seconds it has held its blocks are spent whatever is decided now. Without one, a call
+        that has outlived its prediction lasts at least as long as it has run: past that point
+        LAMPS falls back to INFERCEPT's elapsed-time estimate."""
+        remaining = self.predictor.remaining_call_s(call.meta, elapsed_s)
+        if remaining is not None:
+            return remaining
+        return max(self._predicted_call_s(call), elapsed_s)
+
     def review_paused(
         self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
     ) -> list[tuple[PausedCall, Strategy]]:
@@ -296,9 +309,7 @@ class LampsPolicy(SchedulingPolicy):
         for call in paused:
             if call.strategy is not Strategy.PRESERVE:
                 continue
-            # A call that has outlived its prediction lasts at least as long as it has run: past
-            # that point LAMPS falls back to INFERCEPT's elapsed-time estimate.
-            api_s = max(self._predicted_call_s(call), engine.now - call.paused_at)
+            api_s = self._review_call_s(call, engine.now - call.paused_at)
             tokens = call.context_tokens
             wastes = strategy_wastes(
                 tokens, api_s, running, running + tokens, costs, allow_swap=self.allow_swap

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.costs import EngineCosts
 from lamps_core.policies.infercept import InferceptPolicy
 from lamps_core.policy import EngineView, Priority, QueuedRequest
@@ -42,7 +43,7 @@ class SjfPolicy(InferceptPolicy):
         defaults = PredictionDefaults(default_decode_tokens, default_api_s, default_api_tokens)
         self.predictor = make_predictor(predictor, noise=noise, seed=seed, defaults=defaults)
 
-    def update_api_estimates(self, estimates: Mapping[str, float]) -> None:
+    def update_api_estimates(self, estimates: Mapping[str, ApiEstimate]) -> None:
         """New per-API-type mean durations for an estimates predictor (no-op for the others)."""
         self.predictor.update(estimates)
 
