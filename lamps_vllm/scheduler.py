@@ -436,6 +436,12 @@ class LampsScheduler(Scheduler):
         if self.waiting:
             head = self.waiting.peek_request()
             wanted += -(-head.num_tokens // self.block_size)
+            # A continuation of a call whose blocks are held (preserved or kept) takes those
+            # blocks over through the prefix cache: only the rest must be found.
+            meta = self._track(head).meta
+            own = self._preserved.get(meta.request_id) if meta is not None else None
+            if own is not None:
+                wanted -= min(own.num_blocks, wanted - len(self.running))
         return max(0, wanted - free)
 
     def _review_preserved(self) -> None:
