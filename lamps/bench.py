@@ -567,11 +567,16 @@ def run_line(
     m = summarize(got).metrics("drained")
     if m is None or m.latency_mean_s is None:
         return f"run {label} @ {rate:g}/s round {round_}: no request completed"
-    return (
+    line = (
         f"run {label} @ {rate:g}/s round {round_}: mean {m.latency_mean_s:.2f} s, "
         f"P99 {m.latency_p99_s:.2f} s, TTFT {m.ttft_mean_s:.3f} s, "
-        f"{m.throughput_tokens_per_s or 0:.0f} tok/s, {m.completed}/{m.requests} done, "
-        f"preemptions {n('preemptions')}, prefill {n('prefill_tokens')} tok, calls P/K/S/D "
+        f"{m.throughput_tokens_per_s or 0:.0f} tok/s, {m.completed}/{m.requests} done"
+    )
+    if not any(delta.values()):  # a fleet run (FleetTarget) collects no scheduler counters
+        return line
+    return (
+        f"{line}, preemptions {n('preemptions')}, prefill {n('prefill_tokens')} tok, "
+        f"calls P/K/S/D "
         f"{n('calls_preserve')}/{n('calls_keep')}/{n('calls_swap')}/{n('calls_discard')}"
     )
 
