@@ -59,4 +59,6 @@ def test_bench_runs_policies_side_by_side(stack: RunningStack, tmp_path: Path) -
     for png in ("latency_vs_rate.png", "ttft_vs_rate.png", "latency_cdf.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert table.splitlines()[0].startswith("lamps / other")
-    assert [line.split()[1] for line in table.splitlines()[2:]] == ["vllm"]  # the run's others
+    ratio_rows = table.split("\n\n")[0].splitlines()[2:]  # the latency table follows
+    assert [line.split()[1] for line in ratio_rows] == ["vllm"]  # the run's others
+    assert "where the mean latency goes" in table
