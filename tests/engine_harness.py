@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -79,3 +80,13 @@ def tiny_settings(model: Path, **overrides: Any) -> EngineSettings:
             **overrides,
         }
     )
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Polls `check` every 0.1 s; fails the test with `what` if it is not true by `timeout_s`.
+    Returns the seconds it took."""
+    started = time.monotonic()
+    while not check():
+        assert time.monotonic() - started < timeout_s, f"{what}: not after {timeout_s:.0f} s"
+        time.sleep(0.1)
+    return time.monotonic() - started

@@ -56,9 +56,9 @@ def test_serve_scales_up_on_memory_while_requests_are_few() -> None:
     # One ongoing request to Serve's count, but both caches are 90 % held: a third replica.
     replicas, _ = policy(context([0.9, 0.9], 2, config))
     assert replicas == 3
-    # A replica that did not report yet does not count as empty.
+    # A replica that has not reported yet (just started) adds no demand: 0.9 / 0.6, two.
     replicas, _ = policy(context([0.9, None], 2, config))
-    assert replicas == 3
+    assert replicas == 2
     # Demand gone: one replica. (Serve's deployment state clips to min/max_replicas after.)
     assert policy(context([0.05, 0.05], 2, config))[0] == 1
 

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +40,7 @@ from transformers import AutoTokenizer
 from lamps.local_stack import RunningStack
 from lamps.model import PreparedModels
 from lamps_vllm.chat_session import render_prompt
-from tests.engine_harness import tiny_settings
+from tests.engine_harness import tiny_settings, wait_until
 
 pytestmark = pytest.mark.engine
 
@@ -56,8 +56,9 @@ ROUTING_WAIT_S = 4.0
 STATS_PERIOD_S = 0.5
 
 
-def fleet_app(model: Path) -> dict[str, Any]:
-    engine = tiny_settings(
+def preserving_engine(model: Path) -> dict[str, Any]:
+    """The tiny engine running LAMPS, with a `preserve` variant that holds KV through calls."""
+    return tiny_settings(
         model,
         scheduler={
             "policy": "lamps",
@@ -66,6 +67,10 @@ def fleet_app(model: Path) -> dict[str, Any]:
             },
         },
     ).model_dump(mode="json", exclude_none=True)
+
+
+def fleet_app(model: Path) -> dict[str, Any]:
+    engine = preserving_engine(model)
     return {
         "name": APP,
         "route_prefix": f"/{APP}",
@@ -267,14 +272,6 @@ def trace(prompt: int, completion: int = 4, api_time: float | None = None) -> di
 def post(url: str, path: str, body: dict[str, Any]) -> httpx.Response:
     with httpx.Client(base_url=url, timeout=120) as client:
         return client.post(path, json=body)
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout_s, f"{what}: not after {timeout_s:.0f} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def replicas_holding_calls() -> dict[str, int]:

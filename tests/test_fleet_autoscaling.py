@@ -32,8 +32,8 @@ from ray.serve.context import _get_global_client
 from deployments.autoscaling import KV_PRESSURE
 from lamps.local_stack import RunningStack
 from lamps.model import PreparedModels
-from tests.engine_harness import tiny_settings
-from tests.test_fleet import deploy_next_to_the_suite, post, trace, wait_until
+from tests.engine_harness import wait_until
+from tests.test_fleet import deploy_next_to_the_suite, post, preserving_engine, trace
 
 pytestmark = pytest.mark.engine
 
@@ -59,15 +59,7 @@ CALL_S = 6.0
 
 
 def autoscale_app(model: Path) -> dict[str, Any]:
-    engine = tiny_settings(
-        model,
-        scheduler={
-            "policy": "lamps",
-            "policy_variants": {
-                "preserve": {"policy": "fixed", "policy_options": {"strategy": "preserve"}}
-            },
-        },
-    ).model_dump(mode="json", exclude_none=True)
+    engine = preserving_engine(model)
     return {
         "name": APP,
         "route_prefix": f"/{APP}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +23,7 @@ from deployments.engine_replica import API_ESTIMATES_REFRESH_S, merge_estimates
 from lamps.local_stack import RunningStack
 from lamps.redis_server import RedisServer
 from tests.conftest import DATA_DIR, MODEL
+from tests.engine_harness import wait_until
 from tool_workers.stats import ToolDurationEstimate
 
 pytestmark = pytest.mark.engine
@@ -40,14 +40,6 @@ def metric(text: str, name: str, **labels: str) -> float:
         ):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    started = time.monotonic()
-    while not check():
-        assert time.monotonic() - started < timeout_s, f"{what}: not after {timeout_s:.0f} s"
-        time.sleep(0.1)
-    return time.monotonic() - started
 
 
 def replicas(deployment: str) -> set[str]:
