@@ -41,8 +41,9 @@ Who does what, and when
   (`load_kv_async=True`): vLLM parks the request in WAITING_FOR_REMOTE_KVS with its blocks
   allocated, the worker starts the copy in `start_load_kv` on a stream of its own and reports the
   request in `get_finished`'s `finished_recving` once the copy has ended, and vLLM schedules it
-  in the next step. Other requests' forward passes do not wait for it (measured on the H100:
-  copy-ins on the compute stream were 11-14 % of step time). A scheduler plugin may choose the
+  in the next step. Other requests' forward passes do not wait for it (on the H100, copy-ins on
+  the compute stream took 11-14 % of step time; the end-to-end latency difference measured was
+  within the spread, docs/benchmarks.md). A scheduler plugin may choose the
   synchronous load per request (`load_async_for`): the copy then runs on the compute stream
   ahead of the forward pass that reads it. The slots go back to the pool when the worker
   acknowledges the job. If the prefix cache already covers the entry, nothing is loaded and the

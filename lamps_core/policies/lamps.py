@@ -256,7 +256,7 @@ class LampsPolicy(SchedulingPolicy):
         # applied at once: preserved first only when Preserve is the prediction. The engine's
         # state overrules the plan in one case: the segment ended far from the predicted length
         # (`REPLAN_CONTEXT_ERROR`), so the wastes are compared again with the real context and
-        # the load now. A plan made under another predictor or keep estimate is not used either.
+        # the load now. A stale plan (another predictor, keep estimate or costs) is not used.
         plan = self._plans.pop(call.engine_request_id, None)
         version = self.predictor.version
         why_not = _why_not_planned(plan, self._version(), call.context_tokens)
@@ -404,13 +404,13 @@ def _costs_moved(planned: EngineCosts, now: EngineCosts) -> bool:
 
 
 def _why_not_planned(
-    plan: _Plan | None, version: tuple[int, int], context_tokens: int
+    plan: _Plan | None, version: tuple[int, int, int], context_tokens: int
 ) -> str | None:
     """Why a pause cannot take its plan's strategy (a counter's suffix); None: it can."""
     if plan is None:
         return "unranked"
     if plan.version != version:
-        return "stale"  # made under another predictor version or keep estimate
+        return "stale"  # made under another predictor version, keep estimate or costs
     if plan.next_call is None:
         return "unforeseen"  # its prediction had no call at the end of this segment
     if abs(context_tokens - plan.peak_tokens) > REPLAN_CONTEXT_ERROR * max(plan.peak_tokens, 1):
