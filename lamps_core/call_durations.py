@@ -14,7 +14,6 @@ observation that a call which has run long will likely run longer, made quantita
   the samples (up to rounding), and a mode made of identical durations stays one value.
 - `CallDurationSummary`: what crosses from the tool workers into the engine (strict, bounded),
   with `mean_s` and `expected_remaining_s(elapsed_s)`.
-- `CallDurationModel`: the same learned in memory, bounded, with a prior for a cold start.
 
 Pure Python (pydantic only): no Ray, vLLM or Redis here.
 """
@@ -24,7 +23,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import math
-from collections import deque
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -38,7 +36,6 @@ __all__ = [
     "MAX_CALL_S",
     "OVERRUN_FACTOR",
     "ApiEstimate",
-    "CallDurationModel",
     "CallDurationSummary",
     "is_call_duration",
     "summarize_durations",
@@ -188,55 +185,3 @@ def summarize_durations(
 def is_call_duration(value: float) -> bool:
     """Whether `value` can be a call's duration in seconds (what a record must be to count)."""
     return isinstance(value, int | float) and math.isfinite(value) and 0.0 <= value <= MAX_CALL_S
-
-
-class CallDurationModel:
-    """One tool's durations learned online in memory: the last `window` samples (bounded) and
-    their summary; before the first sample, the prior (`prior_s`, e.g. the tool's configured
-    timeout or the engine's default call duration)."""
-
-    def __init__(
-        self,
-        prior_s: float,
-        *,
-        atoms: int = DEFAULT_ATOMS,
-        window: int = DEFAULT_WINDOW_SAMPLES,
-        half_life_samples: float = DEFAULT_HALF_LIFE_SAMPLES,
-        timeout_s: float | None = None,
-    ) -> None:
-        # Bad options fail here, not at the first read.
-        summarize_durations([], atoms=atoms, window=window, half_life_samples=half_life_samples)
-        self._prior = CallDurationSummary.point(prior_s, timeout_s)  # validates prior_s too
-        self._atoms = atoms
-        self._half_life_samples = half_life_samples
-        self._timeout_s = timeout_s
-        self._newest_first: deque[float] = deque(maxlen=window)
-        self._summary: CallDurationSummary | None = None  # recomputed at the next read
-
-    def observe(self, duration_s: float) -> None:
-        if not is_call_duration(duration_s):
-            raise ValueError(f"a call duration must be in [0, {MAX_CALL_S:g}] s: {duration_s!r}")
-        self._newest_first.appendleft(float(duration_s))
-        self._summary = None
-
-    @property
-    def count(self) -> int:
-        return len(self._newest_first)
-
-    def summary(self) -> CallDurationSummary:
-        if self._summary is None:
-            learned = summarize_durations(
-                list(self._newest_first),
-                atoms=self._atoms,
-                half_life_samples=self._half_life_samples,
-                timeout_s=self._timeout_s,
-            )
-            self._summary = learned or self._prior
-        return self._summary
-
-    @property
-    def mean_s(self) -> float:
-        return self.summary().mean_s
-
-    def expected_remaining_s(self, elapsed_s: float) -> float:
-        return self.summary().expected_remaining_s(elapsed_s)

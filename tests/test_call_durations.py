@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from lamps_core.call_durations import (
     MAX_ATOMS,
-    CallDurationModel,
     CallDurationSummary,
     summarize_durations,
 )
@@ -87,21 +86,6 @@ def test_the_summary_is_bounded_and_ignores_what_is_not_a_duration() -> None:
     assert poisoned is not None and poisoned.atoms_s == (2.0,) and poisoned.count == 1
     with pytest.raises(ValueError, match="atoms"):
         summarize_durations([1.0], atoms=MAX_ATOMS + 1)
-
-
-def test_the_model_starts_from_its_prior_and_keeps_a_bounded_window() -> None:
-    model = CallDurationModel(prior_s=2.0, window=4, timeout_s=30.0)
-    assert model.count == 0 and model.mean_s == 2.0
-    assert model.summary() == CallDurationSummary.point(2.0, timeout_s=30.0)
-    assert model.expected_remaining_s(0.5) == pytest.approx(1.5)
-    for seconds in (5.0, 5.0, 1.0, 1.0, 1.0, 1.0):  # the window keeps the last four
-        model.observe(seconds)
-    assert model.count == 4 and model.mean_s == pytest.approx(1.0)
-    assert model.summary().timeout_s == 30.0
-    with pytest.raises(ValueError, match="duration"):
-        model.observe(float("nan"))
-    with pytest.raises(ValidationError):
-        CallDurationModel(prior_s=-1.0)
 
 
 @pytest.mark.parametrize(
