@@ -63,7 +63,7 @@ def trace_request(n: int, rng: random.Random) -> PendingRequest:
             context += 20
         segments.append(segment)
     script = TraceScript.model_validate({"segments": segments})
-    return _pending("replay", [f"r{n}", script, 0.0], n)
+    return pending_request("replay", [f"r{n}", script, 0.0], n)
 
 
 def chat_request(n: int, rng: random.Random) -> PendingRequest:
@@ -79,10 +79,11 @@ def chat_request(n: int, rng: random.Random) -> PendingRequest:
         max_tokens=256,
         max_tool_calls=0,
     )
-    return _pending("chat", [plan], n)
+    return pending_request("chat", [plan], n)
 
 
-def _pending(method: str, args: list[Any], n: int) -> PendingRequest:
+def pending_request(method: str, args: list[Any], n: int) -> PendingRequest:
+    """A request as Serve's router sees it (tests/test_router.py builds its own with this)."""
     metadata = RequestMetadata(request_id=f"q{n}", internal_request_id=f"i{n}", call_method=method)
     return PendingRequest(args=args, kwargs={}, metadata=metadata)
 

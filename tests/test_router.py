@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 from ray.serve.request_router import PendingRequest, ReplicaID
 
+from bench.placement_cost import pending_request as pending
 from deployments.router import MemoryAwareRouter, SentLedger, request_demand, session_key
 from lamps_core.costs import EngineCosts
 from lamps_core.trace import TraceScript
@@ -82,11 +83,6 @@ def chat_request(n: int, messages: list[dict[str, Any]]) -> PendingRequest:
         max_tool_calls=0,
     )
     return pending("chat", [plan], n)
-
-
-def pending(method: str, args: list[Any], n: int) -> PendingRequest:
-    metadata = RequestMetadata(request_id=f"q{n}", internal_request_id=f"i{n}", call_method=method)
-    return PendingRequest(args=args, kwargs={}, metadata=metadata)
 
 
 def make_router(**kwargs: Any) -> MemoryAwareRouter:
