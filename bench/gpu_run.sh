@@ -3,8 +3,11 @@
 # (docs/benchmarks.md). `.whl` carries the few pure-Python wheels the GPU image lacks (redis, httpx).
 #   bash bench/gpu_run.sh overhead            # plugin vs stock vLLM throughput
 #   bash bench/gpu_run.sh bench ARGS...       # lamps bench --engine-only ARGS...
+#   bash bench/gpu_run.sh fleet ARGS...       # lamps bench ARGS... under Ray Serve, one engine
+#                                             # replica per GPU (--router, --replicas); Ray staged
+#                                             # by bench/gpu_pack_ray.sh into /tmp/site-ray
 set -euo pipefail
-export PYTHONPATH=/tmp/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:/tmp/site-ray:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"  # keep the log to the runs' own lines
 OUT="${OUT:-/tmp/lamps-out}"
 if [ -d .whl ]; then
@@ -22,5 +25,7 @@ case "$what" in
   bench)
     python3 -m lamps.cli bench --engine-only --config cluster/serve-bench-gpu.yaml \
       --out "$OUT/bench" "$@" ;;
+  fleet)
+    python3 -m lamps.cli bench --config cluster/serve-bench-gpu.yaml --out "$OUT/bench" "$@" ;;
   *) echo "unknown: $what" >&2; exit 2 ;;
 esac

@@ -665,7 +665,7 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         "processor": platform.processor(),
         "python": platform.python_version(),
     }
-    base, *others = [spec.label for spec in parse_policies(args.policies)]
+    base, *others = compared_labels(args.policies, args.router)
     write_results(args.out, summaries, config, machine, round_ratios(summaries, base, others))
     write_request_results(args.out, results)
     try:

@@ -46,12 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     replot = commands.add_parser("bench-plot", help="plots and ratios again from a bench run")
     replot.add_argument("out", type=Path, help="the --out folder of a `lamps bench` run")
 
+    merge = commands.add_parser(
+        "bench-merge", help="several runs of one comparison as one, their rounds in turn"
+    )
+    merge.add_argument("out", type=Path, help="folder for the merged results")
+    merge.add_argument("runs", type=Path, nargs="+", help="the --out folders of the runs")
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "model":
         return _prepare(args.data_dir)
     if args.command == "serve":
         return _serve(args.config, args.data_dir)
+    if args.command == "bench-merge":
+        from lamps.bench_merge import MergeError, merge_runs
+
+        try:
+            print(merge_runs(args.out, args.runs))
+        except MergeError as exc:
+            parser.error(str(exc))
+        return 0
     if args.command == "bench-plot":
         from lamps.bench import replot
 

@@ -427,3 +427,46 @@ def test_results_files_with_rounds(tmp_path: Path) -> None:
     assert read_request_results(tmp_path / "old.jsonl")[0].round == 0
     paths = plot(tmp_path, summaries, results)  # several rounds: medians with min-max bars
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def _run_dir(tmp_path: Path, name: str, router: str, latency: dict[str, float]) -> Path:
+    """A --router run's folder: one round, one request per router at rate 2."""
+    records = [
+        result(f"{name}-{label}", 0.0, seconds, policy=label) for label, seconds in latency.items()
+    ]
+    command = {"router": router, "policies": "lamps", "rate": "2", "duration": 10.0}
+    summaries = summarize_all(records, horizon_s=10.0)
+    out = tmp_path / name
+    write_results(out, summaries, {"command": command}, machine={"gpu": "H100"})
+    write_request_results(out, records)
+    return out
+
+
+def test_bench_merge_puts_the_runs_rounds_in_turn(tmp_path: Path) -> None:
+    from lamps.bench_merge import merge_runs
+
+    first = _run_dir(tmp_path, "a", "memory,pow2", {"memory": 4.0, "pow2": 8.0})
+    second = _run_dir(tmp_path, "b", "pow2,memory", {"memory": 6.0, "pow2": 6.0})
+    table = merge_runs(tmp_path / "merged", [first, second])
+    assert "over 2 rounds" in table
+    merged = read_request_results(tmp_path / "merged" / "requests.jsonl")
+    assert sorted((r.request_id, r.round) for r in merged) == [
+        ("a-memory", 0),
+        ("a-pow2", 0),
+        ("b-memory", 1),
+        ("b-pow2", 1),
+    ]
+    _, body = read_results(tmp_path / "merged" / "results.json")
+    (ratio,) = [r for r in body["ratios"] if r["metric"] == "latency_mean_s"]
+    assert (ratio["base"], ratio["other"]) == ("memory", "pow2")  # the first run's first router
+    assert ratio["ratio"]["per_round"] == pytest.approx([0.5, 1.0])
+    assert [m["run"] for m in body["config"]["merged_from"]] == [str(first), str(second)]
+
+
+def test_bench_merge_refuses_runs_of_different_comparisons(tmp_path: Path) -> None:
+    from lamps.bench_merge import MergeError, merge_runs
+
+    first = _run_dir(tmp_path, "a", "memory,pow2", {"memory": 4.0, "pow2": 8.0})
+    other = _run_dir(tmp_path, "b", "memory,hash", {"memory": 4.0, "hash": 8.0})
+    with pytest.raises(MergeError, match="compares"):
+        merge_runs(tmp_path / "merged", [first, other])
