@@ -61,7 +61,11 @@ class EngineReplica:
         self._tool_stats = ToolStatsStore(redis_url) if redis_url else None
         self._replica_id = _replica_id()
         self._engine, self._stats = await start_engine(self.settings)
-        self._tokenizer = self._engine.get_tokenizer()
+        # None without a tokenizer (`skip_tokenizer_init`: trace replay of token ids only);
+        # vLLM 0.26 raises where 0.27 answers None.
+        self._tokenizer = (
+            None if self.settings.skip_tokenizer_init else self._engine.get_tokenizer()
+        )
         self._vocab_size = self._engine.model_config.get_vocab_size()
         self._max_model_len = self.settings.max_model_len
         self._paused_in_tool_calls = 0

@@ -32,7 +32,10 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatMessage,
 )
 from vllm.entrypoints.openai.engine.protocol import DeltaMessage, UsageInfo
-from vllm.exceptions import VLLMClientError
+try:
+    from vllm.exceptions import VLLMClientError
+except ImportError:  # vLLM 0.26 (the GPU machines) has the older names for a client's fault
+    from vllm.exceptions import VLLMValidationError as VLLMClientError  # type: ignore[assignment]
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from deployments.access import (

@@ -644,7 +644,7 @@ def run_ratio_table(summaries: Sequence[PolicySummary], labels: Sequence[str]) -
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
     results: list[RequestResult] = outcome["results"]
     summaries = summarize_all(results, horizon_s=args.duration)  # one per round
-    noisy = noisy_runs(outcome.get("machine_per_round") or {})
+    noisy = noisy_runs(outcome.get("machine_per_round") or {}) + refusal_notes(results)
     config = {
         "command": vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
         "engine": engine,
@@ -677,6 +677,24 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
     for note in noisy:  # printed apart: the returned table stays a table
         print(f"note: {note}")
     return table
+
+
+def refusal_notes(results: Sequence[RequestResult]) -> list[str]:
+    """A line for each run where the server refused requests (429, `ServerBusyError`: its
+    in-flight bound or the fleet's routing wait): such a run measured that limit, not how the
+    engines serve the load, and its ratios say nothing about the policies or routers."""
+    refused: dict[tuple[str, float, int], list[int]] = {}
+    for r in results:
+        counts = refused.setdefault((r.policy, r.rate, r.round), [0, 0])
+        counts[1] += 1
+        if r.error is not None and "ServerBusyError" in r.error:
+            counts[0] += 1
+    return [
+        f"{label} @ {rate:g}/s round {round_}: {n} of {total} requests refused by the server "
+        "(429: max_in_flight_requests or max_routing_wait_s); raise the limit for a benchmark"
+        for (label, rate, round_), (n, total) in sorted(refused.items())
+        if n
+    ]
 
 
 def with_notes(table: str, noisy: Sequence[str]) -> str:

@@ -470,3 +470,18 @@ def test_bench_merge_refuses_runs_of_different_comparisons(tmp_path: Path) -> No
     other = _run_dir(tmp_path, "b", "memory,hash", {"memory": 4.0, "hash": 8.0})
     with pytest.raises(MergeError, match="compares"):
         merge_runs(tmp_path / "merged", [first, other])
+
+
+def test_runs_with_requests_refused_by_the_server_are_flagged() -> None:
+    from lamps.bench import refusal_notes
+
+    busy = "RayTaskError(ServerBusyError): this server has 256 requests in flight, its limit"
+    records = [
+        result("a", 0.0, 4.0, policy="memory"),
+        result("b", 0.0, None, policy="memory", error=busy),
+        result("c", 0.0, None, policy="pow2", error="RuntimeError: the engine died"),
+    ]
+    assert refusal_notes(records) == [
+        "memory @ 2/s round 0: 1 of 2 requests refused by the server (429: "
+        "max_in_flight_requests or max_routing_wait_s); raise the limit for a benchmark"
+    ]
