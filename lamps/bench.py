@@ -716,7 +716,8 @@ def replot(out: Path) -> str:
         command.get("policies") or "lamps,infercept,vllm", command.get("router")
     )
     table = run_ratio_table(summaries, labels)
-    table = with_notes(table, body.get("config", {}).get("noisy_runs") or [])
+    notes = (body.get("config", {}).get("noisy_runs") or []) + refusal_notes(results)
+    table = with_notes(table, list(dict.fromkeys(notes)))  # a run's own notes name refusals too
     (out / "ratios.txt").write_text(table + "\n")
     return table
 
