@@ -37,6 +37,7 @@ from bench.results import (
     RequestResult,
     latency_parts_table,
     plot,
+    rate_key,
     ratio_table,
     round_ratios,
     summarize,
@@ -45,6 +46,7 @@ from bench.results import (
     write_results,
 )
 from lamps_core.policies import POLICY_NAMES
+from lamps_core.predictors import PREDICTOR_KINDS
 from lamps_core.workloads import (
     CHARS_PER_TOKEN,
     Trace,
@@ -182,6 +184,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "router with the others",
     )
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas of a --router run")
+    parser.add_argument(
+        "--predictor",
+        help="compare LAMPS's predictors instead of policies: PREDICTOR[,PREDICTOR...] of "
+        "oracle, estimates, noisy:P (the oracle with relative noise P); each runs as a LAMPS "
+        "variant, INFERCEPT beside them, and the ratios add how much of the oracle's "
+        "mean-latency gain over INFERCEPT each keeps",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
@@ -288,6 +297,62 @@ def split_top_level(text: str) -> list[str]:
             start = i + 1
     items.append(text[start:])
     return [item.strip() for item in items if item.strip()]
+
+
+GAIN_BASELINE = "infercept"  # what a --predictor run's gains are measured from
+
+
+def predictor_policies(text: str) -> str:
+    """`--predictor`'s list as `--policies`: a LAMPS variant per predictor, labelled by it
+    (`noisy:0.2` as `noisy-0.2`), then INFERCEPT, the baseline of the gain each keeps."""
+    items = []
+    for item in split_top_level(text):
+        kind, _, noise = item.partition(":")
+        options: dict[str, Any] = {"predictor": kind}
+        if kind == "noisy":
+            try:
+                options["noise"] = float(noise)
+            except ValueError:
+                options["noise"] = -1.0
+            if not (0 <= options["noise"] < float("inf")):
+                raise SystemExit(f"--predictor {item!r}: noisy needs a noise >= 0, e.g. noisy:0.2")
+        elif noise or kind not in PREDICTOR_KINDS:
+            raise SystemExit(
+                f"--predictor {item!r}: one of {', '.join(PREDICTOR_KINDS[:-1])} or noisy:P"
+            )
+        # Labels are what variant labels allow (no colon): noisy:0.2 runs as noisy-0.2.
+        label = f"noisy-{options['noise']:g}" if kind == "noisy" else kind
+        items.append(f"{label}=lamps:{json.dumps(options)}")
+    if not items:
+        raise SystemExit("--predictor names no predictor")
+    return ",".join([*items, GAIN_BASELINE])
+
+
+def gain_kept_table(summaries: Sequence[PolicySummary], labels: Sequence[str]) -> str:
+    """Per rate, how much of the first predictor's (the oracle's) mean-latency gain over
+    INFERCEPT each other keeps: (INFERCEPT - it) / (INFERCEPT - first), per round, then the
+    median and [min, max] over rounds (1.0: all of it; 0: none; < 0: slower than INFERCEPT)."""
+    reference, *others = [label for label in labels if label != GAIN_BASELINE]
+    mean: dict[tuple[str, float, int], float] = {}
+    for s in summaries:
+        m = s.metrics("drained")
+        if m is not None and m.latency_mean_s is not None:
+            mean[(s.policy, s.rate, s.round or 0)] = m.latency_mean_s
+    lines = [f"share of {reference}'s mean-latency gain over {GAIN_BASELINE} kept"]
+    for rate in sorted({rate for _, rate, _ in mean}):
+        rounds = sorted({r for label, rt, r in mean if rt == rate and label == reference})
+        for other in others:
+            kept = []
+            for r in rounds:
+                base = mean.get((GAIN_BASELINE, rate, r))
+                best, it = mean.get((reference, rate, r)), mean.get((other, rate, r))
+                if None not in (base, best, it) and base != best:
+                    kept.append((base - it) / (base - best))  # type: ignore[operator]
+            cell = f"{statistics.median(kept):.2f}" if kept else "n/a"
+            if len(kept) > 1:
+                cell += f" [{min(kept):.2f}, {max(kept):.2f}]"
+            lines.append(f"{rate_key(rate):>6}  {other:>12}  {cell}")
+    return "\n".join(lines)
 
 
 def parse_policies(text: str) -> list[PolicySpec]:
@@ -631,14 +696,17 @@ def compared_labels(policies: str, routers: str | None) -> list[str]:
     return [spec.label for spec in parse_policies(policies)]
 
 
-def run_ratio_table(summaries: Sequence[PolicySummary], labels: Sequence[str]) -> str:
+def run_ratio_table(
+    summaries: Sequence[PolicySummary], labels: Sequence[str], predictors: bool = False
+) -> str:
     """Ratios of the run's first policy (or router) to each of the others (a run of variants
     compares the variants; the default run, lamps to the baselines); with rounds, their median
-    and spread."""
+    and spread. A `--predictor` run adds the share of the oracle's gain each predictor keeps."""
     base, *others = labels
-    return "\n\n".join(
-        [ratio_table(summaries, base=base, against=others), latency_parts_table(summaries)]
-    )
+    tables = [ratio_table(summaries, base=base, against=others)]
+    if predictors:
+        tables.append(gain_kept_table(summaries, labels))
+    return "\n\n".join([*tables, latency_parts_table(summaries)])
 
 
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
@@ -672,7 +740,9 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         plot(args.out, summaries, results)
     except ImportError as exc:  # a GPU machine without matplotlib: plot later from the records
         print(f"no plots ({exc}); `lamps bench-plot {args.out}` draws them from requests.jsonl")
-    table = run_ratio_table(summaries, compared_labels(args.policies, args.router))
+    table = run_ratio_table(
+        summaries, compared_labels(args.policies, args.router), bool(args.predictor)
+    )
     (args.out / "ratios.txt").write_text(with_notes(table, noisy) + "\n")
     for note in noisy:  # printed apart: the returned table stays a table
         print(f"note: {note}")
@@ -715,7 +785,7 @@ def replot(out: Path) -> str:
     labels = compared_labels(
         command.get("policies") or "lamps,infercept,vllm", command.get("router")
     )
-    table = run_ratio_table(summaries, labels)
+    table = run_ratio_table(summaries, labels, bool(command.get("predictor")))
     notes = (body.get("config", {}).get("noisy_runs") or []) + refusal_notes(results)
     table = with_notes(table, list(dict.fromkeys(notes)))  # a run's own notes name refusals too
     (out / "ratios.txt").write_text(table + "\n")
@@ -727,6 +797,10 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
 
     from lamps.bench_targets import bench_engine_settings, engine_target, with_policy_variants
 
+    if args.predictor:
+        if args.router:
+            raise SystemExit("lamps bench: --predictor and --router compare different things")
+        args.policies = predictor_policies(args.predictor)  # what the results then name
     policies = parse_policies(args.policies)
     rates = [float(r) for r in args.rate.split(",")]
     if args.rounds < 1:

@@ -28,11 +28,13 @@ next call and the decode after it for tool estimates.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from lamps_core.costs import EngineCosts
 from lamps_core.policy import Strategy
-from lamps_core.predictors import Prediction
+from lamps_core.predictors import Prediction, Predictor
+from lamps_core.request_meta import RequestMeta
 from lamps_core.waste import min_waste_strategy
 
 
@@ -110,3 +112,31 @@ def remaining_service_s(prediction: Prediction, costs: EngineCosts) -> float:
     decode = sum(segment.decode_tokens for segment in prediction.segments)
     calls = sum(segment.api_s or 0.0 for segment in prediction.segments)
     return decode * costs.decode_step_s + calls
+
+
+def committed_memory_time(
+    requests: Iterable[tuple[int, int, RequestMeta | None]],
+    holds: Iterable[tuple[int, float, RequestMeta | None]],
+    predictor: Predictor,
+    costs: EngineCosts,
+    *,
+    other_tokens: int,
+) -> float:
+    """The memory-time (byte·seconds) a replica has already promised, what the fleet router
+    weighs a new request against: the score of every running and waiting request's remaining
+    work (`requests`: context tokens, tokens its segment has generated, meta), plus, for every
+    request paused in a call with its KV held on the device (`holds`: tokens held, seconds the
+    call has run, meta), the held KV for the rest of its predicted call. A paused request's work
+    after its call is counted when it resumes, as a waiting request."""
+    total = sum(
+        score_remaining(
+            context, predictor.predict(meta, generated), costs, other_tokens=other_tokens
+        ).memory_time
+        for context, generated, meta in requests
+    )
+    for tokens, elapsed_s, meta in holds:
+        remaining = predictor.remaining_call_s(meta, elapsed_s)
+        if remaining is None:
+            remaining = max(predictor.call_duration(meta) - elapsed_s, 0.0)
+        total += tokens * remaining * costs.kv_bytes_per_token
+    return total

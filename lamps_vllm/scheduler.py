@@ -48,7 +48,9 @@ from lamps_core.policy import (
     SchedulingPolicy,
     Strategy,
 )
+from lamps_core.predictors import Predictor, ToolEstimatePredictor
 from lamps_core.request_meta import RequestMeta
+from lamps_core.scoring import committed_memory_time
 from lamps_vllm.config import SchedulerPluginConfig
 from lamps_vllm.profiling import StepProfiler, cost_cache_file, host_copy_seconds_per_byte
 from lamps_vllm.request_queue import PolicyRequestQueue
@@ -67,6 +69,7 @@ _HELD = (Strategy.PRESERVE, Strategy.KEEP)  # strategies whose blocks the plugin
 _ADMITTING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 # The default policy's key among `_policies`: outside the variant label alphabet, so no clash.
 _DEFAULT_POLICY_KEY = "(default)"
+_COMMITTED_EVERY_S = 0.25  # the fleet router reads the replicas' statistics every 0.5 s
 
 
 @dataclass(slots=True)
@@ -127,6 +130,12 @@ class LampsScheduler(Scheduler):
             self._policy(label, variant.policy, variant.policy_options)
         self._tracked: dict[str, _Tracked] = {}
         self._preserved: dict[str, _Paused] = {}  # by augmented request id
+        # Committed memory-time for the fleet router (`_committed_memory_time`); the tool
+        # estimates predict it under policies without a predictor of their own.
+        self._estimates = ToolEstimatePredictor()
+        self._committed: float | None = None
+        self._committed_at = -math.inf
+        self._committed_shape = (0, 0, 0)
         self._pausing: tuple[PausedCall, Strategy] | None = None  # set during _free_request
         self._steps = 0
         self._scheduling_steps = 0  # steps in which some waiting request was scheduled
@@ -293,6 +302,10 @@ class LampsScheduler(Scheduler):
             self.lamps_profiler.refresh()
         if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
             self._api_estimates = dict(meta.api_estimates)
+            try:
+                self._estimates.update(self._api_estimates)
+            except Exception:  # as for the policies below: the last good estimates stay
+                self._policy_failed("update_api_estimates")
             for policy in self._policies.values():
                 try:
                     policy.update_api_estimates(self._api_estimates)
@@ -656,10 +669,54 @@ class LampsScheduler(Scheduler):
                 **{f"time_{k}": v for k, v in self.lamps_times.items()},
                 **self._policy_counters(),
             }
+            committed = self._committed_memory_time()
+            if committed is not None:
+                ours["committed_memory_time"] = committed
             if self._can_swap():
                 ours["swap"] = asdict(self.connector.swap_stats())
             stats.kv_connector_stats = {**(stats.kv_connector_stats or {}), STATS_KEY: ours}
         return stats
+
+    def _committed_memory_time(self) -> float | None:
+        """The memory-time this engine has promised (`scoring.committed_memory_time`), for the
+        fleet router: recomputed every `_COMMITTED_EVERY_S` (stats are made every step; the
+        router reads them twice a second) or when requests come, go, pause or resume, by the
+        default policy's predictor when it has one, else by the tool estimates. None if that
+        failed (counted; the replica then estimates it)."""
+        now = time.monotonic()
+        # Also at once when requests came, went, paused or resumed: a drained engine makes no
+        # more statistics, so its last ones must not be a quarter second old.
+        shape = (len(self.running), len(self.waiting), len(self._preserved))
+        if now - self._committed_at < _COMMITTED_EVERY_S and shape == self._committed_shape:
+            return self._committed
+        self._committed_at, self._committed_shape = now, shape
+        policy = self._policies[_DEFAULT_POLICY_KEY]
+        predictor = getattr(policy, "predictor", None)
+        if not isinstance(predictor, Predictor):
+            predictor = self._estimates
+        requests = [
+            (r.num_tokens, r.num_output_tokens, tracked.meta if tracked else None)
+            for r in (*self.running, *self.waiting)
+            for tracked in (self._tracked.get(r.request_id),)
+        ]
+        wall = time.time()
+        holds = [
+            (p.num_blocks * self.block_size, wall - p.call.paused_at, p.call.meta)
+            for p in self._preserved.values()
+            if p.call.strategy is Strategy.PRESERVE
+        ]
+        try:
+            self._committed = committed_memory_time(
+                requests,
+                holds,
+                predictor,
+                self.lamps_profiler.costs,
+                other_tokens=sum(r.num_tokens for r in self.running),
+            )
+        except Exception:
+            self._policy_failed("committed_memory_time")
+            self._committed = None
+        return self._committed
 
     def _policy_counters(self) -> dict[str, int]:
         """The policies' own counts, summed over the variants, as policy_<name>."""

@@ -485,3 +485,34 @@ def test_runs_with_requests_refused_by_the_server_are_flagged() -> None:
         "memory @ 2/s round 0: 1 of 2 requests refused by the server (429: "
         "max_in_flight_requests or max_routing_wait_s); raise the limit for a benchmark"
     ]
+
+
+def test_predictor_list_becomes_lamps_variants_then_infercept() -> None:
+    from lamps.bench import predictor_policies
+
+    specs = parse_policies(predictor_policies("oracle,noisy:0.2,estimates"))
+    assert [(s.label, s.name, s.options) for s in specs] == [
+        ("oracle", "lamps", {"predictor": "oracle"}),
+        ("noisy-0.2", "lamps", {"predictor": "noisy", "noise": 0.2}),
+        ("estimates", "lamps", {"predictor": "estimates"}),
+        ("infercept", "infercept", None),
+    ]
+    for bad in ("noisy", "noisy:-1", "noisy:nan", "psychic", "oracle:0.2", ""):
+        with pytest.raises(SystemExit):
+            predictor_policies(bad)
+
+
+def test_gain_kept_is_the_share_of_the_oracles_gain_over_infercept_per_round() -> None:
+    from lamps.bench import gain_kept_table
+
+    means = {  # per round: infercept, oracle, noisy
+        0: {"infercept": 10.0, "oracle": 6.0, "noisy-0.2": 7.0},  # kept 3/4
+        1: {"infercept": 12.0, "oracle": 8.0, "noisy-0.2": 10.0},  # kept 2/4
+    }
+    records = [
+        result(f"{label}-{r}", 0.0, seconds, policy=label, round=r)
+        for r, by_label in means.items()
+        for label, seconds in by_label.items()
+    ]
+    table = gain_kept_table(summarize_all(records), ["oracle", "noisy-0.2", "infercept"])
+    assert table.splitlines()[1].split() == ["2", "noisy-0.2", "0.62", "[0.50,", "0.75]"]
