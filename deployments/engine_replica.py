@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -19,8 +20,10 @@ from ray.serve.handle import DeploymentHandle
 from deployments.autoscaling import KV_PRESSURE
 from deployments.metrics import EngineStatsBoard, host_pool_gauges
 from lamps_core.call_durations import ApiEstimate, CallDurationSummary
+from lamps_core.length_model import OutputLengthPredictor
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
+from lamps_vllm.config import LengthModelConfig
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
@@ -79,6 +82,13 @@ class EngineReplica:
             asyncio.create_task(self._publish_stats(self._replica_id)),
             asyncio.create_task(self._refresh_api_estimates()),
         ]
+        # Chat segments' decode-length forecasts; none without the plugin (nobody reads them).
+        self._lengths: OutputLengthPredictor | None = None
+        self._lengths_path: Path | None = None
+        if self.settings.scheduler is not None:
+            length_config = self.settings.scheduler.length_model
+            self._lengths, self._lengths_path = load_length_predictor(length_config)
+            self._background.append(asyncio.create_task(self._refit_lengths(length_config)))
 
     async def chat(self, plan: ChatPlan) -> AsyncIterator[ChatEvent]:
         """Stream the events of one chat request (text deltas, tool executions, outcome)."""
@@ -86,7 +96,7 @@ class EngineReplica:
         # Means and learned distributions (RequestMeta.api_estimates validates both).
         plan.api_estimates = self._scheduler_estimates or None
         async for event in run_chat(
-            self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool
+            self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool, self._lengths
         ):
             yield event
 
@@ -143,10 +153,12 @@ class EngineReplica:
         calls it every `request_routing_stats_period_s` and hands the dict to every router.
 
         KV figures are in bytes (tokens · M, M from the plugin's costs; 1 byte per token on an
-        engine without the plugin, so replicas of one deployment still compare). The plugin
-        reports no committed memory-time yet, so it is estimated here: the KV held now
-        (running and paused requests' blocks) plus the waiting requests at the running
-        requests' mean size, held for ROUTING_HORIZON_S. Cheap: it reads the last snapshot."""
+        engine without the plugin, so replicas of one deployment still compare). The committed
+        memory-time is the plugin's (`scoring.committed_memory_time`: the scores of running and
+        waiting requests and the rest of each hold); where it has none (no plugin, or its
+        computation failed) it is estimated here: the KV held now plus the waiting requests at
+        the running requests' mean size, held for ROUTING_HORIZON_S. Cheap: it reads the last
+        snapshot."""
         snap = self._stats.snapshot
         ours = snap.scheduler
         block_size = int(ours.get("block_size") or self.settings.block_size or 16)
@@ -156,7 +168,11 @@ class EngineReplica:
         swapped = int((ours.get("swap") or {}).get("host_pool_bytes_in_use") or 0)
         paused = int(ours.get("preserved_blocks") or 0) * per_block + swapped
         mean_request = in_use / snap.running_requests if snap.running_requests else 0.0
-        committed = (in_use + snap.waiting_requests * mean_request) * ROUTING_HORIZON_S
+        waiting = snap.waiting_requests * mean_request  # the KV the queue will take, roughly
+        committed = ours.get("committed_memory_time")
+        estimated = committed is None
+        if estimated:
+            committed = (in_use + waiting) * ROUTING_HORIZON_S
         return {
             "stats_time": time.time(),  # wall clock: routers on other nodes compare with theirs
             "replica": self._replica_id,
@@ -168,8 +184,9 @@ class EngineReplica:
             "kv_paused_bytes": paused,
             "kv_preserved_blocks": int(ours.get("preserved_blocks") or 0),
             "kv_swapped_bytes": swapped,
+            "kv_waiting_bytes": waiting,
             "committed_memory_time": committed,
-            "committed_estimated": True,  # not the plugin's sum of scores (docs/fleet.md)
+            "committed_estimated": estimated,  # not the plugin's sum of scores (docs/fleet.md)
             "running_requests": snap.running_requests,
             "waiting_requests": snap.waiting_requests,
             "paused_in_tool_calls": self._paused_in_tool_calls,
@@ -183,7 +200,9 @@ class EngineReplica:
         requests at the running ones' mean size) over its KV capacity."""
         routing = self.record_routing_stats()
         capacity = routing["kv_capacity_bytes"]
-        demand = routing["committed_memory_time"] / ROUTING_HORIZON_S + routing["kv_swapped_bytes"]
+        demand = (
+            routing["kv_in_use_bytes"] + routing["kv_waiting_bytes"] + routing["kv_swapped_bytes"]
+        )
         return {KV_PRESSURE: demand / capacity if capacity else 0.0}
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -195,6 +214,21 @@ class EngineReplica:
     def api_estimates(self) -> dict[str, float]:
         """The mean call durations (s) per tool and API type the scheduler is given."""
         return dict(self._api_estimates)
+
+    def length_model_stats(self) -> dict[str, Any]:
+        """The output-length model: fitted or not, what it was trained on, what is buffered."""
+        lengths = self._lengths
+        if lengths is None:
+            return {"enabled": False}
+        model = lengths.model
+        return {
+            "enabled": True,
+            "fitted": model is not None,
+            "trained_on": model.examples if model is not None else 0,
+            "buffered": lengths.buffered,
+            "new_examples": lengths.new_examples,
+            "path": str(self._lengths_path) if self._lengths_path else None,
+        }
 
     def scheduler_stats(self) -> dict[str, Any]:
         """The scheduler plugin's figures: policy, engine costs, strategy counts, held memory."""
@@ -270,6 +304,22 @@ class EngineReplica:
                 logger.warning("cannot refresh tool duration estimates: %s", exc)
             await asyncio.sleep(API_ESTIMATES_REFRESH_S)
 
+    async def _refit_lengths(self, config: LengthModelConfig) -> None:
+        """Refit the output-length model on what completed segments taught it, off the request
+        path (a worker thread), and save it where the config says."""
+        lengths = self._lengths
+        assert lengths is not None
+        while True:
+            await asyncio.sleep(config.refit_every_s)
+            if lengths.new_examples < config.min_new_examples:
+                continue
+            try:
+                await asyncio.to_thread(lengths.refit)
+                if self._lengths_path is not None:  # the buffer too, fitted or not yet
+                    await asyncio.to_thread(lengths.save, self._lengths_path)
+            except Exception:  # the last model (or the prior) keeps serving
+                logger.exception("refitting the output-length model failed")
+
     def __del__(self) -> None:
         # Serve calls this on shutdown: stop the engine-core process with the replica.
         engine = getattr(self, "_engine", None)
@@ -286,6 +336,26 @@ def merge_estimates(
     merged = dict(last)
     merged.update({name: e.mean_s for name, e in fresh.items() if e.count and e.mean_s})
     return merged
+
+
+def load_length_predictor(
+    config: LengthModelConfig,
+) -> tuple[OutputLengthPredictor, Path | None]:
+    """The predictor the config names (a fresh one, starting from the prior, when its file does
+    not exist yet) and where to save it. A file that cannot be read is left alone: the replica
+    starts from the prior and learns in memory only, rather than overwrite it."""
+    if config.path is None:
+        return OutputLengthPredictor(buffer_size=config.buffer_size), None
+    path = Path(config.path)
+    if not path.is_absolute():  # relative to the project, as the model folder is
+        path = Path(os.environ.get("LAMPS_HOME", os.getcwd())) / path
+    if not path.exists():
+        return OutputLengthPredictor(buffer_size=config.buffer_size), path
+    try:
+        return OutputLengthPredictor.load(path, buffer_size=config.buffer_size), path
+    except Exception as exc:
+        logger.warning("cannot read the output-length model %s (%s); not saving over it", path, exc)
+        return OutputLengthPredictor(buffer_size=config.buffer_size), None
 
 
 def _worker_failure(exc: Exception) -> str:

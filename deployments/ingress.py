@@ -32,10 +32,6 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatMessage,
 )
 from vllm.entrypoints.openai.engine.protocol import DeltaMessage, UsageInfo
-try:
-    from vllm.exceptions import VLLMClientError
-except ImportError:  # vLLM 0.26 (the GPU machines) has the older names for a client's fault
-    from vllm.exceptions import VLLMValidationError as VLLMClientError  # type: ignore[assignment]
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from deployments.access import (
@@ -73,6 +69,11 @@ from lamps_vllm.errors import (
 from lamps_vllm.trace_replay import check_fits
 from tool_workers.simulated_api import SIMULATED_API_TYPES
 from tool_workers.stats import StatsUnavailableError, ToolCallCounts, ToolStatsStore
+
+try:
+    from vllm.exceptions import VLLMClientError
+except ImportError:  # vLLM 0.26 (the GPU machines) has the older name for a client's fault
+    from vllm.exceptions import VLLMValidationError as VLLMClientError  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 

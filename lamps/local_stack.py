@@ -73,9 +73,15 @@ def local_stack(
     data_dir: Path,
     deploy_timeout_s: float = 600.0,
     log_to_driver: bool = True,
+    gcs_redis_address: str | None = None,
 ) -> Iterator[RunningStack]:
     """Run `config`'s applications until the context exits; `log_to_driver=False` keeps the
-    replicas' logs in Ray's session folder instead of this process's output (tests)."""
+    replicas' logs in Ray's session folder instead of this process's output (tests).
+
+    `gcs_redis_address` ("host:port" of a running Redis, somebody else's to run) turns on Ray's
+    GCS fault tolerance: the GCS keeps its tables there, under a namespace of this stack's own,
+    so that a GCS restarted while the stack runs finds the cluster again. None (the default)
+    keeps them in the GCS's memory, lost with it."""
     schema = ServeDeploySchema.model_validate(config)
     redis_url = _single_redis_url(schema)
     # Every process started from here on inherits this mark, which finds them at the end even
@@ -88,16 +94,22 @@ def local_stack(
         if redis_server is not None:
             redis_server.start()
         on_sigterm = signal.getsignal(signal.SIGTERM)
-        ray.init(
-            include_dashboard=False,
-            object_store_memory=OBJECT_STORE_BYTES,
-            num_cpus=os.cpu_count(),
-            _node_ip_address=RAY_NODE_IP,
-            _temp_dir=str(ray_temp),
-            namespace="serve",
-            logging_level=logging.WARNING,
-            log_to_driver=log_to_driver,
-        )
+        with _gcs_storage(gcs_redis_address):
+            ray.init(
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                num_cpus=os.cpu_count(),
+                _node_ip_address=RAY_NODE_IP,
+                _temp_dir=str(ray_temp),
+                namespace="serve",
+                logging_level=logging.WARNING,
+                log_to_driver=log_to_driver,
+                # A system setting, not an environment variable: the head node keeps it and
+                # hands it to a GCS it restarts, which must read the same namespace.
+                _system_config=(
+                    {"external_storage_namespace": stack_id} if gcs_redis_address else None
+                ),
+            )
         # Ray's driver aborts on SIGTERM, which would skip the cleanup below: restore ours.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_sigterm)
@@ -118,6 +130,25 @@ def local_stack(
             redis_server.stop()
         _reap(_marked_processes(stack_id))
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _gcs_storage(redis_address: str | None) -> Iterator[None]:
+    """`RAY_REDIS_ADDRESS` while Ray starts: the only way `ray.init` takes an external GCS
+    store. Ray's head node reads it once, at start, and keeps the address for a GCS it
+    restarts; unset again afterwards, so that nothing else this process starts inherits it."""
+    if redis_address is None:
+        yield
+        return
+    before = os.environ.get("RAY_REDIS_ADDRESS")
+    os.environ["RAY_REDIS_ADDRESS"] = redis_address
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["RAY_REDIS_ADDRESS"]
+        else:
+            os.environ["RAY_REDIS_ADDRESS"] = before
 
 
 def _single_redis_url(schema: ServeDeploySchema) -> str | None:
@@ -155,6 +186,13 @@ def _wait_running(schema: ServeDeploySchema, timeout_s: float) -> None:
             if s is not None and s.status in ("DEPLOY_FAILED", "UNHEALTHY")
             for dep_name, dep in s.deployments.items()
             if dep.status != "HEALTHY"
+        }
+        # An application that failed before it had deployments (its import or builder raised)
+        # names none: without this it would wait out the whole timeout.
+        failed |= {
+            name: s.message
+            for name, s in states.items()
+            if s is not None and s.status == "DEPLOY_FAILED" and not s.deployments
         }
         if failed:
             raise StackError(f"Serve applications failed to deploy: {failed}")

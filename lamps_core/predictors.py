@@ -11,7 +11,9 @@ follows, how long that call lasts and how many tokens it returns.
   lengths from the trace when it has them. It looks one call ahead. With a distribution it also
   answers `remaining_call_s` for a call under way: `E[D - e | D > e]` after `e` seconds.
 
-A request without a trace (chat, or no meta at all) gets `PredictionDefaults`.
+A request without a trace (chat, or no meta at all) gets `PredictionDefaults`: its current
+segment decodes `RequestMeta.predicted_decode_tokens` when the serving layer forecast it (a chat
+segment, from the learned output-length model of `lamps_core.length_model`), else the default.
 """
 
 from __future__ import annotations
@@ -99,8 +101,10 @@ class PredictionDefaults:
         self, meta: RequestMeta | None, generated_tokens: int, api_s: float | None = None
     ) -> Prediction:
         """The current segment (ending in a call only when the meta says one is forced), and,
-        after a call, one more segment of default length."""
-        decode = max(self.decode_tokens - generated_tokens, 1)
+        after a call, one more segment of default length. The current segment's length is the
+        serving layer's forecast when the meta has one."""
+        forecast = meta.predicted_decode_tokens if meta is not None else None
+        decode = max((forecast or self.decode_tokens) - generated_tokens, 1)
         if meta is None or not meta.ends_in_api_call:
             return Prediction((SegmentForecast(decode, None),))
         call_s = self.api_s if api_s is None else api_s

@@ -20,6 +20,8 @@ META_KEY = "lamps"
 # only (a few dozen); the caps keep every request's metadata small whatever Redis holds.
 MAX_API_ESTIMATES = 256
 MAX_API_TYPE_CHARS = 128
+# Above any context a served model has: a forecast past it is a bug, refused at the boundary.
+MAX_PREDICTED_DECODE_TOKENS = 1 << 20
 
 ApiTypeName = Annotated[str, Field(min_length=1, max_length=MAX_API_TYPE_CHARS)]
 
@@ -57,6 +59,15 @@ class RequestMeta(BaseModel):
         "layer last read them: a mean (s), or the learned distribution (recency-weighted "
         "equal-mass atoms, `CallDurationSummary`). How the scheduler's predictions learn "
         "durations.",
+    )
+    predicted_decode_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_PREDICTED_DECODE_TOKENS,
+        description="Tokens this segment is forecast to decode, computed by the serving layer "
+        "from the conversation (the learned output-length model, lamps_core.length_model), "
+        "never taken from the client. Predictors use it instead of their default length for "
+        "requests without a trace.",
     )
     remaining_segments: list[TraceSegment] | None = Field(
         default=None, description="Oracle knowledge from a trace script: this segment and the rest."

@@ -9,11 +9,12 @@ policy's decision, taken in the engine when the segment ends.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
@@ -21,7 +22,8 @@ from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from lamps_core.call_durations import ApiEstimate
-from lamps_core.request_meta import RequestMeta
+from lamps_core.length_model import SegmentContext
+from lamps_core.request_meta import MAX_PREDICTED_DECODE_TOKENS, RequestMeta
 from lamps_vllm.errors import PromptTooLongError
 from lamps_vllm.holds import released_if_abandoned
 from lamps_vllm.tool_calls import (
@@ -36,8 +38,23 @@ from lamps_vllm.tool_calls import (
 )
 from tool_workers.tools import ToolResult
 
+logger = logging.getLogger(__name__)
+
 # (tool name, arguments, name to record the call's statistics under) -> result; never raises.
 CallTool = Callable[[str, dict[str, Any], str | None], Awaitable[ToolResult]]
+
+
+class SegmentLengths(Protocol):
+    """Forecasts a segment's decode length from its context and learns from what it decoded
+    (`lamps_core.length_model.OutputLengthPredictor`)."""
+
+    def predict_decode_tokens(
+        self, context: SegmentContext, budget: int | None = None
+    ) -> int | None: ...
+
+    def observe(
+        self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool
+    ) -> bool: ...
 
 
 @dataclass
@@ -104,8 +121,11 @@ async def run_chat(
     max_model_len: int,
     plan: ChatPlan,
     call_tool: CallTool,
+    lengths: SegmentLengths | None = None,
 ) -> AsyncIterator[ChatEvent]:
-    """Yield text deltas and tool executions as they happen, then the outcome."""
+    """Yield text deltas and tool executions as they happen, then the outcome. With `lengths`,
+    each segment's engine request carries its forecast decode length
+    (`RequestMeta.predicted_decode_tokens`) and each completed segment is reported to it."""
     parser = Hermes2ProToolParser(tokenizer)
     messages = list(plan.messages)
     executions: list[ToolExecution] = []
@@ -133,7 +153,11 @@ async def run_chat(
                 finish_reason = "length"
                 break
             ends = call_end_token_ids(tokenizer) if mode == "auto" else None
-            params = _sampling_params(plan, mode, budget, segment, waited_s, ends)
+            context = predicted = None
+            if lengths is not None:
+                context = _segment_context(plan, messages, mode, segment)
+                predicted = _predicted_tokens(lengths, context, budget)
+            params = _sampling_params(plan, mode, budget, segment, waited_s, ends, predicted)
             prompt_tokens = prompt_tokens or len(prompt_ids)
 
             shown = 0
@@ -156,6 +180,9 @@ async def run_chat(
             waited_s += (segment_first_token or time.time()) - submitted
 
             call = _parse_call(mode, final.text, parser)
+            if lengths is not None and context is not None:
+                truncated = final.finish_reason == "length"
+                _observe(lengths, context, len(final.token_ids), call, truncated)
             if call is None:
                 text_parts.append(final.text)
                 finish_reason = final.finish_reason or "stop"
@@ -184,6 +211,39 @@ async def run_chat(
     )
 
 
+def _segment_context(
+    plan: ChatPlan, messages: list[dict[str, Any]], mode: ToolMode, segment: int
+) -> SegmentContext:
+    offered = [t["function"]["name"] for t in plan.tools] if mode != "none" else []
+    return SegmentContext.from_chat(messages, offered, mode, segment)
+
+
+def _predicted_tokens(lengths: SegmentLengths, context: SegmentContext, budget: int) -> int | None:
+    # A failing forecaster costs the scheduler its forecast (the default length), never the
+    # request; a forecast is within what the segment may decode and what the meta accepts.
+    try:
+        forecast = lengths.predict_decode_tokens(context, budget)
+        if forecast is None:  # nothing learned yet: the policy's own default
+            return None
+        return max(min(int(forecast), budget, MAX_PREDICTED_DECODE_TOKENS), 1)
+    except Exception:
+        logger.exception("output-length forecast failed; the scheduler uses its default")
+        return None
+
+
+def _observe(
+    lengths: SegmentLengths,
+    context: SegmentContext,
+    tokens: int,
+    call: ParsedToolCall | None,
+    truncated: bool,
+) -> None:
+    try:
+        lengths.observe(context, tokens, call.name if call else None, truncated)
+    except Exception:
+        logger.exception("recording a segment's length failed")
+
+
 def _segment_mode(plan: ChatPlan, segment: int, calls_made: int) -> ToolMode:
     # `required` and named choices force the first turn only: after the result comes back the
     # model decides, else every turn would call a tool until the limit.
@@ -199,6 +259,7 @@ def _sampling_params(
     segment: int,
     waited_s: float,
     call_ends: tuple[tuple[int, ...], ...] | None,
+    predicted_decode_tokens: int | None = None,
 ) -> SamplingParams:
     forced = mode not in ("none", "auto")
     # A forced call's tool is known before it is made when one tool is possible.
@@ -213,6 +274,8 @@ def _sampling_params(
         call_end_token_ids=[list(end) for end in call_ends] if call_ends else None,
         api_type=api_type,
         api_estimates=plan.api_estimates,
+        # Computed here from the conversation, never taken from the client.
+        predicted_decode_tokens=predicted_decode_tokens,
     )
     stop = list(plan.sampling.get("stop") or [])
     if mode == "auto":

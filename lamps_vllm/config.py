@@ -48,6 +48,32 @@ class PolicyVariant(BaseModel):
         return self
 
 
+class LengthModelConfig(BaseModel):
+    """The learned output-length model of chat segments (lamps_core/length_model.py). The
+    engine replica holds it: it forecasts each chat segment's decode length, learns from every
+    completed one, and refits in the background."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str | None = Field(
+        default=None,
+        description="File (.npz) to load the model from at start-up and save it to after each "
+        "refit; relative to the project. None: start from the prior, learn in memory only.",
+    )
+    refit_every_s: float = Field(
+        default=300.0, gt=0, description="How often the replica refits it in the background."
+    )
+    min_new_examples: int = Field(
+        default=16, ge=1, description="Completed segments since the last fit that a refit needs."
+    )
+    buffer_size: int = Field(
+        default=4096,
+        ge=1,
+        le=8192,  # a refit's dense matrix: 8192 x 4096 features x 4 bytes = 128 MiB at most
+        description="Most recent segments trained on.",
+    )
+
+
 class SchedulerPluginConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,6 +92,11 @@ class SchedulerPluginConfig(BaseModel):
     )
     max_preserve_s: float = Field(
         default=600.0, gt=0, description="Longest a paused request's KV cache is held for it."
+    )
+    length_model: LengthModelConfig = Field(
+        default_factory=LengthModelConfig,
+        description="Chat segments' output-length forecasts (the engine replica's; the plugin "
+        "reads them from each request's meta).",
     )
 
     @model_validator(mode="after")

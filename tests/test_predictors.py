@@ -8,9 +8,11 @@ import pytest
 
 from lamps_core.call_durations import CallDurationSummary
 from lamps_core.predictors import (
+    DEFAULT_DECODE_TOKENS,
     NoisyOraclePredictor,
     OraclePredictor,
     PredictionDefaults,
+    Predictor,
     SegmentForecast,
     ToolEstimatePredictor,
     make_predictor,
@@ -84,6 +86,28 @@ def test_requests_without_a_trace_get_the_defaults() -> None:
     assert oracle.call_duration(None) == 3.0
     with pytest.raises(ValueError, match="default_decode_tokens"):
         PredictionDefaults(decode_tokens=0)
+
+
+@pytest.mark.parametrize(
+    "predictor",
+    [OraclePredictor(), NoisyOraclePredictor(0.3), ToolEstimatePredictor({"calculator": 2.0})],
+)
+def test_a_chat_segment_decodes_its_forecast_not_the_default(predictor: Predictor) -> None:
+    chat = RequestMeta(request_id="c", arrival_time=0.0, predicted_decode_tokens=40)
+    assert predictor.predict(chat, generated_tokens=15).segments == (SegmentForecast(25, None),)
+    forced = RequestMeta(
+        request_id="c",
+        arrival_time=0.0,
+        ends_in_api_call=True,
+        api_type="calculator",
+        predicted_decode_tokens=30,
+    )
+    # The forecast is the current segment's; the one after the call keeps the default.
+    [current, after] = predictor.predict(forced).segments
+    assert (current.decode_tokens, after.decode_tokens) == (30, DEFAULT_DECODE_TOKENS)
+    # A trace keeps its own numbers.
+    traced = meta().model_copy(update={"predicted_decode_tokens": 999})
+    assert predictor.predict(traced) == predictor.predict(meta())
 
 
 def test_noisy_draws_are_reproducible_and_independent_of_call_order() -> None:
