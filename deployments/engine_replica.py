@@ -191,6 +191,8 @@ class EngineReplica:
             "waiting_requests": snap.waiting_requests,
             "paused_in_tool_calls": self._paused_in_tool_calls,
             "costs": dict(ours.get("costs") or {}),
+            # Mean call seconds per tool: the router's forecast of a forced chat call.
+            "api_estimates": dict(self._api_estimates),
             "healthy": not self._engine.errored,
         }
 

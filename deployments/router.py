@@ -65,7 +65,7 @@ FALLBACK_COSTS = EngineCosts(
     swap_slope_s=0.00001,
     decode_step_s=0.02,
 )
-# A forced tool call before the replica's estimates are known (the router does not see them).
+# A forced call of a tool the replicas report no estimate for (no records yet).
 DEFAULT_CALL_S = 2.0
 MAX_SESSIONS = 10_000  # sessions remembered for affinity, least recently used dropped
 
@@ -177,19 +177,53 @@ def session_key(call_method: str, args: Sequence[Any]) -> str | None:
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
-def request_demand(call_method: str, args: Sequence[Any], costs: EngineCosts) -> Demand:
+def call_estimates_from_stats(all_stats: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean call seconds per tool as the replicas last reported them (`api_estimates` of
+    `record_routing_stats`, from the tool workers' records; every replica reads the same)."""
+    for stats in all_stats:
+        estimates = stats.get("api_estimates")
+        if isinstance(estimates, Mapping) and estimates:
+            return {
+                str(name): float(seconds)
+                for name, seconds in estimates.items()
+                if isinstance(seconds, int | float) and math.isfinite(seconds) and seconds >= 0
+            }
+    return {}
+
+
+def forced_call_s(
+    tool_choice: str, tools: Sequence[Mapping[str, Any]], estimates: Mapping[str, float]
+) -> float:
+    """The predicted duration of the call a chat turn is forced to make: the named tool's
+    estimate, or for `required` the longest of the offered tools' (an upper bound, like
+    `max_tokens` for the decode); DEFAULT_CALL_S for a tool without records."""
+    if tool_choice != "required":
+        return estimates.get(tool_choice, DEFAULT_CALL_S)
+    names = [str((t.get("function") or {}).get("name")) for t in tools]
+    return max((estimates.get(n, DEFAULT_CALL_S) for n in names), default=DEFAULT_CALL_S)
+
+
+def request_demand(
+    call_method: str,
+    args: Sequence[Any],
+    costs: EngineCosts,
+    call_estimates: Mapping[str, float] | None = None,
+) -> Demand:
     """The predicted demand of a call on EngineReplica; zero for the small control calls
-    (stats, health, ...), which go wherever the backlog is least."""
+    (stats, health, ...), which go wherever the backlog is least. `call_estimates`: mean
+    seconds per tool, for a forced call."""
     if call_method == "chat" and args:
         plan = args[0]
         chars = sum(len(str(m.get("content") or "")) for m in getattr(plan, "messages", []))
-        forced = getattr(plan, "tool_choice", "auto") not in ("auto", "none")
+        tool_choice = str(getattr(plan, "tool_choice", "auto"))
+        tools = getattr(plan, "tools", None) or []
+        forced = tool_choice not in ("auto", "none") and bool(tools)
         return chat_demand(
             max(1, math.ceil(chars / CHARS_PER_TOKEN)),
             int(getattr(plan, "max_tokens", 0) or 0),
             costs,
-            expected_calls=1 if forced and getattr(plan, "tools", None) else 0,
-            call_s=DEFAULT_CALL_S,
+            expected_calls=1 if forced else 0,
+            call_s=forced_call_s(tool_choice, tools, call_estimates or {}) if forced else 0.0,
         )
     if call_method == "replay" and len(args) >= 2:
         segments = [
@@ -257,7 +291,9 @@ class MemoryAwareRouter(RequestRouter):
         method = pending_request.metadata.call_method
         all_stats = [r.routing_stats or {} for r in candidate_replicas]
         costs = costs_from_stats(all_stats)
-        demand = request_demand(method, pending_request.args, costs)
+        demand = request_demand(
+            method, pending_request.args, costs, call_estimates_from_stats(all_stats)
+        )
         key = session_key(method, pending_request.args)
         sticky = self._sessions.get(key) if key is not None else None
         capacities = [float(s.get("kv_capacity_bytes") or 0.0) for s in all_stats]

@@ -253,7 +253,7 @@ def test_session_key_is_the_conversation_head_and_demand_reads_the_request() -> 
     assert long.memory_time > 50 * short.memory_time
 
 
-def test_engine_replica_reports_its_kv_and_an_estimated_commitment() -> None:
+def test_engine_replica_reports_its_kv_and_its_commitment() -> None:
     from types import SimpleNamespace
 
     from deployments.engine_replica import ROUTING_HORIZON_S, EngineReplica
@@ -275,6 +275,7 @@ def test_engine_replica_reports_its_kv_and_an_estimated_commitment() -> None:
     replica_._paused_in_tool_calls = 3
     replica_._replica_id = "r1"
     replica_._requests_received = 7
+    replica_._api_estimates = {"calculator": 0.5}
     stats = replica_.record_routing_stats()
     block = 16 * 1000
     assert stats["kv_capacity_bytes"] == 100 * block
@@ -282,7 +283,50 @@ def test_engine_replica_reports_its_kv_and_an_estimated_commitment() -> None:
     assert stats["kv_paused_bytes"] == 10 * block + 4096  # preserved on device + swapped
     # 30 blocks held by 2 running, one more waiting at their mean: 45 blocks for the horizon.
     assert stats["committed_memory_time"] == 45 * block * ROUTING_HORIZON_S
+    assert stats["committed_estimated"] is True  # the plugin reported none
+    assert stats["api_estimates"] == {"calculator": 0.5}
     assert stats["healthy"] is True and abs(stats["stats_time"] - time.time()) < 5
     assert (stats["replica"], stats["requests_received"]) == ("r1", 7)
     replica_._engine = SimpleNamespace(errored=True, shutdown=lambda: None)  # type: ignore[attr-defined]
     assert replica_.record_routing_stats()["healthy"] is False
+    # The plugin's own sum of scores, when it reports one, is what the router gets.
+    snap.scheduler["committed_memory_time"] = 123.0
+    stats = replica_.record_routing_stats()
+    assert (stats["committed_memory_time"], stats["committed_estimated"]) == (123.0, False)
+
+
+def test_a_forced_chat_call_is_priced_by_the_replicas_tool_estimates() -> None:
+    from deployments.router import DEFAULT_CALL_S, call_estimates_from_stats
+
+    costs = EngineCosts.from_dict(COSTS)
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {}}}
+        for name in ("calculator", "search")
+    ]
+
+    def turn(tool_choice: str) -> ChatPlan:
+        return ChatPlan(
+            request_id="c",
+            messages=[{"role": "user", "content": "What is 2 + 2?"}],
+            tools=tools,
+            tool_choice=tool_choice,
+            max_tokens=16,
+            max_tool_calls=1,
+        )
+
+    stats = [{}, {"api_estimates": {"calculator": 0.5, "search": 30.0, "bad": float("nan")}}]
+    estimates = call_estimates_from_stats(stats)
+    assert estimates == {"calculator": 0.5, "search": 30.0}  # a broken figure is left out
+
+    def memory_time(tool_choice: str, known: dict[str, float]) -> float:
+        return request_demand("chat", [turn(tool_choice)], costs, known).memory_time
+
+    fast, slow = memory_time("calculator", estimates), memory_time("search", estimates)
+    assert slow > 10 * fast  # a 30-s search holds its context 60x longer than a 0.5-s sum
+    assert memory_time("required", estimates) == pytest.approx(slow)  # the longest offered
+    assert memory_time("auto", estimates) < fast  # no call foreseen
+    # Before any records: the default duration for every tool.
+    assert memory_time("search", {}) == pytest.approx(memory_time("calculator", {}))
+    assert memory_time("search", {}) == pytest.approx(
+        memory_time("calculator", {"calculator": DEFAULT_CALL_S})
+    )
