@@ -27,6 +27,7 @@ from lamps_vllm.config import LengthModelConfig
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
+from tool_workers.simulated_api import SimulatedApi
 from tool_workers.stats import (
     ToolDurationEstimate,
     ToolStatsStore,
@@ -43,9 +44,9 @@ API_ESTIMATES_REFRESH_S = 5.0
 # (its Redis record, Ray's round trip) before giving up on a worker that does not answer.
 TOOL_CALL_GRACE_S = 5.0
 DEFAULT_TOOL_TIMEOUT_S = 30.0
-# The committed memory-time a replica reports is its held KV times this: how long, about, the
-# memory held now stays held (a decode of a few hundred tokens, or a short call). A stand-in until
-# the scheduler plugin reports the sum of its requests' scores (docs/fleet.md).
+# Where the scheduler plugin reports no committed memory-time (no plugin), the replica's estimate
+# is its held and waiting KV times this: how long, about, the memory held now stays held (a
+# decode of a few hundred tokens, or a short call) (docs/fleet.md).
 ROUTING_HORIZON_S = 5.0
 
 
@@ -95,6 +96,8 @@ class EngineReplica:
         self._requests_received += 1
         # Means and learned distributions (RequestMeta.api_estimates validates both).
         plan.api_estimates = self._scheduler_estimates or None
+        names = (t["function"]["name"] for t in plan.tools)
+        plan.call_timeouts_s = {name: self._call_limit_s(name) for name in names}
         async for event in run_chat(
             self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool, self._lengths
         ):
@@ -119,6 +122,7 @@ class EngineReplica:
             arrival_time,
             policy_variant,
             self._scheduler_estimates or None,  # means and distributions, as in `chat`
+            self._call_limit_s(SimulatedApi.name),
         )
 
     def _check_variant(self, label: str | None) -> None:
@@ -249,6 +253,11 @@ class EngineReplica:
     async def check_health(self) -> None:
         await self._engine.check_health()
 
+    def _call_limit_s(self, name: str) -> float:
+        """The longest a call of tool `name` can last here: its timeout, then the grace this
+        replica waits for the worker before failing the call. The scheduler's bound on it."""
+        return self._tool_timeouts_s.get(name, DEFAULT_TOOL_TIMEOUT_S) + TOOL_CALL_GRACE_S
+
     async def _call_tool(
         self, name: str, arguments: dict[str, Any], record_as: str | None
     ) -> ToolResult:
@@ -257,7 +266,7 @@ class EngineReplica:
         self._paused_in_tool_calls += 1
         started = datetime.now(UTC)
         t0 = time.monotonic()
-        limit_s = self._tool_timeouts_s.get(name, DEFAULT_TOOL_TIMEOUT_S) + TOOL_CALL_GRACE_S
+        limit_s = self._call_limit_s(name)
         ran = True
         try:
             call = self._tools.call.remote(name, arguments, record_as)

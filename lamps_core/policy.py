@@ -67,6 +67,8 @@ class PausedCall:
     paused_at: float  # wall clock
     strategy: Strategy  # what is done with its KV cache now
     meta: RequestMeta | None
+    # Wall clock past which the call cannot still run (paused_at + its timeout); None: unbounded.
+    deadline: float | None = None
 
 
 # Compared element by element; ties end in the request id so an order is always defined.

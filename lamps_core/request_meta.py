@@ -20,6 +20,7 @@ META_KEY = "lamps"
 # only (a few dozen); the caps keep every request's metadata small whatever Redis holds.
 MAX_API_ESTIMATES = 256
 MAX_API_TYPE_CHARS = 128
+MAX_CALL_TIMEOUT_S = 86_400.0
 # Above any context a served model has: a forecast past it is a bug, refused at the boundary.
 MAX_PREDICTED_DECODE_TOKENS = 1 << 20
 
@@ -49,6 +50,15 @@ class RequestMeta(BaseModel):
     )
     api_type: str | None = Field(
         default=None, description="The API (tool) the call ending this segment uses, when known."
+    )
+    call_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_CALL_TIMEOUT_S,
+        allow_inf_nan=False,
+        description="The longest the call ending this segment can run (the serving layer's timeout "
+        "for its tool, or the longest of the tools an `auto` turn may call): a call paused "
+        "this long ago is over, whatever its duration was predicted to be.",
     )
     # A mean stays a bare float (the predictor checks it, so a bad one is refused inside the
     # engine, counted, and the last estimates kept); a distribution is checked here.

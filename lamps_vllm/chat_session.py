@@ -69,8 +69,10 @@ class ChatPlan:
     max_tool_calls: int
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, seed, stop
     arrival_time: float = field(default_factory=time.time)
-    # Set by the engine replica: what the tool workers' records say calls take (by tool).
+    # Set by the engine replica: what the tool workers' records say calls take (by tool), and
+    # the longest a call of each tool can last there (its timeout and the replica's grace).
     api_estimates: dict[str, ApiEstimate] | None = None
+    call_timeouts_s: dict[str, float] | None = None
 
 
 @dataclass
@@ -252,6 +254,17 @@ def _segment_mode(plan: ChatPlan, segment: int, calls_made: int) -> ToolMode:
     return plan.tool_choice if segment == 0 else "auto"
 
 
+def _call_timeout_s(plan: ChatPlan, mode: ToolMode, names: list[str]) -> float | None:
+    """The longest the call that may end this segment can last: the named tool's limit, else
+    (`auto`, `required`) the longest of the offered tools'; None when no call can follow."""
+    limits = plan.call_timeouts_s or {}
+    if mode == "none" or not names:
+        return None
+    candidates = [mode] if mode in names else names
+    known = [limits[name] for name in candidates if name in limits]
+    return max(known) if len(known) == len(candidates) else None
+
+
 def _sampling_params(
     plan: ChatPlan,
     mode: ToolMode,
@@ -273,6 +286,7 @@ def _sampling_params(
         ends_in_api_call=forced,
         call_end_token_ids=[list(end) for end in call_ends] if call_ends else None,
         api_type=api_type,
+        call_timeout_s=_call_timeout_s(plan, mode, names),
         api_estimates=plan.api_estimates,
         # Computed here from the conversation, never taken from the client.
         predicted_decode_tokens=predicted_decode_tokens,

@@ -444,17 +444,23 @@ class LampsScheduler(Scheduler):
     def _blocks_needed(self) -> int:
         """Blocks short of letting every running request grow a block and the head of the
         waiting queue start: what preserved KV caches stand in the way of."""
-        free = self.kv_cache_manager.block_pool.get_num_free_blocks()
+        manager = self.kv_cache_manager
+        free = manager.block_pool.get_num_free_blocks()
         wanted = len(self.running)
         if self.waiting:
             head = self.waiting.peek_request()
-            wanted += -(-head.num_tokens // self.block_size)
-            # A continuation of a call whose blocks are held (preserved or kept) takes those
-            # blocks over through the prefix cache: only the rest must be found.
-            meta = self._track(head).meta
-            own = self._preserved.get(meta.request_id) if meta is not None else None
-            if own is not None:
-                wanted -= min(own.num_blocks, wanted - len(self.running))
+            wanted += blocks_of(head.num_tokens, self.block_size)
+            if manager.prefix_cache_lookup_enabled(head):
+                # Prefix hits on blocks in use cost no free block: the head shares them (a
+                # continuation takes over its own preserved or kept blocks; any request may share
+                # a prefix another request holds). A hit on a cached free block leaves the free
+                # pool when taken: it counts as a new one. vLLM's own lookup, read-only (unlike
+                # `get_computed_blocks`, which may emit cache events); one KV cache group, as
+                # `blocks_of` above assumes.
+                hits, _, _ = manager.coordinator.find_longest_cache_hit(
+                    head.block_hashes, head.num_tokens - 1
+                )
+                wanted -= sum(1 for block in hits[0] if block.ref_cnt > 0)
         return max(0, wanted - free)
 
     def _review_preserved(self) -> None:
@@ -589,12 +595,15 @@ class LampsScheduler(Scheduler):
             return None
         if not (meta.ends_in_api_call or request.stop_reason == CALL_END_STOP_REASON):
             return None
+        paused_at = time.time()
         call = PausedCall(
             engine_request_id=request.request_id,
             context_tokens=request.num_tokens,
-            paused_at=time.time(),
+            paused_at=paused_at,
             strategy=Strategy.DISCARD,
             meta=meta,
+            # The call starts as the segment ends: its timeout runs from about now.
+            deadline=paused_at + meta.call_timeout_s if meta.call_timeout_s else None,
         )
         policy = self._policy_for(meta)
         engine = self._engine_view()

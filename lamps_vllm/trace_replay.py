@@ -86,9 +86,11 @@ async def run_trace(
     arrival_time: float | None = None,
     policy_variant: str | None = None,
     api_estimates: dict[str, ApiEstimate] | None = None,
+    call_timeout_s: float | None = None,
 ) -> TraceOutcome:
     """Run `script` as one augmented request; `policy_variant` names one of the engine's policy
-    variants to schedule it (the engine's default policy when None)."""
+    variants to schedule it (the engine's default policy when None); `call_timeout_s`: the
+    longest a call of the simulated API can last (the scheduler's bound on a paused call)."""
     check_fits(script, max_model_len)
     arrival = arrival_time if arrival_time is not None else time.time()
     # Seeded by the request id: distinct requests get distinct prompts (no accidental prefix
@@ -109,6 +111,7 @@ async def run_trace(
                 ends_in_api_call=seg.has_api_call,
                 remaining_segments=script.segments[index:],
                 api_type=seg.api_type,
+                call_timeout_s=call_timeout_s if seg.has_api_call else None,
                 api_estimates=api_estimates,
                 policy_variant=policy_variant,
             )

@@ -421,3 +421,48 @@ def test_lamps_review_prices_a_call_past_the_fast_mode_by_its_learned_remaining_
     assert mean_only.strategy_for_call(call, engine(now=100.0)) is P
     assert mean_only.review_paused([call], engine(now=100.1), 0) == []
     assert mean_only.review_paused([call], engine(now=100.3), 0) == [(call, S)]  # overrun
+
+
+def test_lamps_review_never_prices_a_call_past_its_timeout() -> None:
+    # Context 400 among 1000 running tokens: W_S = 112 000, W_P = 400 000 · T. Predicted 0.1 s;
+    # 0.5 s in, the elapsed-time fallback says 0.5 s more (W_P 200 000): swap. A call whose
+    # timeout ends 0.6 s after its pause has at most 0.1 s left (W_P 40 000): it stays.
+    call_meta = RequestMeta(request_id="q", arrival_time=0.0, ends_in_api_call=True, api_type="qa")
+    policy = make_policy("lamps", costs=COSTS, predictor="estimates", keep=False)
+    policy.update_api_estimates({"qa": 0.1})
+    unbounded = paused("q-s0", 400, paused_at=100.0, meta=call_meta)
+    bounded = replace(unbounded, engine_request_id="q-s1", deadline=100.6)
+    for call in (unbounded, bounded):
+        assert policy.strategy_for_call(call, engine(now=100.0)) is P
+    assert policy.review_paused([unbounded, bounded], engine(now=100.5), 0) == [(unbounded, S)]
+    # Past its deadline a call has nothing left to hold for: never a negative duration.
+    assert policy.review_paused([bounded], engine(now=101.0), 0) == []
+
+
+def test_a_chat_segment_carries_the_longest_call_it_may_make() -> None:
+    from lamps_vllm.chat_session import ChatPlan, _sampling_params
+
+    tools = [
+        {"type": "function", "function": {"name": name, "parameters": {}}}
+        for name in ("calculator", "search")
+    ]
+    plan = ChatPlan(
+        request_id="c",
+        messages=[{"role": "user", "content": "hi"}],
+        tools=tools,
+        tool_choice="auto",
+        max_tokens=16,
+        max_tool_calls=1,
+        call_timeouts_s={"calculator": 10.0, "search": 35.0},
+    )
+
+    def timeout(mode: str) -> float | None:
+        params = _sampling_params(plan, mode, 16, 0, 0.0, None)
+        meta = RequestMeta.from_extra_args(params.extra_args)
+        assert meta is not None
+        return meta.call_timeout_s
+
+    assert timeout("calculator") == 10.0  # the forced tool's own limit
+    assert timeout("auto") == 35.0  # whichever it picks, no longer than the slowest
+    assert timeout("required") == 35.0
+    assert timeout("none") is None  # no call can end this segment

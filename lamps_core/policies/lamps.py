@@ -294,11 +294,14 @@ class LampsPolicy(SchedulingPolicy):
         `E[D - e | D > e]`: a call past its tool's fast mode is priced as a slow one, and the
         seconds it has held its blocks are spent whatever is decided now. Without one, a call
         that has outlived its prediction lasts at least as long as it has run: past that point
-        LAMPS falls back to INFERCEPT's elapsed-time estimate."""
+        LAMPS falls back to INFERCEPT's elapsed-time estimate. Either way, never past the call's
+        deadline (its timeout): a call 25 s into a 30-s timeout has at most 5 s to go."""
         remaining = self.predictor.remaining_call_s(call.meta, elapsed_s)
-        if remaining is not None:
-            return remaining
-        return max(self._predicted_call_s(call), elapsed_s)
+        if remaining is None:
+            remaining = max(self._predicted_call_s(call), elapsed_s)
+        if call.deadline is not None:  # no call outlives its timeout
+            remaining = min(remaining, max(call.deadline - (call.paused_at + elapsed_s), 0.0))
+        return remaining
 
     def review_paused(
         self, paused: Sequence[PausedCall], engine: EngineView, blocks_needed: int
