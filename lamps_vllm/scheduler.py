@@ -450,7 +450,8 @@ class LampsScheduler(Scheduler):
         if self.waiting:
             head = self.waiting.peek_request()
             wanted += blocks_of(head.num_tokens, self.block_size)
-            if manager.prefix_cache_lookup_enabled(head):
+            # `prefix_cache_lookup_enabled` is vLLM 0.27's; 0.26 (the GPU machines) has its body.
+            if manager.enable_caching and not head.skip_reading_prefix_cache:
                 # Prefix hits on blocks in use cost no free block: the head shares them (a
                 # continuation takes over its own preserved or kept blocks; any request may share
                 # a prefix another request holds). A hit on a cached free block leaves the free

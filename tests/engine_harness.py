@@ -61,6 +61,12 @@ HARNESS_VARIANTS: dict[str, dict[str, Any]] = {
     "keep": {"policy": "fixed", "policy_options": {"strategy": "keep"}},
     "lamps-no-admission": {"policy": "lamps", "policy_options": {"admission": False}},
     "lamps-estimates": {"policy": "lamps", "policy_options": {"predictor": "estimates"}},
+    # LAMPS choosing between Preserve and Discard only: a call's strategy then turns on one
+    # comparison of wastes (tests/test_engine_plan.py).
+    "lamps-preserve-or-discard": {
+        "policy": "lamps",
+        "policy_options": {"swap": False, "keep": False},
+    },
 }
 
 
