@@ -3,10 +3,6 @@ weighs), by hand, and from the real engine's plugin while a request's KV is held
 
 from __future__ import annotations
 
-import asyncio
-import uuid
-from typing import Any
-
 import pytest
 
 from lamps_core.costs import EngineCosts
@@ -14,10 +10,8 @@ from lamps_core.predictors import OraclePredictor, ToolEstimatePredictor
 from lamps_core.request_meta import RequestMeta
 from lamps_core.scoring import committed_memory_time, score_remaining
 from lamps_core.trace import TraceScript, TraceSegment
-from lamps_vllm.trace_replay import run_trace
 from tests.engine_harness import EngineHarness
-from tool_workers.tools import ToolResult
-from tool_workers.worker import ToolWorker
+from tests.test_engine_strategies import replay
 
 COSTS = EngineCosts(
     kv_bytes_per_token=1000,
@@ -83,33 +77,10 @@ SCRIPT = TraceScript.model_validate(
 )
 
 
-def committed_during_call(h: EngineHarness, policy: str) -> dict[str, Any]:
-    """The plugin's figures 0.3 s into SCRIPT's 2-s call, under policy variant `policy`."""
-    worker = ToolWorker(redis_url=None)
-    seen: dict[str, Any] = {}
-
-    async def call_tool(name: str, args: dict[str, Any], record_as: str | None) -> ToolResult:
-        await asyncio.sleep(0.3)  # the engine has published the step that paused the request
-        seen.update(h.stats.scheduler)
-        return await worker.call(name, args, record_as)
-
-    h.run(
-        run_trace(
-            h.engine,
-            h.vocab_size,
-            2048,
-            f"req-{uuid.uuid4().hex}",
-            SCRIPT,
-            call_tool,
-            policy_variant=policy,
-        )
-    )
-    return seen
-
-
 def test_engine_reports_a_preserved_hold_as_committed_memory_time(harness: EngineHarness) -> None:
-    preserved = committed_during_call(harness, "preserve")
-    discarded = committed_during_call(harness, "discard")
+    # The plugin's figures 0.2 s into SCRIPT's 2-s call (the step that paused it published).
+    _, preserved = replay(harness, "preserve", script=SCRIPT)
+    _, discarded = replay(harness, "discard", script=SCRIPT)
     per_token = preserved["costs"]["kv_bytes_per_token"]
     held = preserved["preserved_blocks"] * 16 * per_token  # bytes, 14 blocks of 16 tokens
     assert preserved["preserved_blocks"] == -(-(PROMPT + DECODE) // 16)

@@ -65,9 +65,9 @@ async def filler(
 
 
 def replay(
-    h: EngineHarness, policy: str, during_call: Any = None
+    h: EngineHarness, policy: str, during_call: Any = None, script: TraceScript = SCRIPT
 ) -> tuple[TraceOutcome, dict[str, Any]]:
-    """Replay SCRIPT; `during_call` runs while the request is paused, then the engine's
+    """Replay `script`; `during_call` runs while the request is paused, then the engine's
     figures are read, still inside the pause."""
     worker = ToolWorker(redis_url=None)
     seen: dict[str, Any] = {}
@@ -85,7 +85,7 @@ def replay(
             h.vocab_size,
             2048,
             f"req-{uuid.uuid4().hex}",
-            SCRIPT,
+            script,
             call_tool,
             policy_variant=policy,
         )
