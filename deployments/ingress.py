@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -41,6 +40,7 @@ from deployments.access import (
     check_exposure,
     env_keys,
 )
+from deployments.api_docs import render_api_docs
 from deployments.api_models import (
     ChatRequest,
     ChatResponse,
@@ -583,7 +583,7 @@ class Ingress:
         except RequestError as exc:
             return _error(exc)
         root = raw.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(openapi_url=f"{root}/openapi.json", title="LAMPS")
+        return HTMLResponse(render_api_docs(raw.app.openapi(), f"{root}/openapi.json"))
 
     # ---- access ----
 
