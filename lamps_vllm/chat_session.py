@@ -73,6 +73,9 @@ class ChatPlan:
     # the longest a call of each tool can last there (its timeout and the replica's grace).
     api_estimates: dict[str, ApiEstimate] | None = None
     call_timeouts_s: dict[str, float] | None = None
+    # Server-side only (benchmarks): the engine's policy variant to schedule this request with
+    # (`RequestMeta.policy_variant`). The ingress never sets it, so no client can pick a policy.
+    policy_variant: str | None = None
 
 
 @dataclass
@@ -290,6 +293,7 @@ def _sampling_params(
         api_estimates=plan.api_estimates,
         # Computed here from the conversation, never taken from the client.
         predicted_decode_tokens=predicted_decode_tokens,
+        policy_variant=plan.policy_variant,
     )
     stop = list(plan.sampling.get("stop") or [])
     if mode == "auto":
