@@ -59,10 +59,16 @@ VARIANT_POLICIES = {
     "oracle": "lamps",
     "learned": "lamps",
     "default": "lamps",
+    # The oracle's lengths without admission by predicted memory: ordering apart from admission.
+    "oracle-noadmit": "lamps-noadmit",
     "infercept": "infercept",
 }
 ENGINE_VARIANTS: dict[str, dict[str, Any]] = {
     "lamps": {"policy": "lamps", "policy_options": {"predictor": "estimates"}},
+    "lamps-noadmit": {
+        "policy": "lamps",
+        "policy_options": {"predictor": "estimates", "admission": False},
+    },
     "infercept": {"policy": "infercept"},
 }
 
@@ -183,7 +189,7 @@ class SegmentLog:
 
 
 def forecaster(label: str, request: ChatRequest, learned: OutputLengthPredictor) -> Forecast:
-    if label == "oracle":
+    if label.startswith("oracle"):
         return oracle_forecast(request.recorded_lengths)
     if label == "learned":
         return learned.predict_decode_tokens
@@ -503,7 +509,7 @@ def write_report(
     """results.json, requests.jsonl.gz, segments.jsonl.gz and ratios.txt under `out`; returns
     the text of ratios.txt."""
     summaries = summarize_all(results)
-    lamps_labels = [label for label in labels if VARIANT_POLICIES[label] == "lamps"]
+    lamps_labels = [label for label in labels if VARIANT_POLICIES[label].startswith("lamps")]
     baseline = "infercept" in labels
     parts = [
         f"{config['requests']} held-out chat requests at {config['rate']:g}/s "

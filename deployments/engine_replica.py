@@ -26,6 +26,7 @@ from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
 from lamps_vllm.config import LengthModelConfig
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
+from lamps_vllm.holds import expire_holds
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tool_workers.simulated_api import SimulatedApi
 from tool_workers.stats import (
@@ -40,6 +41,8 @@ from tool_workers.worker import recorded_name
 logger = logging.getLogger(__name__)
 
 API_ESTIMATES_REFRESH_S = 5.0
+# How often an idle engine's holds are checked against `max_preserve_s` (_expire_idle_holds).
+HOLD_EXPIRY_CHECK_S = 30.0
 # A tool worker's own deadline for a call is the tool's timeout; we wait this much longer
 # (its Redis record, Ray's round trip) before giving up on a worker that does not answer.
 TOOL_CALL_GRACE_S = 5.0
@@ -87,6 +90,8 @@ class EngineReplica:
         self._lengths: OutputLengthPredictor | None = None
         self._lengths_path: Path | None = None
         if self.settings.scheduler is not None:
+            expiry = self._expire_idle_holds(self.settings.scheduler.max_preserve_s)
+            self._background.append(asyncio.create_task(expiry))
             length_config = self.settings.scheduler.length_model
             self._lengths, self._lengths_path = load_length_predictor(length_config)
             self._background.append(asyncio.create_task(self._refit_lengths(length_config)))
@@ -314,6 +319,23 @@ class EngineReplica:
             except Exception as exc:  # Redis or the worker down: keep the last estimates
                 logger.warning("cannot refresh tool duration estimates: %s", exc)
             await asyncio.sleep(API_ESTIMATES_REFRESH_S)
+
+    async def _expire_idle_holds(self, max_preserve_s: float) -> None:
+        """`max_preserve_s` on a timer: the plugin checks it when the engine steps, so an idle
+        engine would keep a hold whose continuation never came. While the last statistics show
+        holds (device or host pool) and nothing running or waiting, ask the engine to let go of
+        those past the limit."""
+        while True:
+            await asyncio.sleep(HOLD_EXPIRY_CHECK_S)
+            snap = self._stats.snapshot
+            ours = snap.scheduler
+            held = ours.get("preserved_requests") or (ours.get("swap") or {}).get("entries")
+            if not held or snap.running_requests or snap.waiting_requests:
+                continue
+            try:
+                await expire_holds(self._engine, max_preserve_s)
+            except Exception:  # the engine is gone: then nothing is held either
+                logger.warning("could not ask the engine to expire its holds", exc_info=True)
 
     async def _refit_lengths(self, config: LengthModelConfig) -> None:
         """Refit the output-length model on what completed segments taught it, off the request

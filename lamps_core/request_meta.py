@@ -94,6 +94,15 @@ class RequestMeta(BaseModel):
         "holds for `request_id` (preserved, kept or swapped out): the client went away during a "
         "call. The serving layer sends it for its own requests only.",
     )
+    expire_holds_after_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="This engine request only tells the engine to let go, now, of every hold "
+        "(preserved, kept or swapped out) older than this: `max_preserve_s` applied on the "
+        "serving layer's timer, since the engine checks it only when it steps and an idle "
+        "engine does not. Sent by the serving layer only.",
+    )
     reprofile: bool = Field(
         default=False,
         description="Start measuring the engine's costs afresh with this request (the engine "

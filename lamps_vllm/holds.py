@@ -41,6 +41,21 @@ async def release_held(engine: AsyncLLM, request_id: str) -> None:
         pass
 
 
+async def expire_holds(engine: AsyncLLM, older_than_s: float) -> None:
+    """Tell the engine to let go of every hold older than `older_than_s`, now: what it does
+    only when it steps (`max_preserve_s`), for an engine that has gone idle."""
+    meta = RequestMeta(
+        request_id=f"expire-{uuid.uuid4().hex[:8]}",
+        arrival_time=time.time(),
+        expire_holds_after_s=older_than_s,
+    )
+    params = SamplingParams(max_tokens=1, extra_args=meta.to_extra_args())
+    async for _ in engine.generate(
+        TokensPrompt(prompt_token_ids=_RELEASE_PROMPT), params, meta.request_id
+    ):
+        pass
+
+
 def _send_release(engine: AsyncLLM, request_id: str) -> None:
     async def send() -> None:
         try:

@@ -298,6 +298,8 @@ class LampsScheduler(Scheduler):
         meta = self._track(request).meta
         if meta is not None and meta.release_held:
             self._abandon(meta.request_id)
+        if meta is not None and meta.expire_holds_after_s is not None:
+            self._expire_holds(meta.expire_holds_after_s)
         if meta is not None and meta.reprofile:
             self.lamps_profiler.refresh()
         if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
@@ -463,6 +465,15 @@ class LampsScheduler(Scheduler):
                 )
                 wanted -= sum(1 for block in hits[0] if block.ref_cnt > 0)
         return max(0, wanted - free)
+
+    def _expire_holds(self, max_age_s: float) -> None:
+        """Let go of every hold older than `max_age_s`: its continuation never came."""
+        now = time.time()
+        for logical_id, paused in list(self._preserved.items()):
+            if now - paused.call.paused_at > max_age_s:
+                self._release(logical_id, reason="expired")
+        if self._can_swap():
+            self.lamps_counts["swap_expired"] += self.connector.drop_stale(max_age_s)
 
     def _review_preserved(self) -> None:
         now = time.time()

@@ -203,3 +203,42 @@ def test_a_request_abandoned_in_its_call_frees_its_host_copy(harness: EngineHarn
     assert _counter(harness, "swap_abandoned") == before + 1
     assert harness.stats.scheduler["swap"]["host_pool_bytes_in_use"] == 0
     assert harness.stats.kv_blocks_used == 0
+
+
+LONG_CALL = TraceScript.model_validate(
+    {
+        "segments": [
+            {
+                "prompt_tokens": PROMPT,
+                "completion_tokens": DECODE,
+                "api_time": 2.0,
+                "api_token_length": 8,
+            },
+            {"prompt_tokens": PROMPT + DECODE + 8, "completion_tokens": 8},
+        ]
+    }
+)
+
+
+def test_an_idle_engine_lets_go_of_old_holds_when_the_timer_asks(harness: EngineHarness) -> None:
+    """`max_preserve_s` is checked when the engine steps; an idle one does not step, so the
+    replica's timer sends `expire_holds` (here with a 0.5 s limit, the config's is 600 s).
+    Preserved blocks and a swapped-out copy both go; the requests still finish."""
+    from lamps_vllm.holds import expire_holds
+
+    async def expire_while_idle() -> None:
+        await asyncio.sleep(1.0)  # both held for a second, nothing running
+        await expire_holds(harness.engine, older_than_s=0.5)
+
+    expired = _counter(harness, "preserve_released_expired")
+    swap_expired = _counter(harness, "swap_expired")
+    preserved, during = replay(harness, "preserve", expire_while_idle, script=LONG_CALL)
+    assert during["preserved_requests"] == 0 and during["used"] == 0
+    assert _counter(harness, "preserve_released_expired") == expired + 1
+    swapped, during = replay(harness, "swap", expire_while_idle, script=LONG_CALL)
+    assert during["swap"]["host_pool_bytes_in_use"] == 0 and during["swap"]["entries"] == 0
+    assert _counter(harness, "swap_expired") == swap_expired + 1
+    for outcome in (preserved, swapped):
+        assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
+    settle(harness)
+    assert harness.stats.kv_blocks_used == 0
