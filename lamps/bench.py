@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import gzip
 import json
 import os
 import platform
@@ -609,6 +610,58 @@ async def run_all(
 
 
 PARTIAL_FILE = "runs.partial.jsonl"
+# What a run was asked to do, written before its first run: with PARTIAL_FILE, a run cut short
+# (a lent GPU's 10-minute call) can still be re-plotted and merged (`read_run`).
+STARTED_FILE = "run.json"
+
+
+def command_record(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as results.json keeps it (paths as strings)."""
+    return vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)}
+
+
+def machine_record() -> dict[str, str]:
+    return {
+        "node": platform.node(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "python": platform.python_version(),
+    }
+
+
+def write_started(args: argparse.Namespace, engine: dict[str, Any]) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    body = {"config": {"command": command_record(args), "engine": engine}}
+    (args.out / STARTED_FILE).write_text(json.dumps(body | {"machine": machine_record()}, indent=1))
+
+
+def read_run(out: Path) -> tuple[dict[str, Any], list[RequestResult]]:
+    """A bench folder's body (config, machine) and request records: from results.json and
+    requests.jsonl(.gz) when the run finished, else from run.json and the runs it finished
+    (PARTIAL_FILE; the body then says `"cut_short": true`)."""
+    from bench.results import read_request_results, read_results
+
+    if (out / "results.json").exists():
+        body = read_results(out / "results.json")[1]
+        if (out / "requests.jsonl").exists():
+            return body, read_request_results(out / "requests.jsonl")
+        if (out / "requests.jsonl.gz").exists():  # as the repository keeps large records
+            text = gzip.decompress((out / "requests.jsonl.gz").read_bytes()).decode()
+            return body, _records(text.splitlines())
+        raise FileNotFoundError(f"{out}: results.json but no requests.jsonl")
+    if (out / STARTED_FILE).exists() and (out / PARTIAL_FILE).exists():
+        body = json.loads((out / STARTED_FILE).read_text()) | {"cut_short": True}
+        return body, _records((out / PARTIAL_FILE).read_text().splitlines())
+    raise FileNotFoundError(f"{out}: neither results.json nor {STARTED_FILE} with {PARTIAL_FILE}")
+
+
+def _records(lines: Sequence[str]) -> list[RequestResult]:
+    """Request records of a requests.jsonl or PARTIAL_FILE (whose counter lines are skipped)."""
+    return [
+        RequestResult.model_validate_json(line)
+        for line in lines
+        if line.strip() and not line.startswith('{"counters"')
+    ]
 
 
 def keep_partial(out: Path, got: Sequence[RequestResult], counters: dict[str, Any]) -> None:
@@ -714,7 +767,7 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
     summaries = summarize_all(results, horizon_s=args.duration)  # one per round
     noisy = noisy_runs(outcome.get("machine_per_round") or {}) + refusal_notes(results)
     config = {
-        "command": vars(args) | {k: str(v) for k, v in vars(args).items() if isinstance(v, Path)},
+        "command": command_record(args),
         "engine": engine,
         # Per policy and rate: the run's counters (over rounds: each counter's median) ...
         "scheduler_per_run": outcome["runs"],
@@ -727,14 +780,10 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         "noisy_runs": noisy,
         "traces": {f"{rate:g}": trace.info for rate, trace in outcome["traces"].items()},
     }
-    machine = {
-        "node": platform.node(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-    }
     base, *others = compared_labels(args.policies, args.router)
-    write_results(args.out, summaries, config, machine, round_ratios(summaries, base, others))
+    write_results(
+        args.out, summaries, config, machine_record(), round_ratios(summaries, base, others)
+    )
     write_request_results(args.out, results)
     try:
         plot(args.out, summaries, results)
@@ -774,19 +823,25 @@ def with_notes(table: str, noisy: Sequence[str]) -> str:
 
 def replot(out: Path) -> str:
     """Plots and the ratio table again from a run's files (a run made where matplotlib was not
-    installed, or plotted differently)."""
-    from bench.results import read_request_results, read_results
-
-    results = read_request_results(out / "requests.jsonl")
-    _, body = read_results(out / "results.json")
+    installed, or plotted differently); a run cut short gets its results.json and
+    requests.jsonl here, from the runs it finished."""
+    body, results = read_run(out)
     command = body.get("config", {}).get("command", {})
     summaries = summarize_all(results, horizon_s=command.get("duration"))
-    plot(out, summaries, results)
     labels = compared_labels(
         command.get("policies") or "lamps,infercept,vllm", command.get("router")
     )
+    if body.get("cut_short"):  # written out as a finished run's files, flagged
+        config = body["config"] | {"cut_short": True}
+        base, *others = labels
+        ratios = round_ratios(summaries, base, others)
+        write_results(out, summaries, config, body.get("machine"), ratios)
+        write_request_results(out, results)
+    plot(out, summaries, results)
     table = run_ratio_table(summaries, labels, bool(command.get("predictor")))
     notes = (body.get("config", {}).get("noisy_runs") or []) + refusal_notes(results)
+    if body.get("cut_short") or body.get("config", {}).get("cut_short"):
+        notes.append(f"cut short: these are the runs it finished ({PARTIAL_FILE})")
     table = with_notes(table, list(dict.fromkeys(notes)))  # a run's own notes name refusals too
     (out / "ratios.txt").write_text(table + "\n")
     return table
@@ -827,6 +882,7 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
         print(note, flush=True)
 
     (args.out / PARTIAL_FILE).unlink(missing_ok=True)
+    write_started(args, engine)
     stock = [spec for spec in policies if spec.name == STOCK]
     if stock and not args.engine_only:
         raise SystemExit(f"lamps bench: {STOCK!r} (vLLM without the plugin) needs --engine-only")

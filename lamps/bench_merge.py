@@ -12,7 +12,6 @@ run's command is the merged file's, and every run's command and machine are kept
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +19,6 @@ from typing import Any
 
 from bench.results import (
     RequestResult,
-    read_request_results,
-    read_results,
     round_ratios,
     summarize_all,
     write_request_results,
@@ -51,11 +48,15 @@ class MergeError(ValueError):
 def merge_runs(out: Path, runs: Sequence[Path]) -> str:
     """Write `out` (results.json, requests.jsonl, ratios.txt, plots) from the `runs`' folders;
     returns the ratio table."""
-    from lamps.bench import compared_labels, replot
+    from lamps.bench import compared_labels, read_run, replot
 
     if len(runs) < 2:
         raise MergeError("bench-merge needs at least two runs")
-    bodies = [read_results(run / "results.json")[1] for run in runs]
+    try:
+        read = [read_run(run) for run in runs]
+    except FileNotFoundError as exc:
+        raise MergeError(str(exc)) from exc
+    bodies = [body for body, _ in read]
     commands = [body["config"]["command"] for body in bodies]
     first = commands[0]
     labels = set(compared_labels(first.get("policies") or "", first.get("router")))
@@ -69,15 +70,20 @@ def merge_runs(out: Path, runs: Sequence[Path]) -> str:
 
     merged: list[RequestResult] = []
     offset = 0
-    for run in runs:
-        records = _read_records(run)
+    for _, records in read:
         merged += [r.model_copy(update={"round": r.round + offset}) for r in records]
         offset += 1 + max((r.round for r in records), default=-1)
 
     config: dict[str, Any] = dict(bodies[0]["config"])
+    config.pop("cut_short", None)  # said per run in merged_from
     config["command"] = first | {"rounds": offset}
     config["merged_from"] = [
-        {"run": str(run), "command": body["config"]["command"], "machine": body.get("machine")}
+        {
+            "run": str(run),
+            "command": body["config"]["command"],
+            "machine": body.get("machine"),
+            "cut_short": bool(body.get("cut_short") or body["config"].get("cut_short")),
+        }
         for run, body in zip(runs, bodies, strict=True)
     ]
     config["noisy_runs"] = [
@@ -94,13 +100,3 @@ def merge_runs(out: Path, runs: Sequence[Path]) -> str:
         for extra in run.glob("*.log"):
             shutil.copy(extra, out / f"{run.name}-{extra.name}")
     return replot(out)
-
-
-def _read_records(run: Path) -> list[RequestResult]:
-    """A run's request records, as it wrote them or gzipped for the repository."""
-    if (run / "requests.jsonl").exists():
-        return read_request_results(run / "requests.jsonl")
-    if (run / "requests.jsonl.gz").exists():
-        lines = gzip.decompress((run / "requests.jsonl.gz").read_bytes()).decode().splitlines()
-        return [RequestResult.model_validate_json(line) for line in lines if line.strip()]
-    raise MergeError(f"{run}: no requests.jsonl")

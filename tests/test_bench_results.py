@@ -463,6 +463,31 @@ def test_bench_merge_puts_the_runs_rounds_in_turn(tmp_path: Path) -> None:
     assert [m["run"] for m in body["config"]["merged_from"]] == [str(first), str(second)]
 
 
+def test_a_run_cut_short_still_merges_and_replots(tmp_path: Path) -> None:
+    """A run stopped by a time limit left run.json (written before its first run) and the runs
+    it finished (runs.partial.jsonl): both bench-merge and bench-plot read them as a run."""
+    import argparse
+
+    from lamps.bench import keep_partial, replot, write_started
+    from lamps.bench_merge import MergeError, merge_runs
+
+    first = _run_dir(tmp_path, "a", "memory,pow2", {"memory": 4.0, "pow2": 8.0})
+    cut = tmp_path / "cut"
+    command = {"router": "pow2,memory", "policies": "lamps", "rate": "2", "duration": 10.0}
+    write_started(argparse.Namespace(out=cut, **command), engine={})
+    keep_partial(cut, [result("cut-pow2", 0.0, 6.0, policy="pow2")], {"label": "pow2"})
+    keep_partial(cut, [result("cut-memory", 0.0, 3.0, policy="memory")], {"label": "memory"})
+    assert "cut short" in replot(cut)  # its own ratios, flagged, and its files written
+    assert read_results(cut / "results.json")[1]["config"]["cut_short"] is True
+    merge_runs(tmp_path / "merged", [first, cut])
+    _, body = read_results(tmp_path / "merged" / "results.json")
+    (ratio,) = [r for r in body["ratios"] if r["metric"] == "latency_mean_s"]
+    assert ratio["ratio"]["per_round"] == pytest.approx([0.5, 0.5])
+    assert [m["cut_short"] for m in body["config"]["merged_from"]] == [False, True]
+    with pytest.raises(MergeError, match="neither results"):
+        merge_runs(tmp_path / "merged2", [first, tmp_path / "empty"])
+
+
 def test_bench_merge_refuses_runs_of_different_comparisons(tmp_path: Path) -> None:
     from lamps.bench_merge import MergeError, merge_runs
 
