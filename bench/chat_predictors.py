@@ -5,8 +5,10 @@ and `tool_choice` as recorded: forced and `auto` calls), Poisson arrivals, and f
 on the same engine, rounds alternated:
 
 - `oracle`: LAMPS, each segment forecast at the length SmolLM2 produced for it in the dataset
-  (greedy decoding makes a replay repeat it; how often it did is measured and reported);
-- `learned`: LAMPS with the output-length model fitted on the dataset's training split only;
+  (greedy decoding makes a replay repeat it; how often it did is measured and reported), and an
+  `auto` segment at the tool it called there;
+- `learned`: LAMPS with the output-length model (lengths and, for `auto` turns, the tool head's
+  call forecast) fitted on the dataset's training split only;
 - `default`: LAMPS without a forecast (the policy's fixed default length);
 - `infercept`: the INFERCEPT policy, the baseline of the gains.
 
@@ -88,6 +90,7 @@ class ChatRequest:
     max_tokens: int
     recorded_lengths: tuple[int, ...]  # decode tokens per segment, as the dataset recorded them
     simulated_call_s: float
+    recorded_tools: tuple[str | None, ...] = ()  # the tool each segment called (None: none)
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -125,6 +128,7 @@ def build_workload(
                 max_tokens=record["max_tokens"],
                 recorded_lengths=tuple(s["decode_tokens"] for s in record["segments"]),
                 simulated_call_s=rng.uniform(*call_s),
+                recorded_tools=tuple(s["tool"] for s in record["segments"]),
             )
         )
         t += rng.expovariate(rate)
@@ -163,6 +167,24 @@ def no_forecast(context: SegmentContext, budget: int | None = None) -> int | Non
     return None
 
 
+CallForecast = Callable[[SegmentContext], str | None]
+
+
+def oracle_call(recorded: Sequence[str | None]) -> CallForecast:
+    """The tool this segment of this conversation called in the dataset (None: none, or a
+    segment the recording did not have)."""
+
+    def forecast(context: SegmentContext) -> str | None:
+        i = context.segment_index
+        return recorded[i] if i < len(recorded) else None
+
+    return forecast
+
+
+def no_call(context: SegmentContext) -> str | None:
+    return None
+
+
 @dataclass
 class SegmentLog:
     """A `SegmentLengths` for one request of one run: forecasts with `forecast`, learns
@@ -170,6 +192,7 @@ class SegmentLog:
     forecast and what was decoded."""
 
     forecast: Forecast
+    call: CallForecast = no_call
     segments: list[tuple[int, int | None, int]] = field(default_factory=list)
     _pending: dict[int, int | None] = field(default_factory=dict)
 
@@ -180,6 +203,9 @@ class SegmentLog:
         self._pending[context.segment_index] = predicted
         return predicted
 
+    def predict_call(self, context: SegmentContext) -> str | None:
+        return self.call(context)
+
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool
     ) -> bool:
@@ -188,12 +214,15 @@ class SegmentLog:
         return False
 
 
-def forecaster(label: str, request: ChatRequest, learned: OutputLengthPredictor) -> Forecast:
+def segment_log(label: str, request: ChatRequest, learned: OutputLengthPredictor) -> SegmentLog:
+    """The forecasts a variant gets: the recording's (oracle), the learned model's, or none."""
     if label.startswith("oracle"):
-        return oracle_forecast(request.recorded_lengths)
+        return SegmentLog(
+            oracle_forecast(request.recorded_lengths), oracle_call(request.recorded_tools)
+        )
     if label == "learned":
-        return learned.predict_decode_tokens
-    return no_forecast
+        return SegmentLog(learned.predict_decode_tokens, learned.predict_call)
+    return SegmentLog(no_forecast)
 
 
 class ChatBench:
@@ -323,7 +352,7 @@ class ChatBench:
         # Every run replays the same prompts: without a reset the later runs would find them
         # cached. Request ids carry the run's prefix, so the engine never sees one twice.
         await self.engine.reset_prefix_cache()
-        logs = [SegmentLog(forecaster(label, r, learned)) for r in requests]
+        logs = [segment_log(label, r, learned) for r in requests]
         started = time.monotonic()
         results = await asyncio.gather(
             *(

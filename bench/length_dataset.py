@@ -263,6 +263,9 @@ class SegmentRecorder:
     ) -> int | None:
         return None
 
+    def predict_call(self, context: SegmentContext) -> str | None:
+        return None
+
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool
     ) -> bool:

@@ -67,6 +67,9 @@ OTHER_TOOL = "<other>"
 DEFAULT_BUFFER_SIZE = 4096
 DEFAULT_MIN_EXAMPLES = 64
 MIN_PRIOR_COUNT = 5  # observations of a mode before its mean is trusted over the overall one
+# An `auto` turn is forecast to call when the tool head finds a call likelier than none: the
+# scheduler then prices its pause (the likeliest tool's duration) instead of assuming no call.
+CALL_FORECAST_PROBABILITY = 0.5
 
 ToolModeKind = Literal["none", "auto", "required", "named"]
 ForecastSource = Literal["model", "prior", "default"]
@@ -490,6 +493,19 @@ class OutputLengthPredictor:
         policy's own default applies (`PredictionDefaults`, which a policy may configure)."""
         forecast = self.predict(context, budget)
         return None if forecast.source == "default" else forecast.decode_tokens
+
+    def predict_call(self, context: SegmentContext) -> str | None:
+        """The tool an `auto` segment is forecast to call: the tool head's likeliest, when a
+        call is likelier than none and that tool is offered; None otherwise, for any other
+        mode (a forced call is known, not forecast) and before a model is fitted."""
+        model = self.model
+        if model is None or context.tool_mode != "auto":
+            return None
+        forecast = model.forecast(segment_features(context))
+        probability = forecast.call_probability or 0.0
+        if probability < CALL_FORECAST_PROBABILITY or forecast.tool not in context.tools:
+            return None
+        return forecast.tool
 
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool

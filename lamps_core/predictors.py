@@ -13,7 +13,9 @@ follows, how long that call lasts and how many tokens it returns.
 
 A request without a trace (chat, or no meta at all) gets `PredictionDefaults`: its current
 segment decodes `RequestMeta.predicted_decode_tokens` when the serving layer forecast it (a chat
-segment, from the learned output-length model of `lamps_core.length_model`), else the default.
+segment, from the learned output-length model of `lamps_core.length_model`), else the default,
+and ends in a call when one is forced or, for an `auto` turn, forecast
+(`RequestMeta.predicted_call_tool`, the same model's tool head).
 """
 
 from __future__ import annotations
@@ -100,17 +102,17 @@ class PredictionDefaults:
     def prediction(
         self, meta: RequestMeta | None, generated_tokens: int, api_s: float | None = None
     ) -> Prediction:
-        """The current segment (ending in a call only when the meta says one is forced), and,
-        after a call, one more segment of default length. The current segment's length is the
-        serving layer's forecast when the meta has one."""
+        """The current segment (ending in a call when the meta says one is forced or forecast
+        for an `auto` turn), and, after a call, one more segment of default length. The current
+        segment's length is the serving layer's forecast when the meta has one."""
         forecast = meta.predicted_decode_tokens if meta is not None else None
         decode = max((forecast or self.decode_tokens) - generated_tokens, 1)
-        if meta is None or not meta.ends_in_api_call:
+        if meta is None or not (meta.ends_in_api_call or meta.predicted_call_tool):
             return Prediction((SegmentForecast(decode, None),))
         call_s = self.api_s if api_s is None else api_s
         return Prediction(
             (
-                SegmentForecast(decode, call_s, self.api_tokens),
+                SegmentForecast(decode, call_s, self.api_tokens, _call_type(meta)),
                 SegmentForecast(self.decode_tokens, None),
             )
         )
@@ -253,9 +255,9 @@ class ToolEstimatePredictor(Predictor):
 
     def predict(self, meta: RequestMeta | None, generated_tokens: int = 0) -> Prediction:
         if meta is None or not meta.remaining_segments:
-            # No trace (a chat request): the estimate of the tool it is forced to call, if known.
-            api_type = meta.api_type if meta else None
-            return self.defaults.prediction(meta, generated_tokens, self.duration(api_type))
+            # No trace (a chat request): the estimate of the tool it is forced, or forecast, to
+            # call, if known.
+            return self.defaults.prediction(meta, generated_tokens, self.duration(_call_type(meta)))
         current, *rest = meta.remaining_segments
         if current.api_time is None:
             last = SegmentForecast(current.completion_tokens, None)
@@ -272,12 +274,13 @@ class ToolEstimatePredictor(Predictor):
 
 
 def _call_type(meta: RequestMeta | None) -> str | None:
-    """The API type of the call ending the segment `meta` describes, when known."""
+    """The API type of the call ending the segment `meta` describes: the trace's, the forced
+    tool, else the tool an `auto` turn is forecast to call; None when unknown."""
     if meta is None:
         return None
     if meta.remaining_segments:
         return meta.remaining_segments[0].api_type
-    return meta.api_type
+    return meta.api_type or meta.predicted_call_tool
 
 
 def _after_generated(

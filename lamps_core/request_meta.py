@@ -79,6 +79,12 @@ class RequestMeta(BaseModel):
         "never taken from the client. Predictors use it instead of their default length for "
         "requests without a trace.",
     )
+    predicted_call_tool: ApiTypeName | None = Field(
+        default=None,
+        description="The tool an `auto` segment is forecast to call (the learned model's tool "
+        "head), computed by the serving layer, never taken from the client. For predictions "
+        "only: the engine pauses for a call the model actually writes, never for a forecast.",
+    )
     remaining_segments: list[TraceSegment] | None = Field(
         default=None, description="Oracle knowledge from a trace script: this segment and the rest."
     )

@@ -52,6 +52,8 @@ class SegmentLengths(Protocol):
         self, context: SegmentContext, budget: int | None = None
     ) -> int | None: ...
 
+    def predict_call(self, context: SegmentContext) -> str | None: ...
+
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool
     ) -> bool: ...
@@ -158,11 +160,13 @@ async def run_chat(
                 finish_reason = "length"
                 break
             ends = call_end_token_ids(tokenizer) if mode == "auto" else None
-            context = predicted = None
+            context = predicted = forecast_tool = None
             if lengths is not None:
                 context = _segment_context(plan, messages, mode, segment)
-                predicted = _predicted_tokens(lengths, context, budget)
-            params = _sampling_params(plan, mode, budget, segment, waited_s, ends, predicted)
+                predicted, forecast_tool = _forecast(lengths, context, budget)
+            params = _sampling_params(
+                plan, mode, budget, segment, waited_s, ends, predicted, forecast_tool
+            )
             prompt_tokens = prompt_tokens or len(prompt_ids)
 
             shown = 0
@@ -223,17 +227,23 @@ def _segment_context(
     return SegmentContext.from_chat(messages, offered, mode, segment)
 
 
-def _predicted_tokens(lengths: SegmentLengths, context: SegmentContext, budget: int) -> int | None:
-    # A failing forecaster costs the scheduler its forecast (the default length), never the
-    # request; a forecast is within what the segment may decode and what the meta accepts.
+def _forecast(
+    lengths: SegmentLengths, context: SegmentContext, budget: int
+) -> tuple[int | None, str | None]:
+    """The segment's forecast decode length and, for an `auto` turn, the tool it is forecast
+    to call. A failing forecaster costs the scheduler its forecast (the defaults), never the
+    request; a length is within what the segment may decode and what the meta accepts, a tool
+    one of those offered."""
     try:
         forecast = lengths.predict_decode_tokens(context, budget)
-        if forecast is None:  # nothing learned yet: the policy's own default
-            return None
-        return max(min(int(forecast), budget, MAX_PREDICTED_DECODE_TOKENS), 1)
+        tokens = None  # nothing learned yet: the policy's own default
+        if forecast is not None:
+            tokens = max(min(int(forecast), budget, MAX_PREDICTED_DECODE_TOKENS), 1)
+        tool = lengths.predict_call(context) if context.tool_mode == "auto" else None
+        return tokens, tool if tool in context.tools else None
     except Exception:
         logger.exception("output-length forecast failed; the scheduler uses its default")
-        return None
+        return None, None
 
 
 def _observe(
@@ -276,6 +286,7 @@ def _sampling_params(
     waited_s: float,
     call_ends: tuple[tuple[int, ...], ...] | None,
     predicted_decode_tokens: int | None = None,
+    predicted_call_tool: str | None = None,
 ) -> SamplingParams:
     forced = mode not in ("none", "auto")
     # A forced call's tool is known before it is made when one tool is possible.
@@ -293,6 +304,7 @@ def _sampling_params(
         api_estimates=plan.api_estimates,
         # Computed here from the conversation, never taken from the client.
         predicted_decode_tokens=predicted_decode_tokens,
+        predicted_call_tool=predicted_call_tool if mode == "auto" else None,
         policy_variant=plan.policy_variant,
     )
     stop = list(plan.sampling.get("stop") or [])

@@ -10,6 +10,7 @@ from bench.chat_predictors import (
     DEFAULT_DATA,
     SegmentLog,
     build_workload,
+    oracle_call,
     oracle_forecast,
     read_records,
     write_report,
@@ -55,8 +56,9 @@ def test_oracle_returns_each_segments_recorded_length(records: list[dict]) -> No
 
 
 def test_segment_log_keeps_forecast_and_decoded_without_learning() -> None:
-    log = SegmentLog(oracle_forecast([40, 7]))
+    log = SegmentLog(oracle_forecast([40, 7]), oracle_call(["calculator", None]))
     first, second = SegmentContext(segment_index=0), SegmentContext(segment_index=1)
+    assert (log.predict_call(first), log.predict_call(second)) == ("calculator", None)
     assert log.predict_decode_tokens(first, 500) == 40
     assert log.observe(first, 38, "calculator", False) is False
     assert log.predict_decode_tokens(second, 460) == 7
@@ -71,6 +73,20 @@ def test_policy_variant_reaches_the_meta_only_when_the_server_sets_it() -> None:
     plan.policy_variant = "infercept"
     meta = RequestMeta.from_extra_args(_sampling_params(plan, "none", 16, 0, 0.0, None).extra_args)
     assert meta is not None and meta.policy_variant == "infercept"
+
+
+def test_an_auto_turns_call_forecast_is_a_prediction_never_a_known_call() -> None:
+    tool = {"type": "function", "function": {"name": "calculator", "parameters": {}}}
+    plan = ChatPlan("r", [{"role": "user", "content": "3*4?"}], [tool], "auto", 16, 1)
+    params = _sampling_params(plan, "auto", 16, 0, 0.0, None, 12, "calculator")
+    meta = RequestMeta.from_extra_args(params.extra_args)
+    assert meta is not None and meta.predicted_call_tool == "calculator"
+    # The engine pauses only for a call the model writes: a forecast sets no known call.
+    assert meta.ends_in_api_call is False and meta.api_type is None
+    forced = RequestMeta.from_extra_args(
+        _sampling_params(plan, "required", 16, 0, 0.0, None, 12, "calculator").extra_args
+    )
+    assert forced is not None and forced.predicted_call_tool is None  # known, not forecast
 
 
 def test_report_of_synthetic_runs(tmp_path: Path) -> None:

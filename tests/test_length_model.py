@@ -193,6 +193,28 @@ def test_the_tool_head_learns_which_segments_call_which_tool() -> None:
     assert answer.call_probability is not None and answer.call_probability < 0.1
 
 
+def test_an_auto_turn_is_forecast_to_call_what_such_turns_called() -> None:
+    rng = random.Random(8)
+    lengths = OutputLengthPredictor(training=TrainingSettings(min_examples=20))
+    offered = ("calculator", "http_get")
+    for _ in range(150):
+        a, b = rng.randint(1, 999), rng.randint(1, 999)
+        sums = SegmentContext(user_text=f"what is {a}*{b}", tools=offered, tool_mode="auto")
+        chat = SegmentContext(user_text=f"tell me about topic {a}", tools=offered, tool_mode="auto")
+        lengths.observe(sums, 30, "calculator", truncated=False)
+        lengths.observe(chat, 90, None, truncated=False)
+    assert lengths.predict_call(SegmentContext(tools=offered, tool_mode="auto")) is None  # no fit
+    assert lengths.refit()
+    sums = SegmentContext(user_text="what is 3*4", tools=offered, tool_mode="auto")
+    assert lengths.predict_call(sums) == "calculator"
+    chat = SegmentContext(user_text="tell me about topic 5", tools=offered, tool_mode="auto")
+    assert lengths.predict_call(chat) is None
+    # Only for `auto`, and only a tool this turn offers.
+    assert lengths.predict_call(SegmentContext(user_text="what is 3*4", tool_mode="none")) is None
+    elsewhere = SegmentContext(user_text="what is 3*4", tools=("http_get",), tool_mode="auto")
+    assert lengths.predict_call(elsewhere) is None
+
+
 def test_context_from_chat_messages() -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -298,13 +320,38 @@ class SpyLengths(OutputLengthPredictor):
         return super().observe(context, decode_tokens, tool, truncated)
 
 
+def chat_once(
+    harness: EngineHarness, plan: ChatPlan, lengths: OutputLengthPredictor
+) -> tuple[ChatOutcome, list[Any]]:
+    """`run_chat` on the real engine; the outcome and every engine request's parameters."""
+    engine = RecordingEngine(harness.engine)
+
+    async def chat() -> ChatOutcome:
+        async def no_tool_runs(*_: Any) -> Any:
+            raise AssertionError("the tiny model writes no tool call")
+
+        outcome = None
+        async for event in run_chat(
+            engine,  # type: ignore[arg-type]
+            harness.engine.get_tokenizer(),
+            harness.settings.max_model_len,
+            plan,
+            no_tool_runs,
+            lengths,
+        ):
+            outcome = event
+        assert isinstance(outcome, ChatOutcome)
+        return outcome
+
+    return harness.run(chat()), engine.params
+
+
 def test_a_chat_segment_carries_the_learned_forecast(harness: EngineHarness) -> None:
     lengths = SpyLengths()
     for context, tokens in synthetic(200, seed=7):
         lengths.observe(context, tokens, None, truncated=False)
     assert lengths.refit()
     lengths.observed.clear()
-    engine = RecordingEngine(harness.engine)
     messages = [{"role": "user", "content": "please poem about topic 12"}]
     plan = ChatPlan(
         request_id="length-forecast-test",
@@ -314,37 +361,46 @@ def test_a_chat_segment_carries_the_learned_forecast(harness: EngineHarness) -> 
         max_tokens=12,
         max_tool_calls=0,
     )
-
-    async def chat() -> ChatOutcome:
-        async def no_tools(*_: Any) -> Any:
-            raise AssertionError("no tool is offered")
-
-        outcome = None
-        async for event in run_chat(
-            engine,  # type: ignore[arg-type]
-            harness.engine.get_tokenizer(),
-            harness.settings.max_model_len,
-            plan,
-            no_tools,
-            lengths,
-        ):
-            outcome = event
-        assert isinstance(outcome, ChatOutcome)
-        return outcome
-
-    outcome = harness.run(chat())
-    [params] = engine.params
+    outcome, [params] = chat_once(harness, plan, lengths)
     meta = RequestMeta.from_extra_args(params.extra_args)
     assert meta is not None
     context = SegmentContext.from_chat(messages, [], "none", 0)
     expected = lengths.predict(context, budget=12)
     assert expected.source == "model"
     assert meta.predicted_decode_tokens == expected.decode_tokens
+    assert meta.predicted_call_tool is None  # no tool offered
     # The completed segment went back to the model with what it decoded.
     [(seen, tokens, tool, truncated)] = lengths.observed
     assert seen == context and tool is None
     assert tokens == outcome.completion_tokens
     assert truncated == (outcome.finish_reason == "length")
+
+
+def test_an_auto_turn_reaches_the_engine_with_its_call_forecast(harness: EngineHarness) -> None:
+    offered = ("calculator",)
+    lengths = OutputLengthPredictor(training=TrainingSettings(min_examples=20))
+    for i in range(60):
+        sums = SegmentContext(user_text=f"what is {i}*{i + 7}", tools=offered, tool_mode="auto")
+        chat = SegmentContext(user_text=f"tell me about topic {i}", tools=offered, tool_mode="auto")
+        lengths.observe(sums, 30, "calculator", truncated=False)
+        lengths.observe(chat, 90, None, truncated=False)
+    assert lengths.refit()
+    tool = {"type": "function", "function": {"name": "calculator", "parameters": {}}}
+    forecasts = {}
+    for question in ("what is 6*7", "tell me about topic 3"):
+        plan = ChatPlan(
+            request_id=f"call-forecast-{len(forecasts)}",
+            messages=[{"role": "user", "content": question}],
+            tools=[tool],
+            tool_choice="auto",
+            max_tokens=8,
+            max_tool_calls=1,
+        )
+        _, params = chat_once(harness, plan, lengths)
+        meta = RequestMeta.from_extra_args(params[0].extra_args)
+        assert meta is not None and meta.ends_in_api_call is False  # a forecast, not a known call
+        forecasts[question] = meta.predicted_call_tool
+    assert forecasts == {"what is 6*7": "calculator", "tell me about topic 3": None}
 
 
 def test_the_replica_loads_what_its_config_names(

@@ -224,6 +224,23 @@ def test_tool_estimates_with_a_distribution_predict_its_mean_and_condition_on_el
     assert predictor.remaining_call_s(None, 1.0) is None
 
 
+def test_an_auto_turn_forecast_to_call_is_priced_with_that_tools_estimate() -> None:
+    predictor = ToolEstimatePredictor(defaults=PredictionDefaults(api_s=9.0))
+    predictor.update({"search": BIMODAL})
+    auto = RequestMeta(request_id="c", arrival_time=0.0, predicted_decode_tokens=20)
+    assert not predictor.predict(auto).has_call  # no forecast of a call: none is assumed
+    calls = auto.model_copy(update={"predicted_call_tool": "search"})
+    [current, after] = predictor.predict(calls).segments
+    assert (current.decode_tokens, current.api_type) == (20, "search")
+    assert current.api_s == pytest.approx(5.05)  # the tool's mean, not the 9-s default
+    assert after == SegmentForecast(DEFAULT_DECODE_TOKENS, None)
+    assert predictor.call_duration(calls) == pytest.approx(5.05)
+    assert predictor.remaining_call_s(calls, 1.0) == pytest.approx(9.0)  # conditioned, as forced
+    # A forced tool is known and wins over a forecast.
+    forced = calls.model_copy(update={"ends_in_api_call": True, "api_type": "other"})
+    assert predictor.predict(forced).segments[0].api_s == 9.0
+
+
 def test_tool_estimates_version_follows_the_distribution_and_refuses_bad_values() -> None:
     predictor = ToolEstimatePredictor({"search": BIMODAL})
     predictor.update({"search": BIMODAL})
