@@ -30,6 +30,7 @@ from lamps_vllm.holds import expire_holds
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tool_workers.simulated_api import SimulatedApi
 from tool_workers.stats import (
+    API_ESTIMATES_REFRESH_S,
     ToolDurationEstimate,
     ToolStatsStore,
     engine_api_estimates,
@@ -40,7 +41,6 @@ from tool_workers.worker import recorded_name
 
 logger = logging.getLogger(__name__)
 
-API_ESTIMATES_REFRESH_S = 5.0
 # How often an idle engine's holds are checked against `max_preserve_s` (_expire_idle_holds).
 HOLD_EXPIRY_CHECK_S = 30.0
 # A tool worker's own deadline for a call is the tool's timeout; we wait this much longer

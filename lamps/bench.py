@@ -159,6 +159,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "results give the median and spread over rounds",
     )
     parser.add_argument(
+        "--first-round",
+        type=int,
+        default=0,
+        help="number the rounds from this one (1: start with the reversed order): the next "
+        "part of a comparison split over several runs, merged by `lamps bench-merge`",
+    )
+    parser.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
@@ -188,7 +195,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--predictor",
         help="compare LAMPS's predictors instead of policies: PREDICTOR[,PREDICTOR...] of "
-        "oracle, estimates, noisy:P (the oracle with relative noise P); each runs as a LAMPS "
+        "oracle, estimates (learned call durations), estimates:P (and relative noise P on the "
+        "lengths), noisy:P (the oracle with relative noise P); each runs as a LAMPS "
         "variant, INFERCEPT beside them, and the ratios add how much of the oracle's "
         "mean-latency gain over INFERCEPT each keeps",
     )
@@ -305,24 +313,27 @@ GAIN_BASELINE = "infercept"  # what a --predictor run's gains are measured from
 
 def predictor_policies(text: str) -> str:
     """`--predictor`'s list as `--policies`: a LAMPS variant per predictor, labelled by it
-    (`noisy:0.2` as `noisy-0.2`), then INFERCEPT, the baseline of the gain each keeps."""
+    (`noisy:0.2` as `noisy-0.2`), then INFERCEPT, the baseline of the gain each keeps.
+    `noisy:P` is the oracle with relative error P on every length and duration; `estimates:P`
+    the learned call durations with that error on the lengths only (serving's predictions)."""
+    usage = "oracle, estimates, estimates:P or noisy:P"
     items = []
     for item in split_top_level(text):
-        kind, _, noise = item.partition(":")
+        kind, colon, noise = item.partition(":")
         options: dict[str, Any] = {"predictor": kind}
-        if kind == "noisy":
+        if kind not in PREDICTOR_KINDS or (colon and kind == "oracle"):
+            raise SystemExit(f"--predictor {item!r}: one of {usage}")
+        if colon or kind == "noisy":
             try:
                 options["noise"] = float(noise)
             except ValueError:
                 options["noise"] = -1.0
             if not (0 <= options["noise"] < float("inf")):
-                raise SystemExit(f"--predictor {item!r}: noisy needs a noise >= 0, e.g. noisy:0.2")
-        elif noise or kind not in PREDICTOR_KINDS:
-            raise SystemExit(
-                f"--predictor {item!r}: one of {', '.join(PREDICTOR_KINDS[:-1])} or noisy:P"
-            )
+                raise SystemExit(
+                    f"--predictor {item!r}: {kind} needs a noise >= 0, e.g. {kind}:0.2"
+                )
         # Labels are what variant labels allow (no colon): noisy:0.2 runs as noisy-0.2.
-        label = f"noisy-{options['noise']:g}" if kind == "noisy" else kind
+        label = f"{kind}-{options['noise']:g}" if "noise" in options else kind
         items.append(f"{label}=lamps:{json.dumps(options)}")
     if not items:
         raise SystemExit("--predictor names no predictor")
@@ -447,15 +458,19 @@ def round_order(policies: Sequence[PolicySpec], round_: int) -> list[PolicySpec]
 
 
 def schedule(
-    rates: Sequence[float], policies: Sequence[PolicySpec], rounds: int
+    rates: Sequence[float], policies: Sequence[PolicySpec], rounds: int, first_round: int = 0
 ) -> list[tuple[float, int, PolicySpec]]:
-    """Every run of a comparison, in the order they run: (rate, round, policy)."""
+    """Every run of a comparison, in the order they run: (rate, round, policy). Rounds are
+    numbered from `first_round`: a comparison split over several processes (a GPU's 10-minute
+    calls) gives the next one the next round's order."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if first_round < 0:
+        raise ValueError(f"the first round must be >= 0, got {first_round}")
     return [
         (rate, r, spec)
         for rate in rates
-        for r in range(rounds)
+        for r in range(first_round, first_round + rounds)
         for spec in round_order(policies, r)
     ]
 
@@ -572,7 +587,7 @@ async def run_all(
     """Warm-up, then every run of `schedule`; `traces` per rate (built here when not given)."""
     if traces is None:
         traces = build_traces(args, rates, max_context)
-    runs_in_order = schedule(rates, policies, args.rounds)
+    runs_in_order = schedule(rates, policies, args.rounds, args.first_round)
     warmup = await warm_up(target, traces[rates[0]], policies[0], rates[0]) if args.warmup else None
     results: list[RequestResult] = []
     per_round: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -582,7 +597,8 @@ async def run_all(
     # disable=None: no bar where the output is not a terminal (a GPU run's log).
     with tqdm(total=total, unit="req", desc="lamps bench", disable=None) as bar:
         for rate, r, spec in runs_in_order:
-            bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{args.rounds}")
+            last = args.first_round + args.rounds
+            bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{last}")
             started, cpu = time.monotonic(), CpuSample.take()
             with collector_paused():
                 got, delta = await run_one(target, traces[rate], spec, rate, bar.update, r)
@@ -860,6 +876,8 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     rates = [float(r) for r in args.rate.split(",")]
     if args.rounds < 1:
         raise SystemExit(f"lamps bench: --rounds must be at least 1, got {args.rounds}")
+    if args.first_round < 0:
+        raise SystemExit(f"lamps bench: --first-round must be >= 0, got {args.first_round}")
     # Every policy of the run is a variant the engine builds at start-up; requests name one.
     config = with_policy_variants(
         yaml.safe_load(args.config.read_text()),

@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from deployments.api_models import TraceResponse
+from lamps_core.call_durations import ApiEstimate
 from lamps_core.trace import TraceScript
 from lamps_vllm.config import PolicyVariant, SchedulerPluginConfig
 from lamps_vllm.engine import EngineSettings, start_engine
 from lamps_vllm.trace_replay import run_trace
+from tool_workers.stats import (
+    API_ESTIMATES_REFRESH_S,
+    DEFAULT_MAX_SAMPLES,
+    ToolDurationEstimate,
+    engine_api_estimates,
+)
+from tool_workers.tools import ToolResult
 from tool_workers.worker import ToolWorker
 
 
@@ -33,16 +43,57 @@ class ReplayTarget(Protocol):
     async def scheduler_stats(self) -> dict[str, Any]: ...
 
 
+class LearnedDurations:
+    """Call durations learned in this process, as an engine replica learns them from the tool
+    workers' Redis records: the last `DEFAULT_MAX_SAMPLES` per recorded name, summarised the
+    same way (`ToolDurationEstimate.from_samples`, `engine_api_estimates`) and refreshed every
+    `API_ESTIMATES_REFRESH_S`. The engine-only target has no Redis; without this its
+    `estimates` predictor would know no duration at all (every call the 1-s default)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._samples: dict[str, deque[float]] = {}
+        self._clock = clock
+        self._estimates: dict[str, ApiEstimate] = {}
+        self._refreshed_at: float | None = None
+
+    def record(self, result: ToolResult) -> None:
+        samples = self._samples.setdefault(result.tool, deque(maxlen=DEFAULT_MAX_SAMPLES))
+        samples.appendleft(result.duration_s)  # newest first, as Redis keeps them
+
+    def estimates(self) -> dict[str, ApiEstimate] | None:
+        """What a replay sends the scheduler (`RequestMeta.api_estimates`); None before any."""
+        now = self._clock()
+        if self._refreshed_at is None or now - self._refreshed_at >= API_ESTIMATES_REFRESH_S:
+            learned = {
+                name: ToolDurationEstimate.from_samples(name, list(samples))
+                for name, samples in self._samples.items()
+            }
+            means = {name: e.mean_s for name, e in learned.items() if e.mean_s is not None}
+            distributions = {n: e.distribution for n, e in learned.items() if e.distribution}
+            self._estimates = engine_api_estimates(means, distributions)
+            self._refreshed_at = now
+        return self._estimates or None
+
+
 class EngineTarget:
-    """An engine in this process; tool calls go to an in-process tool worker (no Redis)."""
+    """An engine in this process; tool calls go to an in-process tool worker (no Redis), whose
+    call durations are learned here (`LearnedDurations`)."""
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self._tools = ToolWorker(redis_url=None)
+        self.durations = LearnedDurations()
 
     async def start(self) -> None:
         self._engine, self._stats = await start_engine(self.settings)
         self._vocab = self._engine.model_config.get_vocab_size()
+
+    async def _call_tool(
+        self, name: str, arguments: Mapping[str, Any] | str, record_as: str | None = None
+    ) -> ToolResult:
+        result = await self._tools.call(name, arguments, record_as)
+        self.durations.record(result)
+        return result
 
     async def replay(
         self, request_id: str, script: TraceScript, variant: str | None
@@ -53,8 +104,9 @@ class EngineTarget:
             self.settings.max_model_len,
             request_id,
             script,
-            self._tools.call,
+            self._call_tool,
             policy_variant=variant,
+            api_estimates=self.durations.estimates(),
         )
         return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 

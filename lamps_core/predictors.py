@@ -8,8 +8,11 @@ follows, how long that call lasts and how many tokens it returns.
   and whichever segment of the request asks.
 - `ToolEstimatePredictor`: call durations from what the engine refreshes from the tool workers'
   records per API type: a mean, or a learned distribution (`call_durations.CallDurationSummary`);
-  lengths from the trace when it has them. It looks one call ahead. With a distribution it also
-  answers `remaining_call_s` for a call under way: `E[D - e | D > e]` after `e` seconds.
+  lengths from the trace when it has them, every segment, optionally with the noisy oracle's
+  relative error on the decode lengths only (`length_noise`: what serving has, learned durations
+  and learned lengths, on a trace that carries no text to learn lengths from). With a
+  distribution it also answers `remaining_call_s` for a call under way: `E[D - e | D > e]` after
+  `e` seconds.
 
 A request without a trace (chat, or no meta at all) gets `PredictionDefaults`: its current
 segment decodes `RequestMeta.predicted_decode_tokens` when the serving layer forecast it (a chat
@@ -175,9 +178,7 @@ class NoisyOraclePredictor(Predictor):
             return self.defaults.prediction(meta, generated_tokens)
         forecasts = []
         for offset, seg in enumerate(meta.remaining_segments):
-            rng = random.Random(f"{self.seed}:{meta.request_id}:{meta.segment_index + offset}")
-            # Always three draws in this order, so a segment's draws never depend on its fields.
-            decode_noise, api_noise, tokens_noise = (rng.gauss(0.0, 1.0) for _ in range(3))
+            decode_noise, api_noise, tokens_noise = _draws(self.seed, meta, offset)
             decode = max(round(seg.completion_tokens * (1 + self.p * decode_noise)), 1)
             api_s = None
             api_tokens = 0
@@ -203,8 +204,14 @@ class ToolEstimatePredictor(Predictor):
         self,
         estimates: Mapping[str, ApiEstimate] | None = None,
         defaults: PredictionDefaults | None = None,
+        length_noise: float | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(defaults)
+        if length_noise is not None and not (math.isfinite(length_noise) and length_noise >= 0):
+            raise ValueError(f"noise must be a finite number >= 0, got {length_noise}")
+        self.length_noise = length_noise
+        self.seed = seed
         self._estimates: dict[str, float] = {}
         self._distributions: dict[str, CallDurationSummary] = {}
         if estimates:
@@ -258,19 +265,32 @@ class ToolEstimatePredictor(Predictor):
             # No trace (a chat request): the estimate of the tool it is forced, or forecast, to
             # call, if known.
             return self.defaults.prediction(meta, generated_tokens, self.duration(_call_type(meta)))
-        current, *rest = meta.remaining_segments
-        if current.api_time is None:
-            last = SegmentForecast(current.completion_tokens, None)
-            return Prediction(_after_generated([last], generated_tokens))
-        call = SegmentForecast(
-            current.completion_tokens,
-            self.duration(current.api_type),
-            current.api_token_length or 0,
-            current.api_type,
-        )
-        # One call ahead: the decode after it, and the forecast ends there.
-        forecasts = [call, SegmentForecast(rest[0].completion_tokens, None)] if rest else [call]
+        forecasts = []
+        for offset, seg in enumerate(meta.remaining_segments):
+            decode = seg.completion_tokens
+            if self.length_noise is not None:  # the noisy oracle's draw for this segment's length
+                decode_noise = _draws(self.seed, meta, offset)[0]
+                decode = max(round(decode * (1 + self.length_noise * decode_noise)), 1)
+            has_call = seg.api_time is not None
+            forecasts.append(
+                SegmentForecast(
+                    decode,
+                    self.duration(seg.api_type) if has_call else None,
+                    (seg.api_token_length or 0) if has_call else 0,
+                    seg.api_type,
+                )
+            )
         return Prediction(_after_generated(forecasts, generated_tokens))
+
+
+def _draws(seed: int, meta: RequestMeta, offset: int) -> tuple[float, float, float]:
+    """The standard normal draws of segment `offset` ahead of `meta`'s: for its length, its call's
+    duration, its returned tokens. Seeded by (seed, request id, segment index), so the same
+    whichever order requests are asked about and whichever segment asks; always three draws in
+    this order, so a segment's draws never depend on its fields."""
+    rng = random.Random(f"{seed}:{meta.request_id}:{meta.segment_index + offset}")
+    decode_noise, api_noise, tokens_noise = (rng.gauss(0.0, 1.0) for _ in range(3))
+    return decode_noise, api_noise, tokens_noise
 
 
 def _call_type(meta: RequestMeta | None) -> str | None:
@@ -307,7 +327,7 @@ def make_predictor(
     (one the engine keeps a handle on to `update`) is used as it is."""
     if isinstance(kind, Predictor):
         if noise is not None:
-            raise ValueError("option noise applies only to predictor 'noisy', not a given object")
+            raise ValueError("option noise applies only to a named predictor, not a given object")
         return kind
     if kind not in PREDICTOR_KINDS:
         raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_KINDS)}; got {kind!r}")
@@ -315,8 +335,9 @@ def make_predictor(
         if noise is None:
             raise ValueError("predictor 'noisy' needs the option noise (p, the relative std dev)")
         return NoisyOraclePredictor(noise, seed, defaults)
-    if noise is not None:
-        raise ValueError(f"option noise applies only to predictor 'noisy', not {kind!r}")
     if kind == "oracle":
+        if noise is not None:
+            raise ValueError("option noise applies to 'noisy' and 'estimates', not 'oracle'")
         return OraclePredictor(defaults)
-    return ToolEstimatePredictor(defaults=defaults)
+    # estimates: with a noise, that relative error on the trace's lengths (durations learned)
+    return ToolEstimatePredictor(defaults=defaults, length_noise=noise, seed=seed)

@@ -228,6 +228,9 @@ def test_schedule_alternates_the_order_of_policies_per_round() -> None:
     ]  # fmt: skip
     with pytest.raises(ValueError, match="rounds"):
         schedule([4.0], [a], 0)
+    # The second part of a comparison split over runs starts where the first left off.
+    second = [(r, spec.label) for _, r, spec in schedule([4.0], [a, b, c], 1, first_round=1)]
+    assert second == [(1, "c"), (1, "b"), (1, "a")]
 
 
 class FakeTarget:
@@ -515,14 +518,16 @@ def test_runs_with_requests_refused_by_the_server_are_flagged() -> None:
 def test_predictor_list_becomes_lamps_variants_then_infercept() -> None:
     from lamps.bench import predictor_policies
 
-    specs = parse_policies(predictor_policies("oracle,noisy:0.2,estimates"))
+    specs = parse_policies(predictor_policies("oracle,noisy:0.2,estimates,estimates:0.75"))
     assert [(s.label, s.name, s.options) for s in specs] == [
         ("oracle", "lamps", {"predictor": "oracle"}),
         ("noisy-0.2", "lamps", {"predictor": "noisy", "noise": 0.2}),
         ("estimates", "lamps", {"predictor": "estimates"}),
+        ("estimates-0.75", "lamps", {"predictor": "estimates", "noise": 0.75}),
         ("infercept", "infercept", None),
     ]
-    for bad in ("noisy", "noisy:-1", "noisy:nan", "psychic", "oracle:0.2", ""):
+    bad_lists = ("noisy", "noisy:-1", "noisy:nan", "psychic", "oracle:0.2", "estimates:", "")
+    for bad in bad_lists:
         with pytest.raises(SystemExit):
             predictor_policies(bad)
 

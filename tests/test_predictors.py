@@ -152,15 +152,17 @@ def test_noisy_draws_are_clipped_at_sensible_minimums() -> None:
     assert min(d.api_tokens for d in draws) == 0
 
 
-def test_tool_estimates_give_durations_by_api_type_and_look_one_call_ahead() -> None:
+def test_tool_estimates_give_durations_by_api_type_over_every_segment() -> None:
     predictor = ToolEstimatePredictor(defaults=PredictionDefaults(api_s=9.0))
     assert predictor.predict(meta()).api_s == 9.0  # nothing reported yet
     predictor.update({"search": 1.5, "calculator": 0.001})
     prediction = predictor.predict(meta(), generated_tokens=2)
-    # Lengths from the trace, the search duration from the estimates, one call only.
+    # Lengths from the trace, the search duration from the estimates, the untyped call's the
+    # default: the whole remaining request, as the oracle sees it, with durations estimated.
     assert prediction.segments == (
         SegmentForecast(8, 1.5, 5, "search"),
-        SegmentForecast(20, None),
+        SegmentForecast(20, 9.0, 0),
+        SegmentForecast(30, None),
     )
     assert predictor.predict(meta(segment=1)).api_s == 9.0  # untyped call: the default
     chat = RequestMeta(request_id="c", arrival_time=0.0, ends_in_api_call=True)
@@ -168,6 +170,27 @@ def test_tool_estimates_give_durations_by_api_type_and_look_one_call_ahead() -> 
     # A chat turn forced to call one known tool: that tool's estimate.
     forced = RequestMeta(request_id="c", arrival_time=0.0, ends_in_api_call=True, api_type="search")
     assert predictor.predict(forced).api_s == 1.5
+
+
+def test_tool_estimates_with_length_noise_draw_the_noisy_oracles_length_errors() -> None:
+    """`estimates` with a noise: learned durations, and lengths off by the same relative error
+    `noisy` draws for them (same seed, same segment), while durations stay the estimates."""
+    noisy = NoisyOraclePredictor(0.5, seed=3)
+    estimated = make_predictor("estimates", noise=0.5, seed=3)
+    estimated.update({"search": 1.5})
+    for i in range(20):
+        request = meta(request_id=f"r{i}")
+        lengths = [s.decode_tokens for s in estimated.predict(request).segments]
+        assert lengths == [s.decode_tokens for s in noisy.predict(request).segments]
+        assert [s.api_s for s in estimated.predict(request).segments] == [1.5, 1.0, None]
+    exact = [s.decode_tokens for s in make_predictor("estimates").predict(meta()).segments]
+    assert exact == [10, 20, 30]
+    off = {
+        tuple(s.decode_tokens for s in estimated.predict(meta(f"r{i}")).segments) for i in range(20)
+    }
+    assert len(off) > 10 and (10, 20, 30) not in off  # noise, drawn per request
+    with pytest.raises(ValueError, match="noise must be"):
+        make_predictor("estimates", noise=-1.0)
 
 
 def test_tool_estimates_version_changes_only_with_the_estimates() -> None:
@@ -191,7 +214,7 @@ def test_make_predictor_names_bad_options() -> None:
         make_predictor("psychic")
     with pytest.raises(ValueError, match="needs the option noise"):
         make_predictor("noisy")
-    with pytest.raises(ValueError, match="noise applies only"):
+    with pytest.raises(ValueError, match="not 'oracle'"):
         make_predictor("oracle", noise=0.1)
     with pytest.raises(ValueError, match="noise must be"):
         make_predictor("noisy", noise=-0.1)

@@ -43,6 +43,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SAMPLES = 1000
+# How often an engine replica re-reads the estimates (and the engine-only bench re-summarises).
+API_ESTIMATES_REFRESH_S = 5.0
 # Short timeouts: a record is awaited on the tool-call path, so a hung Redis must
 # cost the caller at most about a second, not redis-py's default retry schedule.
 _SOCKET_TIMEOUT_S = 1.0
