@@ -13,7 +13,7 @@ Use it in a Serve config (docs/fleet.md):
 
     request_router_config:
       request_router_class: deployments.router.MemoryAwareRouter
-      request_router_kwargs: {max_backlog_s: 30, affinity_margin_s: 1}
+      request_router_kwargs: {max_backlog_s: 30, affinity_margin_s: 0}
       request_routing_stats_period_s: 0.5
 
 `request_router_kwargs` are checked by `RouterOptions` (unknown or out-of-range values fail the
@@ -250,8 +250,9 @@ class RouterOptions(BaseModel):
         default=DEFAULT_AFFINITY_MARGIN_S,
         ge=0,
         allow_inf_nan=False,
-        description="How much later a conversation's own replica may finish than the best one "
-        "and still take its next turn.",
+        description="How much later than the best one a conversation's own replica may finish "
+        "and still take its next turn, on top of the prefill its held context saves (the "
+        "request's `T_fwd` from the replicas' measured costs).",
     )
 
 

@@ -13,7 +13,9 @@ requests, and `sent_since_stats_r` the memory-time this router sent there after 
 were taken (stats are seconds old; without it a burst would all go to the replica that looked
 emptiest). The rule picks the smallest `finish_r` among healthy replicas that can hold the
 request's peak KV at all, ties broken by replica id; a replica holding this session's context
-(`affinity`) wins unless its finish time exceeds the best one by more than `affinity_margin_s`;
+(`affinity`) wins unless its finish time exceeds the best one by more than what the context it
+holds saves (`Demand.reuse_s`: the measured prefill time of the request's prompt) plus
+`affinity_margin_s` (an extra allowance, none by default);
 and when every replica's finish time exceeds `max_backlog_s`, nothing is placed: the caller
 backs off (queues the request and retries) instead of piling more work on a full fleet. A replica
 with no backlog at all (nothing committed, nothing sent) is never full: a request too large for
@@ -40,9 +42,11 @@ from lamps_core.scoring import call_memory_time, decode_memory_time
 # the router, where any replica that frees up can take it, rather than behind one replica's
 # backlog. Tune per deployment.
 DEFAULT_MAX_BACKLOG_S = 30.0
-# A guess as well (docs/fleet.md): the session's replica is worth this much extra finish time,
-# about the re-prefill of a few thousand tokens of context on a GPU. Not measured on GPUs yet.
-DEFAULT_AFFINITY_MARGIN_S = 1.0
+# The session's replica is worth the re-prefill its context would cost elsewhere, which each
+# request's demand carries (`Demand.reuse_s`, from the engine's measured `T_fwd`); this is an
+# allowance on top, for what that misses (a preserved or swapped copy also spares the wait for
+# a slot to prefill in). None by default: docs/fleet.md.
+DEFAULT_AFFINITY_MARGIN_S = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +55,14 @@ class Demand:
 
     memory_time: float  # byte·s, the request's own remaining memory-over-time
     peak_kv_bytes: float  # the most KV it holds at once (its predicted peak context · M)
+    # Seconds of prefill the request skips where its context is held (`T_fwd` of its prompt,
+    # the engine's measured cost): what its session's replica is worth over another.
+    reuse_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_non_negative("memory_time", self.memory_time)
         _check_non_negative("peak_kv_bytes", self.peak_kv_bytes)
+        _check_non_negative("reuse_s", self.reuse_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +159,8 @@ def place(
     if (
         sticky
         and sticky[0] is not best
-        and finish[sticky[0].replica_id] <= finish[best.replica_id] + affinity_margin_s
+        and finish[sticky[0].replica_id]
+        <= finish[best.replica_id] + demand.reuse_s + affinity_margin_s
     ):
         chosen, reason = sticky[0], Reason.AFFINITY
     ranked = (chosen.replica_id, *(r.replica_id for r in open_ if r is not chosen))
@@ -193,7 +202,8 @@ def chat_demand(
     the per-tool estimates the replica's own policy uses before a request runs."""
     decode = decode_memory_time(prompt_tokens, max_tokens, costs)
     calls = expected_calls * call_memory_time(prompt_tokens, call_s, Strategy.PRESERVE, costs)
-    return Demand(decode + calls, (prompt_tokens + max_tokens) * costs.kv_bytes_per_token)
+    peak = (prompt_tokens + max_tokens) * costs.kv_bytes_per_token
+    return Demand(decode + calls, peak, reuse_s=costs.t_fwd(prompt_tokens))
 
 
 def _check_non_negative(name: str, value: float) -> None:

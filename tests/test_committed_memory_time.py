@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from lamps_core.costs import EngineCosts
 from lamps_core.predictors import OraclePredictor, ToolEstimatePredictor
 from lamps_core.request_meta import RequestMeta
 from lamps_core.scoring import committed_memory_time, score_remaining
 from lamps_core.trace import TraceScript, TraceSegment
 from tests.engine_harness import EngineHarness
 from tests.test_engine_strategies import replay
-
-COSTS = EngineCosts(
-    kv_bytes_per_token=1000,
-    fwd_intercept_s=0.01,
-    fwd_slope_s=0.001,
-    swap_slope_s=0.0001,
-    decode_step_s=0.01,
-)
+from tests.test_policies import COSTS  # M = 1000 B/token, T_fwd = 0.01 + 0.001·C s
 
 
 def meta(decode: int, api_time: float | None = None) -> RequestMeta:

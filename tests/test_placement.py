@@ -109,6 +109,21 @@ def test_affinity_loses_beyond_the_margin() -> None:
     assert placement.reason is Reason.SOONEST
 
 
+def test_the_prefill_a_held_context_saves_is_the_affinity_allowance() -> None:
+    """Without any configured margin, a session's replica may be behind the best by what its
+    context would cost to prefill elsewhere (`Demand.reuse_s`), and no more."""
+    best = view("a", committed_s=1.0)
+    reuses = Demand(SMALL.memory_time, SMALL.peak_kv_bytes, reuse_s=0.5)
+    assert place(reuses, [best, view("b", 1.4, affinity=True)]).reason is Reason.AFFINITY
+    assert place(reuses, [best, view("b", 1.6, affinity=True)]).replica_id == "a"
+    assert place(SMALL, [best, view("b", 1.4, affinity=True)]).replica_id == "a"  # nothing held
+    # A chat turn's allowance is the engine's measured prefill of its prompt.
+    turn = chat_demand(3000, 50, COSTS)
+    assert turn.reuse_s == pytest.approx(COSTS.t_fwd(3000)) and turn.reuse_s > 0
+    with pytest.raises(ValueError, match="reuse_s"):
+        Demand(1.0, 1.0, reuse_s=-1.0)
+
+
 def test_an_affinity_replica_over_the_backlog_bound_is_not_chosen() -> None:
     best = view("a", committed_s=9.0)
     sticky = view("b", committed_s=9.8, affinity=True)  # within the margin, but full
@@ -163,7 +178,7 @@ def test_ties_are_broken_by_replica_id_whatever_the_order() -> None:
     # Two affinity replicas (a stale session map): the lower id, in every order.
     sticky = [view("z", 1.5, affinity=True), view("y", 1.5, affinity=True), view("a", 1.0)]
     for order in itertools.permutations(sticky):
-        assert place(SMALL, order).replica_id == "y"
+        assert place(SMALL, order, affinity_margin_s=1.0).replica_id == "y"
 
 
 def test_invalid_views_and_parameters_are_refused() -> None:

@@ -117,7 +117,7 @@ def test_registry_knows_every_policy_and_keeps_vllm() -> None:
         ("lamps", {"max_wait_s": "soon"}, "option 'max_wait_s'"),
         ("sjf", {"swap_budget_tokens": 1.5}, "option 'swap_budget_tokens'"),
         ("lamps", {"predictor": "noisy"}, "needs the option noise"),
-        ("sjf", {"noise": 0.2}, "noise applies only"),
+        ("sjf", {"noise": 0.2}, "not 'oracle'"),
         ("lamps", {"rerank_every_steps": -1}, "rerank_every_steps"),
         ("lamps", {"max_passed_over": -5}, "max_passed_over"),
     ],

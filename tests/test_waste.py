@@ -19,14 +19,8 @@ from lamps_core.waste import (
     strategy_wastes,
     swap_waste,
 )
+from tests.test_policies import COSTS  # M = 1000 B/token, T_fwd = 0.01 + 0.001·C s
 
-COSTS = EngineCosts(
-    kv_bytes_per_token=1000,
-    fwd_intercept_s=0.01,
-    fwd_slope_s=0.001,
-    swap_slope_s=0.0001,
-    decode_step_s=0.01,
-)
 P, S, D = Strategy.PRESERVE, Strategy.SWAP, Strategy.DISCARD
 
 
