@@ -251,11 +251,19 @@ def latency_summary(requests: Sequence[SimRequest]) -> tuple[float, float]:
     return statistics.fmean(latencies), p99
 
 
-def trace_scripts(
-    workload: str, rate: float, duration: float, time_scale: float, seed: int
-) -> list:
-    count = max(1, round(rate * duration))
-    trace = get_workload(workload)(count, rate, seed, time_scale=time_scale)
+Scripts = list[tuple[str, float, TraceScript]]
+
+
+def trace_scripts(workload: str, rate: float, seed: int, args: argparse.Namespace) -> Scripts:
+    count = max(1, round(rate * args.duration))
+    trace = get_workload(workload)(
+        count,
+        rate,
+        seed,
+        scale=args.scale,
+        time_scale=args.time_scale,
+        max_context=args.max_context,
+    )
     return [(r.request_id, r.arrival_time or 0.0, r.script) for r in trace.requests]
 
 
@@ -263,7 +271,7 @@ def compare(workload: str, replicas: int, rate: float, args: argparse.Namespace)
     """One row: the memory router against pow2 on the same traces, over `args.seeds` seeds."""
     mean_ratios, p99_ratios, first = [], [], None
     for seed in range(args.seeds):
-        scripts = trace_scripts(workload, rate, args.duration, args.time_scale, seed)
+        scripts = trace_scripts(workload, rate, seed, args)
         mem = latency_summary(simulate(scripts, "memory", replicas, seed=seed))
         p2 = latency_summary(simulate(scripts, "pow2", replicas, seed=seed))
         mean_ratios.append(mem[0] / p2[0])
@@ -285,6 +293,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate", default="64,128,192", help="req/s for 2 replicas (scaled)")
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--time-scale", type=float, default=0.25)
+    parser.add_argument("--scale", type=float, default=1.0, help="token counts multiplied")
+    parser.add_argument("--max-context", type=int, default=None, help="tokens, per request")
     parser.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
     print("workload   replicas  rate  memory mean / P99   pow2 mean / P99   memory/pow2 mean  P99")
