@@ -50,6 +50,9 @@ GPU_COSTS = EngineCosts(
 )
 
 
+Scripts = list[tuple[str, float, TraceScript]]  # (request id, arrival s, script) each
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicaShape:
     kv_tokens: int = 131_072
@@ -184,7 +187,7 @@ def memory_choice(replicas: Sequence[Replica], request: SimRequest, costs: Engin
 
 
 def simulate(
-    scripts: Sequence[tuple[str, float, TraceScript]],
+    scripts: Scripts,
     router: str,
     replicas: int,
     shape: ReplicaShape = ReplicaShape(),
@@ -249,9 +252,6 @@ def latency_summary(requests: Sequence[SimRequest]) -> tuple[float, float]:
     latencies = sorted(r.finish_s - r.arrival_s for r in requests if r.finish_s is not None)
     p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
     return statistics.fmean(latencies), p99
-
-
-Scripts = list[tuple[str, float, TraceScript]]
 
 
 def trace_scripts(workload: str, rate: float, seed: int, args: argparse.Namespace) -> Scripts:
