@@ -14,7 +14,10 @@ thread's CPU time (the steadier figure on a shared machine):
 - per step, amortized: the warm re-rank spread over k steps, plus one insertion per step.
 
 The target is at most 1 ms per scheduler step amortized with k = 10. Building the plugin's
-`QueuedRequest` views is timed too, for reference: the plugin pays it on top of the policy.
+`QueuedRequest` views is timed too, for reference: the plugin pays it on top of the policy; and
+so is the committed memory-time of the whole queue (`scoring.committed_memory_time`, the fleet
+router's figure), which the plugin recomputes at most every 0.25 s once more than 64 requests
+are in the engine.
 
 Run: `python -m bench.policy_cost [--requests N] [--runs R] [--every K]`.
 """
@@ -35,6 +38,7 @@ from lamps_core.costs import GPTJ_6B_ARTIFACT
 from lamps_core.policies import make_policy
 from lamps_core.policy import EngineView, QueuedRequest, SchedulingPolicy
 from lamps_core.request_meta import RequestMeta
+from lamps_core.scoring import committed_memory_time
 from lamps_core.trace import TraceScript, TraceSegment
 
 NOW = 1_000.0
@@ -183,6 +187,15 @@ def main(requests: int = 10_000, runs: int = 7, every: int = 10) -> dict[str, fl
             )
 
     views = median_timing(runs, lambda: None, build_views)
+    in_engine = [(r.context_tokens, r.generated_tokens, r.meta) for r in queue]
+    policy = fresh_policy()
+    committed = median_timing(
+        runs,
+        lambda: None,
+        lambda _: committed_memory_time(
+            in_engine, [], policy.predictor, GPTJ_6B_ARTIFACT, other_tokens=0
+        ),
+    )
 
     rows = {
         "full_rerank_cold": ("full re-rank, cold (score all + heapify)", cold),
@@ -197,6 +210,7 @@ def main(requests: int = 10_000, runs: int = 7, every: int = 10) -> dict[str, fl
             warm_rerank / every + insertion,
         ),
         "plugin_views_per_rerank": ("(plugin) building the views for one re-rank", views),
+        "committed_memory_time": ("(plugin) committed memory-time of all of them", committed),
     }
     print(f"lamps policy, {requests} waiting requests, median of {runs} runs")
     print(f"{'operation':<48} {'wall ms':>10} {'cpu ms':>10}")

@@ -70,6 +70,10 @@ _ADMITTING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 # The default policy's key among `_policies`: outside the variant label alphabet, so no clash.
 _DEFAULT_POLICY_KEY = "(default)"
 _COMMITTED_EVERY_S = 0.25  # the fleet router reads the replicas' statistics every 0.5 s
+# Up to this many requests in the engine, a change of shape recomputes the committed
+# memory-time at once (about 15 us a request, bench/policy_cost.py: under 1 ms); past it, a
+# recomputation every step a request came or went would cost a GPU step's worth.
+_COMMITTED_AT_ONCE_MAX_REQUESTS = 64
 
 
 @dataclass(slots=True)
@@ -701,14 +705,17 @@ class LampsScheduler(Scheduler):
     def _committed_memory_time(self) -> float | None:
         """The memory-time this engine has promised (`scoring.committed_memory_time`), for the
         fleet router: recomputed every `_COMMITTED_EVERY_S` (stats are made every step; the
-        router reads them twice a second) or when requests come, go, pause or resume, by the
-        default policy's predictor when it has one, else by the tool estimates. None if that
-        failed (counted; the replica then estimates it)."""
+        router reads them twice a second), and at once when requests come, go, pause or resume
+        while few are in the engine, by the default policy's predictor when it has one, else
+        by the tool estimates. None if that failed (counted; the replica then estimates it)."""
         now = time.monotonic()
-        # Also at once when requests came, went, paused or resumed: a drained engine makes no
-        # more statistics, so its last ones must not be a quarter second old.
+        # At once on a change while the engine holds few requests: a drained engine makes no
+        # more statistics, so its last ones must not be a quarter second old. Under load a
+        # change comes nearly every step, and the figure at most a quarter second old.
         shape = (len(self.running), len(self.waiting), len(self._preserved))
-        if now - self._committed_at < _COMMITTED_EVERY_S and shape == self._committed_shape:
+        few = len(self.running) + len(self.waiting) <= _COMMITTED_AT_ONCE_MAX_REQUESTS
+        fresh = now - self._committed_at < _COMMITTED_EVERY_S
+        if fresh and (shape == self._committed_shape or not few):
             return self._committed
         self._committed_at, self._committed_shape = now, shape
         policy = self._policies[_DEFAULT_POLICY_KEY]
