@@ -38,6 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.length_dataset import DEFAULT_OUT as DEFAULT_DATA
+from bench.length_dataset import read_records
 from bench.results import (
     RequestResult,
     combine_rounds,
@@ -48,10 +50,9 @@ from bench.results import (
     write_results,
 )
 from lamps.bench import PolicySpec, collector_paused, gain_kept_table, schedule
-from lamps_core.length_model import OutputLengthPredictor, SegmentContext
+from lamps_core.length_model import LengthForecast, OutputLengthPredictor, SegmentContext
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = PROJECT_DIR / "bench" / "data" / "length_dataset.jsonl.gz"
 DEFAULT_OUT = PROJECT_DIR / "docs" / "results" / "cpu-chat-predictors"
 MAX_TOOL_CALLS = 4  # as the dataset ran them (the shipped config's default)
 MAX_SIMULATED_DURATION_S = 0.2  # the dataset's cap: the same calls fail or succeed as there
@@ -91,11 +92,6 @@ class ChatRequest:
     recorded_lengths: tuple[int, ...]  # decode tokens per segment, as the dataset recorded them
     simulated_call_s: float
     recorded_tools: tuple[str | None, ...] = ()  # the tool each segment called (None: none)
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def build_workload(
@@ -206,6 +202,12 @@ class SegmentLog:
     def predict_call(self, context: SegmentContext) -> str | None:
         return self.call(context)
 
+    def predict(self, context: SegmentContext, budget: int | None = None) -> LengthForecast:
+        """What `run_chat` asks: this variant's length (none: "default") and call."""
+        tokens, tool = self.predict_decode_tokens(context, budget), self.predict_call(context)
+        source = "default" if tokens is None else "model"
+        return LengthForecast(tokens or 1, source, 1.0 if tool else 0.0, tool)
+
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool
     ) -> bool:
@@ -308,6 +310,13 @@ class ChatBench:
             sampling={"temperature": 0.0, "top_p": 1.0, "seed": None},
             policy_variant=VARIANT_POLICIES[label],
         )
+        record = {
+            "request_id": request.request_id,
+            "policy": label,
+            "rate": 0.0,
+            "round": round_,
+            "arrival": sent,
+        }
         try:
             outcome = None
             async for event in run_chat(
@@ -317,22 +326,11 @@ class ChatBench:
                     outcome = event
             assert outcome is not None
         except Exception as exc:  # counted as a failed request, never dropped
-            return RequestResult(
-                request_id=request.request_id,
-                policy=label,
-                rate=0.0,
-                round=round_,
-                arrival=sent,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            return RequestResult(**record, error=f"{type(exc).__name__}: {exc}")
         finish = time.monotonic() - started
         first = outcome.first_token_time
         return RequestResult(
-            request_id=request.request_id,
-            policy=label,
-            rate=0.0,
-            round=round_,
-            arrival=sent,
+            **record,
             first_token=None if first is None else min(sent + first - sent_wall, finish),
             finish=finish,
             output_tokens=outcome.completion_tokens,

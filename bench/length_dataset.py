@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from lamps_core.length_model import SegmentContext
+from lamps_core.length_model import LengthForecast, SegmentContext
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, run_chat
 from lamps_vllm.engine import EngineSettings, start_engine
 from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
@@ -258,13 +258,8 @@ class SegmentRecorder:
     def __init__(self) -> None:
         self.segments: list[dict[str, Any]] = []
 
-    def predict_decode_tokens(
-        self, context: SegmentContext, budget: int | None = None
-    ) -> int | None:
-        return None
-
-    def predict_call(self, context: SegmentContext) -> str | None:
-        return None
+    def predict(self, context: SegmentContext, budget: int | None = None) -> LengthForecast:
+        return LengthForecast(1, "default")  # no forecast: the scheduler's default
 
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool

@@ -216,6 +216,17 @@ class LengthForecast:
     tool: str | None = None  # the likeliest tool, should it call one
 
 
+def forecast_call(forecast: LengthForecast, context: SegmentContext) -> str | None:
+    """The tool an `auto` segment is forecast to call: the tool head's likeliest, when a call
+    is likelier than none and that tool is offered; None otherwise, for any other mode (a
+    forced call is known, not forecast) and before a model is fitted (no tool head)."""
+    if context.tool_mode != "auto" or forecast.tool not in context.tools:
+        return None
+    return (
+        forecast.tool if (forecast.call_probability or 0.0) >= CALL_FORECAST_PROBABILITY else None
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TrainingSettings:
     steps: int = 300
@@ -495,17 +506,8 @@ class OutputLengthPredictor:
         return None if forecast.source == "default" else forecast.decode_tokens
 
     def predict_call(self, context: SegmentContext) -> str | None:
-        """The tool an `auto` segment is forecast to call: the tool head's likeliest, when a
-        call is likelier than none and that tool is offered; None otherwise, for any other
-        mode (a forced call is known, not forecast) and before a model is fitted."""
-        model = self.model
-        if model is None or context.tool_mode != "auto":
-            return None
-        forecast = model.forecast(segment_features(context))
-        probability = forecast.call_probability or 0.0
-        if probability < CALL_FORECAST_PROBABILITY or forecast.tool not in context.tools:
-            return None
-        return forecast.tool
+        """`forecast_call` of this segment's forecast."""
+        return forecast_call(self.predict(context), context)
 
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool

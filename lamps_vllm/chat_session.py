@@ -22,7 +22,7 @@ from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from lamps_core.call_durations import ApiEstimate
-from lamps_core.length_model import SegmentContext
+from lamps_core.length_model import LengthForecast, SegmentContext, forecast_call
 from lamps_core.request_meta import MAX_PREDICTED_DECODE_TOKENS, RequestMeta
 from lamps_vllm.errors import PromptTooLongError
 from lamps_vllm.holds import released_if_abandoned
@@ -48,11 +48,7 @@ class SegmentLengths(Protocol):
     """Forecasts a segment's decode length from its context and learns from what it decoded
     (`lamps_core.length_model.OutputLengthPredictor`)."""
 
-    def predict_decode_tokens(
-        self, context: SegmentContext, budget: int | None = None
-    ) -> int | None: ...
-
-    def predict_call(self, context: SegmentContext) -> str | None: ...
+    def predict(self, context: SegmentContext, budget: int | None = None) -> LengthForecast: ...
 
     def observe(
         self, context: SegmentContext, decode_tokens: int, tool: str | None, truncated: bool
@@ -231,16 +227,15 @@ def _forecast(
     lengths: SegmentLengths, context: SegmentContext, budget: int
 ) -> tuple[int | None, str | None]:
     """The segment's forecast decode length and, for an `auto` turn, the tool it is forecast
-    to call. A failing forecaster costs the scheduler its forecast (the defaults), never the
-    request; a length is within what the segment may decode and what the meta accepts, a tool
-    one of those offered."""
+    to call, from one forecast. A failing forecaster costs the scheduler its forecast (the
+    defaults), never the request; a length is within what the segment may decode and what the
+    meta accepts, a tool one of those offered."""
     try:
-        forecast = lengths.predict_decode_tokens(context, budget)
+        forecast = lengths.predict(context, budget)
         tokens = None  # nothing learned yet: the policy's own default
-        if forecast is not None:
-            tokens = max(min(int(forecast), budget, MAX_PREDICTED_DECODE_TOKENS), 1)
-        tool = lengths.predict_call(context) if context.tool_mode == "auto" else None
-        return tokens, tool if tool in context.tools else None
+        if forecast.source != "default":
+            tokens = max(min(int(forecast.decode_tokens), budget, MAX_PREDICTED_DECODE_TOKENS), 1)
+        return tokens, forecast_call(forecast, context)
     except Exception:
         logger.exception("output-length forecast failed; the scheduler uses its default")
         return None, None
