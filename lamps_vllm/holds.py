@@ -30,15 +30,19 @@ _RELEASE_PROMPT = [1000]  # any token id the vocabulary has; the answer is throw
 _pending: set[asyncio.Task[None]] = set()  # releases under way (kept referenced until done)
 
 
-async def release_held(engine: AsyncLLM, request_id: str) -> None:
-    meta = RequestMeta(request_id=request_id, arrival_time=time.time(), release_held=True)
+async def _send_control(engine: AsyncLLM, meta: RequestMeta, engine_request_id: str) -> None:
+    """One-token request whose only purpose is to carry `meta`'s instruction to the scheduler
+    plugin; the plugin acts on it when the request arrives."""
     params = SamplingParams(max_tokens=1, extra_args=meta.to_extra_args())
     async for _ in engine.generate(
-        TokensPrompt(prompt_token_ids=_RELEASE_PROMPT),
-        params,
-        f"{request_id}-release-{uuid.uuid4().hex[:8]}",
+        TokensPrompt(prompt_token_ids=_RELEASE_PROMPT), params, engine_request_id
     ):
         pass
+
+
+async def release_held(engine: AsyncLLM, request_id: str) -> None:
+    meta = RequestMeta(request_id=request_id, arrival_time=time.time(), release_held=True)
+    await _send_control(engine, meta, f"{request_id}-release-{uuid.uuid4().hex[:8]}")
 
 
 async def expire_holds(engine: AsyncLLM, older_than_s: float) -> None:
@@ -49,11 +53,7 @@ async def expire_holds(engine: AsyncLLM, older_than_s: float) -> None:
         arrival_time=time.time(),
         expire_holds_after_s=older_than_s,
     )
-    params = SamplingParams(max_tokens=1, extra_args=meta.to_extra_args())
-    async for _ in engine.generate(
-        TokensPrompt(prompt_token_ids=_RELEASE_PROMPT), params, meta.request_id
-    ):
-        pass
+    await _send_control(engine, meta, meta.request_id)
 
 
 def _send_release(engine: AsyncLLM, request_id: str) -> None:
