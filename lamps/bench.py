@@ -81,6 +81,7 @@ _COUNTERS = (
     # The step profile (docs/benchmarks.md): where the engine's time and tokens went.
     "prefill_tokens",
     "decode_tokens",
+    "decode_steps",
     "time_step_s",
     "time_schedule_s",
     "time_plugin_s",
@@ -708,9 +709,11 @@ def run_line(
     )
     if not any(delta.values()):  # a fleet run (FleetTarget) collects no scheduler counters
         return line
+    steps = delta.get("decode_steps", 0)
+    batch = f"{delta.get('decode_tokens', 0) / steps:.1f}" if steps else "-"
     return (
         f"{line}, preemptions {n('preemptions')}, prefill {n('prefill_tokens')} tok, "
-        f"calls P/K/S/D "
+        f"decode batch {batch}, calls P/K/S/D "
         f"{n('calls_preserve')}/{n('calls_keep')}/{n('calls_swap')}/{n('calls_discard')}"
     )
 

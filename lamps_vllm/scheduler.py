@@ -238,6 +238,9 @@ class LampsScheduler(Scheduler):
         decode = sum(1 for n in counts if n == 1)
         self.lamps_counts["prefill_tokens"] += prefill
         self.lamps_counts["decode_tokens"] += decode
+        # decode_tokens / decode_steps is the mean decode batch: what the engine's tokens/s
+        # with calls is compared with (the same engine without calls at that batch).
+        self.lamps_counts["decode_steps"] += 1 if decode else 0
         self._step_started[id(output)] = (time.perf_counter(), prefill, decode)
 
     def _step_finished(self, output: SchedulerOutput) -> None:
