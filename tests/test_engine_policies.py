@@ -38,7 +38,11 @@ def workload(seed: int, requests: int) -> list[TraceScript]:
     return scripts
 
 
-def run_all(h: EngineHarness, policy: str, scripts: list[TraceScript]) -> list[TraceOutcome]:
+def run_all(
+    h: EngineHarness, policy: str, scripts: list[TraceScript], id_prefix: str | None = None
+) -> list[TraceOutcome]:
+    """The scripts at once under `policy`; request ids (which seed the prompts) are
+    `{id_prefix or policy}-{i}`: a fresh prefix gives prompts no earlier test cached."""
     worker = ToolWorker(redis_url=None)
 
     async def go() -> list[TraceOutcome]:
@@ -48,7 +52,7 @@ def run_all(h: EngineHarness, policy: str, scripts: list[TraceScript]) -> list[T
                     h.engine,
                     h.vocab_size,
                     2048,
-                    f"{policy}-{i}",
+                    f"{id_prefix or policy}-{i}",
                     script,
                     worker.call,
                     policy_variant=policy,  # the harness engine's variant of that name

@@ -4,42 +4,17 @@ many requests shared each step (docs/benchmarks.md, "Where the time goes")."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
 from lamps_core.trace import TraceScript
-from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tests.engine_harness import EngineHarness
-from tool_workers.worker import ToolWorker
+from tests.test_engine_policies import run_all
 
 REQUESTS, PROMPT, DECODE = 6, 40, 20
 ONE_SEGMENT = TraceScript.model_validate(
     {"segments": [{"prompt_tokens": PROMPT, "completion_tokens": DECODE}]}
 )
-
-
-def _run_fresh(h: EngineHarness) -> list[TraceOutcome]:
-    """The requests at once, under ids (and so prompts) no other test used: no prefix hits."""
-    worker, tag = ToolWorker(redis_url=None), uuid.uuid4().hex[:8]
-
-    async def go() -> list[TraceOutcome]:
-        return await asyncio.gather(
-            *(
-                run_trace(
-                    h.engine,
-                    h.vocab_size,
-                    2048,
-                    f"profile-{tag}-{i}",
-                    ONE_SEGMENT,
-                    worker.call,
-                    policy_variant="vllm",
-                )
-                for i in range(REQUESTS)
-            )
-        )
-
-    return h.run(go(), timeout=300)
 
 
 def _figures(h: EngineHarness) -> dict[str, int]:
@@ -50,7 +25,8 @@ def _figures(h: EngineHarness) -> dict[str, int]:
 def test_step_profile_counts_tokens_and_the_decode_batch(harness: EngineHarness) -> None:
     time.sleep(0.3)  # figures ride on each step's statistics
     before = _figures(harness)
-    outcomes = _run_fresh(harness)
+    fresh = f"profile-{uuid.uuid4().hex[:8]}"  # prompts no other test cached: no prefix hits
+    outcomes = run_all(harness, "vllm", [ONE_SEGMENT] * REQUESTS, id_prefix=fresh)
     assert [o.segments[0].completion_tokens for o in outcomes] == [DECODE] * REQUESTS
     deadline = time.monotonic() + 10
     while True:
