@@ -82,11 +82,6 @@ class CallDurationSummary(BaseModel):
             raise ValueError("max_s must be at least the largest atom")
         return self
 
-    @classmethod
-    def point(cls, seconds: float, timeout_s: float | None = None) -> CallDurationSummary:
-        """A prior: every call takes `seconds` (learned from no samples)."""
-        return cls(atoms_s=(seconds,), max_s=seconds, count=0, timeout_s=timeout_s)
-
     @property
     def mean_s(self) -> float:
         return math.fsum(self.atoms_s) / len(self.atoms_s)
