@@ -180,6 +180,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Serve config of the engine to run against",
     )
     parser.add_argument(
+        "--engine-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one engine setting of --config (a field of EngineSettings, the value "
+        "read as YAML), e.g. swap_copy_stream=false; repeatable. It applies to every policy "
+        "of the run: to ablate a setting, run with and without it and compare a ratio to a "
+        "policy it does not touch (e.g. lamps / vllm for the copy stream)",
+    )
+    parser.add_argument(
         "--engine-only",
         action="store_true",
         help="drive an engine in this process instead of the Serve deployment "
@@ -869,7 +879,12 @@ def replot(out: Path) -> str:
 def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     import yaml
 
-    from lamps.bench_targets import bench_engine_settings, engine_target, with_policy_variants
+    from lamps.bench_targets import (
+        bench_engine_settings,
+        engine_target,
+        with_engine_settings,
+        with_policy_variants,
+    )
 
     if args.predictor:
         if args.router:
@@ -883,7 +898,7 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
         raise SystemExit(f"lamps bench: --first-round must be >= 0, got {args.first_round}")
     # Every policy of the run is a variant the engine builds at start-up; requests name one.
     config = with_policy_variants(
-        yaml.safe_load(args.config.read_text()),
+        with_engine_settings(yaml.safe_load(args.config.read_text()), args.engine_setting),
         {
             s.label: {"policy": s.name, "policy_options": s.options or {}}
             for s in policies

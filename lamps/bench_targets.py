@@ -11,10 +11,11 @@ import contextlib
 import copy
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import yaml
 from pydantic import ValidationError
 
 from deployments.api_models import TraceResponse
@@ -184,7 +185,33 @@ def bench_engine_settings(config: dict[str, Any], project_dir: Path) -> EngineSe
     engine = dict(config["applications"][0]["args"]["engine"])
     model = Path(engine["model"])
     engine["model"] = model if model.is_absolute() else project_dir / model
-    return EngineSettings.model_validate(engine)
+    try:
+        return EngineSettings.model_validate(engine)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise SystemExit(f"engine settings: {problems}") from None
+
+
+def with_engine_settings(config: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of a Serve config whose (first) application's engine has each `KEY=VALUE` of
+    `overrides` set (the value read as YAML): `lamps bench --engine-setting`. Only fields of
+    `EngineSettings` are accepted; its validation then checks the values."""
+    config = copy.deepcopy(config)
+    engine = config["applications"][0]["args"]["engine"]
+    for item in overrides:
+        key, equals, text = item.partition("=")
+        key = key.strip()
+        if not equals or not key:
+            raise SystemExit(f"--engine-setting {item!r}: expected KEY=VALUE")
+        if key not in EngineSettings.model_fields:
+            raise SystemExit(f"--engine-setting {item!r}: {key!r} is not an engine setting")
+        try:
+            engine[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise SystemExit(f"--engine-setting {item!r}: the value is not YAML") from None
+    return config
 
 
 def with_policy_variants(

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
+import yaml
 
-from lamps.bench_targets import LearnedDurations
+from lamps.bench_targets import LearnedDurations, bench_engine_settings, with_engine_settings
 from lamps_core.call_durations import CallDurationSummary
 from tool_workers.stats import API_ESTIMATES_REFRESH_S
 from tool_workers.tools import ToolResult
@@ -35,3 +37,41 @@ def test_durations_are_learned_per_name_and_refreshed_on_the_replicas_schedule()
     now[0] += API_ESTIMATES_REFRESH_S
     refreshed = durations.estimates()
     assert refreshed is not None and refreshed["search"].max_s == 30.0  # type: ignore[union-attr]
+
+
+BENCH_CONFIG = Path(__file__).resolve().parent.parent / "cluster" / "serve-bench-gpu.yaml"
+
+
+def test_engine_setting_overrides_reach_the_engine_and_its_swap_connector() -> None:
+    base = yaml.safe_load(BENCH_CONFIG.read_text())
+    config = with_engine_settings(base, ["swap_copy_stream=false", "max_model_len = 2048"])
+    settings = bench_engine_settings(config, Path("/project"))
+    assert settings.swap_copy_stream is False
+    assert settings.max_model_len == 2048
+    connector = settings._swap_connector()
+    assert connector is not None and connector.kv_connector_extra_config["copy_stream"] is False
+    # The file's own config is untouched, and without overrides the default stands.
+    assert bench_engine_settings(base, Path("/project")).swap_copy_stream is True
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("swap_copy_stream", "expected KEY=VALUE"),
+        ("=true", "expected KEY=VALUE"),
+        ("copy_stream=false", "'copy_stream' is not an engine setting"),
+        ("swap_copy_stream=[unclosed", "the value is not YAML"),
+    ],
+)
+def test_engine_setting_overrides_refuse_what_is_not_a_setting(item: str, message: str) -> None:
+    base = yaml.safe_load(BENCH_CONFIG.read_text())
+    with pytest.raises(SystemExit, match=message):
+        with_engine_settings(base, [item])
+
+
+def test_an_engine_setting_of_the_wrong_type_is_a_clear_error() -> None:
+    config = with_engine_settings(yaml.safe_load(BENCH_CONFIG.read_text()), ["max_model_len=big"])
+    with pytest.raises(
+        SystemExit, match="engine settings: max_model_len: Input should be a valid integer"
+    ):
+        bench_engine_settings(config, Path("/project"))
