@@ -40,7 +40,11 @@ from lamps_core.trace import TraceScript
 from lamps_core.workloads import get_workload
 
 # The bench GPU engine's shape (cluster/serve-bench-gpu.yaml: Llama-3-8B, bf16, 16 GiB of KV,
-# 256 sequences, 2,048 batched tokens); the step costs are assumptions of this model.
+# 256 sequences, 2,048 batched tokens); the step costs are assumptions of this model. These are
+# what the memory router prices demands with (a replica's reported costs); the simulated
+# replicas step by `ReplicaShape`'s own figures, as a real engine's steps differ from the
+# costs its replica reports (a 12-ms decode step priced; 7-11.5 ms simulated, from an empty
+# to a full batch and KV cache).
 GPU_COSTS = EngineCosts(
     kv_bytes_per_token=131_072,
     fwd_intercept_s=0.005,

@@ -31,10 +31,10 @@ from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tool_workers.simulated_api import SimulatedApi
 from tool_workers.stats import (
     API_ESTIMATES_REFRESH_S,
-    ToolDurationEstimate,
     ToolStatsStore,
     engine_api_estimates,
     merge_distributions,
+    merge_estimates,
 )
 from tool_workers.tools import ToolArgumentsError, ToolResult, UnknownToolError
 from tool_workers.worker import recorded_name
@@ -358,17 +358,6 @@ class EngineReplica:
         engine = getattr(self, "_engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def merge_estimates(
-    last: Mapping[str, float], fresh: Mapping[str, ToolDurationEstimate]
-) -> dict[str, float]:
-    """The last estimates updated by the fresh ones that have data. A tool missing from Redis
-    (restarted empty, flushed) keeps its last estimate: a replica never trades what it learned
-    for nothing, which would make the scheduler treat every call as of unknown length."""
-    merged = dict(last)
-    merged.update({name: e.mean_s for name, e in fresh.items() if e.count and e.mean_s})
-    return merged
 
 
 def load_length_predictor(

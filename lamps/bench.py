@@ -607,8 +607,8 @@ async def run_all(
     # The bar costs ~0.5 us an update (it redraws at most 10 times a second): no noise.
     # disable=None: no bar where the output is not a terminal (a GPU run's log).
     with tqdm(total=total, unit="req", desc="lamps bench", disable=None) as bar:
+        last = args.first_round + args.rounds
         for rate, r, spec in runs_in_order:
-            last = args.first_round + args.rounds
             bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{last}")
             started, cpu = time.monotonic(), CpuSample.take()
             with collector_paused():

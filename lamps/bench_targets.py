@@ -29,6 +29,8 @@ from tool_workers.stats import (
     DEFAULT_MAX_SAMPLES,
     ToolDurationEstimate,
     engine_api_estimates,
+    merge_distributions,
+    merge_estimates,
 )
 from tool_workers.tools import ToolResult
 from tool_workers.worker import ToolWorker
@@ -51,8 +53,13 @@ class LearnedDurations:
     `API_ESTIMATES_REFRESH_S`. The engine-only target has no Redis; without this its
     `estimates` predictor would know no duration at all (every call the 1-s default)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        timeouts: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._samples: dict[str, deque[float]] = {}
+        self._timeouts = dict(timeouts or {})  # per recorded name, as the worker's records
         self._clock = clock
         self._estimates: dict[str, ApiEstimate] = {}
         self._refreshed_at: float | None = None
@@ -66,12 +73,14 @@ class LearnedDurations:
         now = self._clock()
         if self._refreshed_at is None or now - self._refreshed_at >= API_ESTIMATES_REFRESH_S:
             learned = {
-                name: ToolDurationEstimate.from_samples(name, list(samples))
+                name: ToolDurationEstimate.from_samples(
+                    name, list(samples), self._timeouts.get(name)
+                )
                 for name, samples in self._samples.items()
             }
-            means = {name: e.mean_s for name, e in learned.items() if e.mean_s is not None}
-            distributions = {n: e.distribution for n, e in learned.items() if e.distribution}
-            self._estimates = engine_api_estimates(means, distributions)
+            self._estimates = engine_api_estimates(
+                merge_estimates({}, learned), merge_distributions({}, learned)
+            )
             self._refreshed_at = now
         return self._estimates or None
 
@@ -83,7 +92,7 @@ class EngineTarget:
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings
         self._tools = ToolWorker(redis_url=None)
-        self.durations = LearnedDurations()
+        self.durations = LearnedDurations(self._tools.timeouts_by_recorded_name())
 
     async def start(self) -> None:
         self._engine, self._stats = await start_engine(self.settings)

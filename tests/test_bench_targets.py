@@ -75,3 +75,18 @@ def test_an_engine_setting_of_the_wrong_type_is_a_clear_error() -> None:
         SystemExit, match="engine settings: max_model_len: Input should be a valid integer"
     ):
         bench_engine_settings(config, Path("/project"))
+
+
+def test_learned_durations_are_bounded_by_the_tools_timeouts() -> None:
+    """As the worker's records are summarised for a replica: the tool's limit bounds a call."""
+    now = [0.0]
+    durations = LearnedDurations({"search": 4.0}, clock=lambda: now[0])
+    for seconds in (1.0, 3.0):
+        durations.record(call("search", seconds))
+    durations.record(call("qa", 0.2))
+    estimates = durations.estimates()
+    assert estimates is not None
+    search, qa = estimates["search"], estimates["qa"]
+    assert isinstance(search, CallDurationSummary) and search.timeout_s == 4.0
+    assert isinstance(qa, CallDurationSummary) and qa.timeout_s is None  # no limit known
+    assert search.expected_remaining_s(3.5) <= 0.5  # never past the limit

@@ -19,12 +19,11 @@ import ray
 import redis
 from ray import serve
 
-from deployments.engine_replica import merge_estimates
 from lamps.local_stack import RunningStack
 from lamps.redis_server import RedisServer
 from tests.conftest import DATA_DIR, MODEL
 from tests.engine_harness import wait_until
-from tool_workers.stats import API_ESTIMATES_REFRESH_S, ToolDurationEstimate
+from tool_workers.stats import API_ESTIMATES_REFRESH_S, ToolDurationEstimate, merge_estimates
 
 pytestmark = pytest.mark.engine
 

@@ -37,6 +37,7 @@ __all__ = [
     "ToolStatsStore",
     "engine_api_estimates",
     "merge_distributions",
+    "merge_estimates",
     "percentile",
 ]
 
@@ -104,6 +105,17 @@ def _parse_samples(raw: Iterable[str]) -> list[float]:
         except ValueError:
             continue
     return values
+
+
+def merge_estimates(
+    last: Mapping[str, float], fresh: Mapping[str, ToolDurationEstimate]
+) -> dict[str, float]:
+    """The last estimates updated by the fresh ones that have data. A tool missing from Redis
+    (restarted empty, flushed) keeps its last estimate: a replica never trades what it learned
+    for nothing, which would make the scheduler treat every call as of unknown length."""
+    merged = dict(last)
+    merged.update({name: e.mean_s for name, e in fresh.items() if e.count and e.mean_s})
+    return merged
 
 
 def merge_distributions(

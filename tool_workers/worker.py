@@ -134,13 +134,14 @@ class ToolWorker:
             return {}
         allowed = self.recorded_names()
         names = [name for name in await self.stats.known_tools() if name in allowed]
-        return await self.stats.all_estimates(names, self._timeouts_by_recorded_name())
+        return await self.stats.all_estimates(names, self.timeouts_by_recorded_name())
 
     def recorded_names(self) -> frozenset[str]:
         """The names calls can be recorded under (see ``recorded_name``)."""
         return frozenset(self.registry.names()) | SIMULATED_API_TYPES
 
-    def _timeouts_by_recorded_name(self) -> dict[str, float]:
+    def timeouts_by_recorded_name(self) -> dict[str, float]:
+        """Each recorded name's call limit (s): what bounds its learned duration."""
         # A simulated API type is recorded from simulated_api calls: that tool's limit bounds it.
         limits = self.registry.timeouts()
         simulated = limits.get("simulated_api")
