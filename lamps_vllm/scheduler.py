@@ -52,6 +52,7 @@ from lamps_core.predictors import Predictor, ToolEstimatePredictor
 from lamps_core.request_meta import RequestMeta
 from lamps_core.scoring import committed_memory_time
 from lamps_vllm.config import SchedulerPluginConfig
+from lamps_vllm.parent_watch import exit_with_parent
 from lamps_vllm.profiling import StepProfiler, cost_cache_file, host_copy_seconds_per_byte
 from lamps_vllm.request_queue import PolicyRequestQueue
 from lamps_vllm.swap_connector import LampsSwapConnector
@@ -100,6 +101,7 @@ class LampsScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        exit_with_parent()  # an orphaned engine core would hold the KV cache forever
         self.lamps_config = SchedulerPluginConfig.from_additional_config(
             self.vllm_config.additional_config
         )
