@@ -30,7 +30,11 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponseStreamChoice,
     ChatMessage,
 )
-from vllm.entrypoints.openai.engine.protocol import DeltaMessage, UsageInfo
+from vllm.entrypoints.openai.engine.protocol import (
+    DeltaMessage,
+    PromptTokenUsageInfo,
+    UsageInfo,
+)
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from deployments.access import (
@@ -193,6 +197,8 @@ def _usage(outcome: ChatOutcome) -> UsageInfo:
         prompt_tokens=outcome.prompt_tokens,
         completion_tokens=outcome.completion_tokens,
         total_tokens=outcome.prompt_tokens + outcome.completion_tokens,
+        # What a conversation's next turn reuses of its context (OpenAI's field).
+        prompt_tokens_details=PromptTokenUsageInfo(cached_tokens=outcome.cached_tokens),
     )
 
 
@@ -684,6 +690,8 @@ class Ingress:
             "top_p": request.top_p if request.top_p is not None else 1.0,
             "seed": request.seed,
         }
+        if request.ignore_eos:  # vLLM's extension: exactly max_tokens (benchmarks ask for it)
+            sampling["ignore_eos"] = True
         if request.stop:
             sampling["stop"] = (
                 [request.stop] if isinstance(request.stop, str) else list(request.stop)

@@ -204,6 +204,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas of a --router run")
     parser.add_argument(
+        "--sessions",
+        action="store_true",
+        help="play each request as a conversation of chat turns, one request per segment, the "
+        "client waiting each call's duration between turns (its own tool): every turn is "
+        "placed anew by the router and finds its context cached only where the last turn ran "
+        "(lamps/bench_sessions.py). One policy, the engine's own: a chat turn names no variant",
+    )
+    parser.add_argument(
         "--predictor",
         help="compare LAMPS's predictors instead of policies: PREDICTOR[,PREDICTOR...] of "
         "oracle, estimates (learned call durations), estimates:P (and relative noise P on the "
@@ -750,7 +758,8 @@ def run_routers(
         print(f"fleet: {args.replicas} replicas behind {router!r}, policy {policy.label}")
         fleet = with_fleet(config, args.replicas, router)
         with local_stack(fleet, project_dir, data_dir, log_to_driver=False):
-            target = FleetTarget(variant=policy.label)  # results carry the router's label
+            # Results carry the router's label.
+            target = FleetTarget(variant=policy.label, sessions=args.sessions)
             outcomes.append(
                 asyncio.run(run_all(target, args, [labelled], rates, max_context, traces))
             )
@@ -882,6 +891,7 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     from lamps.bench_targets import (
         bench_engine_settings,
         engine_target,
+        with_default_policy,
         with_engine_settings,
         with_policy_variants,
     )
@@ -891,6 +901,10 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
             raise SystemExit("lamps bench: --predictor and --router compare different things")
         args.policies = predictor_policies(args.predictor)  # what the results then name
     policies = parse_policies(args.policies)
+    if args.sessions and (args.engine_only or args.predictor):
+        raise SystemExit("lamps bench: --sessions sends chat turns through the Serve deployment")
+    if args.sessions and not args.router and len(policies) > 1:
+        raise SystemExit("lamps bench: --sessions runs one policy (a chat turn names no variant)")
     rates = [float(r) for r in args.rate.split(",")]
     if args.rounds < 1:
         raise SystemExit(f"lamps bench: --rounds must be at least 1, got {args.rounds}")
@@ -905,6 +919,8 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
             if s.name != STOCK
         },
     )
+    if args.sessions:  # chat turns run under the engine's own policy: make it the one compared
+        config = with_default_policy(config, policies[0].name, policies[0].options)
     settings = bench_engine_settings(config, project_dir)
     if not settings.model.exists():  # the embedded models are built on first use
         from lamps.model import prepare_models
@@ -953,7 +969,14 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
 
         with local_stack(config, project_dir, data_dir, log_to_driver=False):
             outcome = asyncio.run(
-                run_all(DeploymentTarget(), args, policies, rates, settings.max_model_len, traces)
+                run_all(
+                    DeploymentTarget(sessions=args.sessions),
+                    args,
+                    policies,
+                    rates,
+                    settings.max_model_len,
+                    traces,
+                )
             )
     table = report(args, outcome, engine)
     print(table)

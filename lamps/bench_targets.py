@@ -18,7 +18,8 @@ from typing import Any, Protocol
 import yaml
 from pydantic import ValidationError
 
-from deployments.api_models import TraceResponse
+from deployments.api_models import ChatResponse, TraceResponse
+from lamps.bench_sessions import play_conversation
 from lamps_core.call_durations import ApiEstimate
 from lamps_core.trace import TraceScript
 from lamps_vllm.config import PolicyVariant, SchedulerPluginConfig
@@ -134,17 +135,25 @@ class EngineTarget:
 
 class DeploymentTarget:
     """The application of a Serve config, deployed by a local stack: requests go through the
-    ingress's Python handle, the engine replica is asked for its scheduler's figures."""
+    ingress's Python handle, the engine replica is asked for its scheduler's figures. With
+    `sessions`, each script is played as a conversation of chat turns (lamps/bench_sessions.py),
+    under the engine's own policy: a chat request names no variant."""
 
-    def __init__(self, app_name: str = "lamps") -> None:
+    def __init__(self, app_name: str = "lamps", sessions: bool = False) -> None:
         from ray import serve  # not needed (nor installed) where only EngineTarget runs
 
         self._ingress = serve.get_app_handle(app_name)
         self._engine = serve.get_deployment_handle("EngineReplica", app_name)
+        self._sessions = sessions
+
+    async def chat(self, request: dict[str, Any]) -> ChatResponse:
+        return await self._ingress.chat.remote(request)
 
     async def replay(
         self, request_id: str, script: TraceScript, variant: str | None
     ) -> TraceResponse:
+        if self._sessions:
+            return await play_conversation(self, request_id, script)
         # `request_id` travels as the client's id only; the server gives the request its own.
         request = {"request_id": request_id, "segments": script.segments, "policy": variant}
         return await self._ingress.replay.remote(request)
@@ -163,8 +172,8 @@ class FleetTarget(DeploymentTarget):
     counters (one replica's would pass for all) and resets no prefix cache: request ids, and so
     prompts, are new in every run anyway."""
 
-    def __init__(self, variant: str, app_name: str = "lamps") -> None:
-        super().__init__(app_name)
+    def __init__(self, variant: str, app_name: str = "lamps", sessions: bool = False) -> None:
+        super().__init__(app_name, sessions)
         self._variant = variant
 
     async def replay(
@@ -242,6 +251,24 @@ def with_policy_variants(
         SchedulerPluginConfig.model_validate(scheduler)
     except ValidationError as exc:
         raise SystemExit(f"policies: {exc}") from None
+    engine["scheduler"] = scheduler
+    return config
+
+
+def with_default_policy(
+    config: dict[str, Any], policy: str, options: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """A copy of a Serve config whose (first) application's engine runs `policy` for requests
+    that name no variant (chat turns: `lamps bench --sessions`)."""
+    config = copy.deepcopy(config)
+    engine = config["applications"][0]["args"]["engine"]
+    scheduler = dict(engine.get("scheduler") or {})
+    scheduler["policy"] = policy
+    scheduler["policy_options"] = dict(options or {})
+    try:
+        SchedulerPluginConfig.model_validate(scheduler)
+    except ValidationError as exc:
+        raise SystemExit(f"policy {policy!r}: {exc}") from None
     engine["scheduler"] = scheduler
     return config
 

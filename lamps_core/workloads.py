@@ -903,6 +903,10 @@ WORKLOADS: dict[str, Callable[..., Trace]] = {
     **{name: partial(single_api, name) for name in AUGMENTATION_TYPES},
     "single_mix": partial(single_api, dict.fromkeys(AUGMENTATION_TYPES, 1.0)),
     "multi": multi_api,
+    # Agent episodes: ALFWorld's many short actions and observations, 1 + Poisson(27) calls a
+    # request, each turn repeating a context that grows to ~2,200 tokens (prefill-heavy; as
+    # `lamps bench --sessions`, what session affinity is for).
+    "alfworld": partial(multi_api, mix={"virtual_env": 1.0}),
     "toolbench": toolbench_like,
 }
 

@@ -99,6 +99,7 @@ class ChatOutcome:
     tool_executions: list[ToolExecution]
     segments: int
     first_token_time: float | None
+    cached_tokens: int = 0  # of `prompt_tokens`, found in the prefix cache (not recomputed)
 
 
 ChatEvent = TextDelta | ToolExecution | ChatOutcome
@@ -133,7 +134,7 @@ async def run_chat(
     messages = list(plan.messages)
     executions: list[ToolExecution] = []
     text_parts: list[str] = []
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = cached_tokens = 0
     first_token_time: float | None = None
     waited_s = 0.0  # by the earlier segments, for the starvation guard
     finish_reason = "stop"
@@ -181,6 +182,8 @@ async def run_chat(
                         yield TextDelta(visible[shown:])
                         shown = len(visible)
             assert final is not None
+            if segment == 0:  # the prompt the usage reports is the first segment's
+                cached_tokens = output.num_cached_tokens or 0
             completion_tokens += len(final.token_ids)
             waited_s += (segment_first_token or time.time()) - submitted
 
@@ -213,6 +216,7 @@ async def run_chat(
         tool_executions=executions,
         segments=len(executions) + 1,
         first_token_time=first_token_time,
+        cached_tokens=cached_tokens,
     )
 
 
@@ -310,6 +314,7 @@ def _sampling_params(
         temperature=plan.sampling.get("temperature", 0.0),
         top_p=plan.sampling.get("top_p", 1.0),
         seed=plan.sampling.get("seed"),
+        ignore_eos=bool(plan.sampling.get("ignore_eos", False)),
         stop=stop or None,
         include_stop_str_in_output=mode == "auto",
         structured_outputs=forced_call_constraint(plan.tools, mode) if forced else None,

@@ -4,14 +4,20 @@ reaches the model, and the answer contains it; the same as a stream."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
-from tests.conftest import MODEL
+from tests.conftest import MODEL, SERVE_CONFIG
 
 pytestmark = pytest.mark.engine
+
+BLOCK = yaml.safe_load(SERVE_CONFIG.read_text())["applications"][0]["args"]["engine"][
+    "block_size"
+]  # prefix reuse counts whole blocks
 
 CALCULATOR = {"type": "function", "function": {"name": "calculator"}}
 
@@ -92,3 +98,39 @@ def test_streaming_reports_the_call_and_streams_the_answer(http: httpx.Client) -
     assert "540" in text
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     assert events[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_a_conversations_next_turn_reports_the_context_it_reused(http: httpx.Client) -> None:
+    """Through the `openai` client: a conversation's second turn finds its first turn's prompt
+    in the prefix cache, and says so in `usage.prompt_tokens_details.cached_tokens` (what the
+    fleet's session affinity keeps, and what `lamps bench --sessions` reads)."""
+    from openai import OpenAI
+
+    client = OpenAI(
+        base_url=str(http.base_url).rstrip("/") + "/v1", api_key="not-checked", max_retries=0
+    )
+    marker = uuid.uuid4().hex  # nothing of an earlier turn of any test is in the cache
+    messages: list[Any] = [
+        {"role": "system", "content": f"Conversation {marker}. " + "Answer briefly. " * 40},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
+    )
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content or ""},
+        {"role": "user", "content": "Another one."},
+    ]
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
+    )
+    assert first.usage is not None and second.usage is not None
+    assert first.usage.prompt_tokens_details is not None
+    assert second.usage.prompt_tokens_details is not None
+    reused_first = first.usage.prompt_tokens_details.cached_tokens or 0
+    reused_second = second.usage.prompt_tokens_details.cached_tokens or 0
+    # The first turn shares at most the chat template's head with earlier requests; the second
+    # reuses the first's whole prompt, in whole blocks.
+    assert reused_first <= BLOCK, first.usage
+    assert reused_second >= first.usage.prompt_tokens - (BLOCK - 1), (first.usage, second.usage)
+    assert reused_second < second.usage.prompt_tokens
