@@ -56,6 +56,7 @@ from deployments.api_models import (
 )
 from deployments.errors import AuthenticationError, EngineUnavailableError, InternalServerError
 from deployments.metrics import EngineStatsBoard, render_prometheus
+from deployments.router import conversation_key
 from deployments.router_wait import await_placement
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatOutcome, ChatPlan, TextDelta, ToolExecution
@@ -438,7 +439,7 @@ class Ingress:
             plan = await self._plan(request)
             outcome = None
             with _engine_errors():
-                events = self._engine.options(stream=True).chat.remote(plan)
+                events = self._engine_chat(plan)
                 await await_placement(events, self.settings.max_routing_wait_s)
                 async for event in events:
                     if isinstance(event, ChatOutcome):
@@ -454,7 +455,7 @@ class Ingress:
             request = _parse(ChatRequest, request)
             plan = await self._plan(request)
             with _engine_errors():
-                events = self._engine.options(stream=True).chat.remote(plan)
+                events = self._engine_chat(plan)
                 await await_placement(events, self.settings.max_routing_wait_s)
                 async for chunk in _stream_chunks(plan, self.settings.served_model_name, events):
                     yield chunk
@@ -592,6 +593,14 @@ class Ingress:
         return HTMLResponse(render_api_docs(raw.app.openapi(), f"{root}/openapi.json"))
 
     # ---- access ----
+
+    def _engine_chat(self, plan: ChatPlan) -> Any:
+        # The conversation's key as Serve's session id: routers that keep sessions (ours reads
+        # the same key from the messages, Serve's consistent-hash router reads this) send its
+        # next turn where its context is cached. It is computed here, never a client's value.
+        key = conversation_key(plan.messages)
+        engine = self._engine.options(stream=True, **({"session_id": key} if key else {}))
+        return engine.chat.remote(plan)
 
     def _authorize(self, raw: Request, *, admin: bool = False) -> None:
         self._keys.authorize(raw.headers.get("authorization"), admin=admin)

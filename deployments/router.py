@@ -160,12 +160,18 @@ def costs_from_stats(all_stats: Sequence[Mapping[str, Any]]) -> EngineCosts:
 
 
 def session_key(call_method: str, args: Sequence[Any]) -> str | None:
-    """A conversation's key: its messages up to and including the first user message, which
-    every later turn repeats (what Ray's prefix-aware router matches on, without a tree).
-    Only chat requests have sessions; a trace script is one request."""
+    """The session of a request to the engine replica: only chat requests have one; a trace
+    script is one request."""
     if call_method != "chat" or not args:
         return None
-    messages = getattr(args[0], "messages", None)
+    return conversation_key(getattr(args[0], "messages", None) or [])
+
+
+def conversation_key(messages: Sequence[Any]) -> str | None:
+    """A conversation's key: its messages up to and including the first user message, which
+    every later turn repeats (what Ray's prefix-aware router matches on, without a tree). The
+    ingress also gives it to Serve as the call's `session_id`, which Serve's consistent-hash
+    router keys on."""
     if not messages:
         return None
     head: list[Any] = []

@@ -276,8 +276,9 @@ def with_default_policy(
 # The routers a fleet run (`lamps bench --router`) can compare, as Serve's request_router_config
 # names them. Ray 2.60's others need what our replicas lack: the capacity-queue router a
 # CapacityQueue deployment of its own, Ray Serve LLM's prefix-aware and KV-aware routers the
-# `ray[llm]` extras (pyarrow) and vLLM's KV events. Without a session header, `hash` (Serve's
-# consistent-hash router) hashes a fresh id per request: uniform placement.
+# `ray[llm]` extras (pyarrow) and vLLM's KV events. `hash` (Serve's consistent-hash router) keys
+# on Serve's session id: a chat turn's is its conversation's key (the ingress sets it), so it
+# keeps conversations together; a trace has none, and it hashes a fresh id: uniform placement.
 ROUTERS: dict[str, dict[str, Any]] = {
     "memory": {
         "request_router_class": "deployments.router.MemoryAwareRouter",

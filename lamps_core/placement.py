@@ -13,9 +13,14 @@ requests, and `sent_since_stats_r` the memory-time this router sent there after 
 were taken (stats are seconds old; without it a burst would all go to the replica that looked
 emptiest). The rule picks the smallest `finish_r` among healthy replicas that can hold the
 request's peak KV at all, ties broken by replica id; a replica holding this session's context
-(`affinity`) wins unless its finish time exceeds the best one by more than what the context it
-holds saves (`Demand.reuse_s`: the measured prefill time of the request's prompt) plus
-`affinity_margin_s` (an extra allowance, none by default);
+(`affinity`) wins while its free KV holds the request's peak (the turn starts there at once,
+continuous batching, and finds its context: another replica could only add the re-prefill), and
+otherwise unless its finish time exceeds the best one by more than what the context it holds
+saves (`Demand.reuse_s`: the measured prefill time of the request's prompt) plus
+`affinity_margin_s` (an extra allowance, none by default). Finish times alone moved sessions
+about: between two reports a replica serving short chat turns can look idle for a moment, and
+a fleet of sessions then hopped to it and back, recomputing their contexts (docs/fleet.md,
+"Sessions");
 and when every replica's finish time exceeds `max_backlog_s`, nothing is placed: the caller
 backs off (queues the request and retries) instead of piling more work on a full fleet. A replica
 with no backlog at all (nothing committed, nothing sent) is never full: a request too large for
@@ -125,6 +130,12 @@ def finish_time_s(replica: ReplicaView, demand: Demand) -> float:
     return backlog / replica.drain_rate
 
 
+def _has_room(replica: ReplicaView, demand: Demand) -> bool:
+    """The replica's free KV (at its last report) holds the request's peak: it need not wait
+    for memory there."""
+    return replica.kv_capacity_bytes - replica.kv_in_use_bytes >= demand.peak_kv_bytes
+
+
 def _idle(replica: ReplicaView) -> bool:
     return replica.committed_memory_time == 0 and replica.sent_memory_time == 0
 
@@ -159,8 +170,11 @@ def place(
     if (
         sticky
         and sticky[0] is not best
-        and finish[sticky[0].replica_id]
-        <= finish[best.replica_id] + demand.reuse_s + affinity_margin_s
+        and (
+            _has_room(sticky[0], demand)
+            or finish[sticky[0].replica_id]
+            <= finish[best.replica_id] + demand.reuse_s + affinity_margin_s
+        )
     ):
         chosen, reason = sticky[0], Reason.AFFINITY
     ranked = (chosen.replica_id, *(r.replica_id for r in open_ if r is not chosen))

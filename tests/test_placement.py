@@ -92,9 +92,28 @@ def test_stale_stats_plus_own_sent_counts_spread_a_burst() -> None:
     assert set(blind) == {"a"}
 
 
+def test_a_session_stays_where_its_context_is_while_that_replica_has_room() -> None:
+    """Its free KV holds the turn's peak: the turn starts there at once, so however much
+    emptier another replica looks (a replica between short turns can look idle for a moment),
+    moving would only add the re-prefill. Without room, finish times decide."""
+    best = view("a", committed_s=0.0)
+    roomy = view("b", committed_s=20.0, kv_in_use_bytes=0.9 * GB, affinity=True)
+    placement = place(SMALL, [best, roomy])
+    assert (placement.replica_id, placement.reason) == ("b", Reason.AFFINITY)
+    full = view("b", committed_s=20.0, kv_in_use_bytes=0.995 * GB, affinity=True)
+    assert place(SMALL, [best, full]).replica_id == "a"  # 0.005 GB free < 0.01 GB peak
+    # Room does not override the backlog bound.
+    assert place(SMALL, [best, roomy], max_backlog_s=10.0).replica_id == "a"
+
+
+# The tests of the finish-time allowance below give the session's replica no free KV (`FULL`):
+# with room, it would win whatever the finish times.
+FULL = GB
+
+
 def test_affinity_wins_within_the_margin() -> None:
     best = view("a", committed_s=1.0)
-    sticky = view("b", committed_s=1.8, affinity=True)
+    sticky = view("b", committed_s=1.8, kv_in_use_bytes=FULL, affinity=True)
     placement = place(SMALL, [best, sticky], affinity_margin_s=1.0)
     assert placement.replica_id == "b"
     assert placement.reason is Reason.AFFINITY
@@ -103,7 +122,7 @@ def test_affinity_wins_within_the_margin() -> None:
 
 def test_affinity_loses_beyond_the_margin() -> None:
     best = view("a", committed_s=1.0)
-    sticky = view("b", committed_s=2.2, affinity=True)
+    sticky = view("b", committed_s=2.2, kv_in_use_bytes=FULL, affinity=True)
     placement = place(SMALL, [best, sticky], affinity_margin_s=1.0)
     assert placement.replica_id == "a"
     assert placement.reason is Reason.SOONEST
@@ -114,9 +133,13 @@ def test_the_prefill_a_held_context_saves_is_the_affinity_allowance() -> None:
     context would cost to prefill elsewhere (`Demand.reuse_s`), and no more."""
     best = view("a", committed_s=1.0)
     reuses = Demand(SMALL.memory_time, SMALL.peak_kv_bytes, reuse_s=0.5)
-    assert place(reuses, [best, view("b", 1.4, affinity=True)]).reason is Reason.AFFINITY
-    assert place(reuses, [best, view("b", 1.6, affinity=True)]).replica_id == "a"
-    assert place(SMALL, [best, view("b", 1.4, affinity=True)]).replica_id == "a"  # nothing held
+
+    def held(committed_s: float) -> ReplicaView:
+        return view("b", committed_s, kv_in_use_bytes=FULL, affinity=True)
+
+    assert place(reuses, [best, held(1.4)]).reason is Reason.AFFINITY
+    assert place(reuses, [best, held(1.6)]).replica_id == "a"
+    assert place(SMALL, [best, held(1.4)]).replica_id == "a"  # nothing held
     # A chat turn's allowance is the engine's measured prefill of its prompt.
     turn = chat_demand(3000, 50, COSTS)
     assert turn.reuse_s == pytest.approx(COSTS.t_fwd(3000)) and turn.reuse_s > 0

@@ -198,7 +198,7 @@ def test_a_conversations_next_turn_goes_back_within_the_margin() -> None:
     first = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi " * 50}]
     later = [*first, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
 
-    async def main() -> tuple[list[str], list[str], list[str]]:
+    async def main() -> tuple[list[str], list[str], list[str], list[str]]:
         router = make_router(affinity_margin_s=1.0)
         turn_1 = await router.choose_replicas(
             [replica("a", 1.0), replica("b", 1.2)],
@@ -209,17 +209,23 @@ def test_a_conversations_next_turn_goes_back_within_the_margin() -> None:
             [replica("a", 1.0), replica("b", 0.5)],
             chat_request(2, later),  # type: ignore[list-item]
         )
-        # "a" is 3 s behind: the session moves.
+        # "a" is 3 s behind, but its free KV holds the turn: the turn starts there at once.
         turn_3 = await router.choose_replicas(
             [replica("a", 4.0), replica("b", 1.0)],
             chat_request(3, later),  # type: ignore[list-item]
         )
-        return ids(turn_1), ids(turn_2), ids(turn_3)
+        # "a" is 3 s behind and its cache is full: the session moves.
+        turn_4 = await router.choose_replicas(
+            [replica("a", 4.0, kv_in_use_bytes=GB), replica("b", 1.0)],
+            chat_request(4, later),  # type: ignore[list-item]
+        )
+        return ids(turn_1), ids(turn_2), ids(turn_3), ids(turn_4)
 
-    turn_1, turn_2, turn_3 = asyncio.run(main())
+    turn_1, turn_2, turn_3, turn_4 = asyncio.run(main())
     assert turn_1[0] == "a"
     assert turn_2[0] == "a"
-    assert turn_3[0] == "b"
+    assert turn_3[0] == "a"
+    assert turn_4[0] == "b"
 
 
 def test_session_key_is_the_conversation_head_and_demand_reads_the_request() -> None:
