@@ -891,17 +891,17 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     from lamps.bench_targets import (
         bench_engine_settings,
         engine_target,
-        with_default_policy,
         with_engine_settings,
         with_policy_variants,
     )
+    from lamps_vllm.config import PolicyVariant
 
     if args.predictor:
         if args.router:
             raise SystemExit("lamps bench: --predictor and --router compare different things")
         args.policies = predictor_policies(args.predictor)  # what the results then name
     policies = parse_policies(args.policies)
-    if args.sessions and (args.engine_only or args.predictor):
+    if args.sessions and (args.engine_only or args.predictor or policies[0].name == STOCK):
         raise SystemExit("lamps bench: --sessions sends chat turns through the Serve deployment")
     if args.sessions and not args.router and len(policies) > 1:
         raise SystemExit("lamps bench: --sessions runs one policy (a chat turn names no variant)")
@@ -918,9 +918,11 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
             for s in policies
             if s.name != STOCK
         },
+        # Chat turns run under the engine's own policy: make it the one compared.
+        default=PolicyVariant(policy=policies[0].name, policy_options=policies[0].options or {})
+        if args.sessions
+        else None,
     )
-    if args.sessions:  # chat turns run under the engine's own policy: make it the one compared
-        config = with_default_policy(config, policies[0].name, policies[0].options)
     settings = bench_engine_settings(config, project_dir)
     if not settings.model.exists():  # the embedded models are built on first use
         from lamps.model import prepare_models

@@ -233,11 +233,14 @@ def with_engine_settings(config: dict[str, Any], overrides: Sequence[str]) -> di
 
 
 def with_policy_variants(
-    config: dict[str, Any], variants: Mapping[str, PolicyVariant | dict[str, Any]]
+    config: dict[str, Any],
+    variants: Mapping[str, PolicyVariant | dict[str, Any]],
+    default: PolicyVariant | None = None,
 ) -> dict[str, Any]:
     """A copy of a Serve config whose (first) application's engine has `variants` as its policy
     variants, validated: what a run must set before the engine or the Serve stack starts, since
-    an engine builds its policies at start-up only."""
+    an engine builds its policies at start-up only. With `default`, that policy also becomes the
+    engine's own, for requests that name no variant (chat turns: `lamps bench --sessions`)."""
     config = copy.deepcopy(config)
     engine = config["applications"][0]["args"]["engine"]
     if "scheduler" in engine and engine["scheduler"] is None:
@@ -247,28 +250,13 @@ def with_policy_variants(
         label: v.model_dump() if isinstance(v, PolicyVariant) else dict(v)
         for label, v in variants.items()
     }
+    if default is not None:
+        scheduler["policy"] = default.policy
+        scheduler["policy_options"] = dict(default.policy_options)
     try:
         SchedulerPluginConfig.model_validate(scheduler)
     except ValidationError as exc:
         raise SystemExit(f"policies: {exc}") from None
-    engine["scheduler"] = scheduler
-    return config
-
-
-def with_default_policy(
-    config: dict[str, Any], policy: str, options: Mapping[str, Any] | None
-) -> dict[str, Any]:
-    """A copy of a Serve config whose (first) application's engine runs `policy` for requests
-    that name no variant (chat turns: `lamps bench --sessions`)."""
-    config = copy.deepcopy(config)
-    engine = config["applications"][0]["args"]["engine"]
-    scheduler = dict(engine.get("scheduler") or {})
-    scheduler["policy"] = policy
-    scheduler["policy_options"] = dict(options or {})
-    try:
-        SchedulerPluginConfig.model_validate(scheduler)
-    except ValidationError as exc:
-        raise SystemExit(f"policy {policy!r}: {exc}") from None
     engine["scheduler"] = scheduler
     return config
 
