@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
@@ -470,10 +470,14 @@ async def run_one(
     return list(results), delta
 
 
-def round_order(policies: Sequence[PolicySpec], round_: int) -> list[PolicySpec]:
-    """The policies in the given order in even rounds and reversed in odd ones: whatever
-    drifts during a rate's runs (machine load, warm caches) falls on each policy alike."""
-    return list(policies) if round_ % 2 == 0 else list(reversed(policies))
+Variant = TypeVar("Variant")
+
+
+def round_order(variants: Sequence[Variant], round_: int) -> list[Variant]:
+    """The variants (policies, or a --router run's fleets) in the given order in even rounds and
+    reversed in odd ones: whatever drifts during a comparison (machine load, warm caches) falls
+    on each variant alike."""
+    return list(variants) if round_ % 2 == 0 else list(reversed(variants))
 
 
 def schedule(
@@ -748,12 +752,14 @@ def run_routers(
 ) -> dict[str, Any]:
     """Each router of `--router` on its own fleet of `--replicas` replicas (a fresh stack: the
     router is fixed when a deployment's handles are made), all running `policy`; results are
-    labelled by router. Rounds alternate the order within each fleet only: one fleet at a time."""
+    labelled by router. One fleet at a time, each running all its rounds; `--first-round`
+    alternates the fleets' order, so a comparison split over several calls (a GPU's 10-minute
+    limit) starts each call with the other router."""
     from lamps.bench_targets import FleetTarget, parse_routers, with_fleet
     from lamps.local_stack import local_stack
 
     outcomes = []
-    for router in parse_routers(args.router):
+    for router in round_order(parse_routers(args.router), args.first_round):
         labelled = PolicySpec(router, policy.name, policy.options)
         print(f"fleet: {args.replicas} replicas behind {router!r}, policy {policy.label}")
         fleet = with_fleet(config, args.replicas, router)

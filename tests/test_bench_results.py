@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -36,6 +37,7 @@ from lamps.bench import (
     parse_policies,
     report,
     run_all,
+    run_routers,
     schedule,
 )
 from lamps_core.trace import TraceScript
@@ -231,6 +233,37 @@ def test_schedule_alternates_the_order_of_policies_per_round() -> None:
     # The second part of a comparison split over runs starts where the first left off.
     second = [(r, spec.label) for _, r, spec in schedule([4.0], [a, b, c], 1, first_round=1)]
     assert second == [(1, "c"), (1, "b"), (1, "a")]
+
+
+def test_a_router_run_starts_each_fleet_in_the_order_its_first_round_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU fleet comparison is one round per 10-minute call: the second call must start with
+    the other router, or the first router always runs on the colder machine."""
+    fleets: list[str] = []
+
+    @contextlib.contextmanager
+    def no_stack(config: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        fleets.append(config["applications"][0]["deployments"][-1]["request_router_config"])
+        yield
+
+    async def no_replay(target: Any, args: Any, specs: Any, *rest: Any) -> dict[str, Any]:
+        return {"results": [], "runs": {}, "runs_per_round": {}, "machine_per_round": {},
+                "order": [spec.label for spec in specs]}  # fmt: skip
+
+    monkeypatch.setattr("lamps.local_stack.local_stack", no_stack)
+    monkeypatch.setattr("lamps.bench_targets.FleetTarget", lambda **kwargs: None)
+    monkeypatch.setattr("lamps.bench.run_all", no_replay)
+    config = {"applications": [{"deployments": []}]}
+    (policy,) = parse_policies("lamps")
+    orders = []
+    for first_round in (0, 1):
+        args = SimpleNamespace(router="memory,pow2", replicas=2, sessions=False,
+                               first_round=first_round)  # fmt: skip
+        outcome = run_routers(args, config, policy, [4.0], 2048, {}, Path("."), Path("."))
+        orders.append(outcome["order"])
+    assert orders == [["memory", "pow2"], ["pow2", "memory"]]
+    assert fleets[0] != fleets[1] and fleets[1] == fleets[2]
 
 
 class FakeTarget:
