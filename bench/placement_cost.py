@@ -1,9 +1,10 @@
 """What the fleet router costs per request: `MemoryAwareRouter.choose_replicas` (Serve's real
 RequestRouter base class) over N replicas whose routing stats look like
 `EngineReplica.record_routing_stats`, for trace requests (a script of 1-6 calls) and chat turns
-(a conversation of 2-20 messages, hashed for its session key). Reported: microseconds per request,
-the median of several runs, in wall time and in the thread's CPU time. Target: under 1 ms with 8
-replicas (issue 10). No Ray cluster: the router runs in this process, as in a Serve proxy.
+(a conversation of 2-20 messages; its session key computed beforehand, as the ingress does).
+Reported: microseconds per request, the median of several runs, in wall time and in the thread's
+CPU time. Target: under 1 ms with 8 replicas (issue 10). No Ray cluster: the router runs in
+this process, as in a Serve proxy.
 
 Run: `python -m bench.placement_cost [--replicas 8] [--requests 2000] [--runs 5]`.
 """
@@ -20,7 +21,7 @@ from typing import Any
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest, ReplicaID
 
-from deployments.router import MemoryAwareRouter
+from deployments.router import MemoryAwareRouter, conversation_key
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatPlan
 
@@ -79,12 +80,15 @@ def chat_request(n: int, rng: random.Random) -> PendingRequest:
         max_tokens=256,
         max_tool_calls=0,
     )
-    return pending_request("chat", [plan], n)
+    return pending_request("chat", [plan], n, conversation_key(plan.messages) or "")
 
 
-def pending_request(method: str, args: list[Any], n: int) -> PendingRequest:
-    """A request as Serve's router sees it (tests/test_router.py builds its own with this)."""
-    metadata = RequestMetadata(request_id=f"q{n}", internal_request_id=f"i{n}", call_method=method)
+def pending_request(method: str, args: list[Any], n: int, session_id: str = "") -> PendingRequest:
+    """A request as Serve's router sees it (tests/test_router.py builds its own with this);
+    `session_id` is what the ingress sets for a chat turn (its conversation's key)."""
+    metadata = RequestMetadata(
+        request_id=f"q{n}", internal_request_id=f"i{n}", call_method=method, session_id=session_id
+    )
     return PendingRequest(args=args, kwargs={}, metadata=metadata)
 
 

@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray.serve.request_router import (
@@ -53,6 +53,9 @@ from lamps_core.placement import (
     script_demand,
 )
 from lamps_core.workloads import CHARS_PER_TOKEN  # a prompt's length without its tokenizer
+
+if TYPE_CHECKING:
+    from ray.serve._private.common import RequestMetadata
 
 logger = logging.getLogger("ray.serve")
 
@@ -159,19 +162,21 @@ def costs_from_stats(all_stats: Sequence[Mapping[str, Any]]) -> EngineCosts:
     return FALLBACK_COSTS
 
 
-def session_key(call_method: str, args: Sequence[Any]) -> str | None:
-    """The session of a request to the engine replica: only chat requests have one; a trace
-    script is one request."""
-    if call_method != "chat" or not args:
+def session_key(metadata: RequestMetadata) -> str | None:
+    """The session of a request to the engine replica: the conversation's key, which the ingress
+    computed from a chat turn's messages and sent as the call's Serve `session_id`. Only chat
+    turns have one (a trace script is one request); a handle call gets no `session_id` unless
+    its caller names one, and the only caller of the engine's chat is the ingress."""
+    if metadata.call_method != "chat":
         return None
-    return conversation_key(getattr(args[0], "messages", None) or [])
+    return metadata.session_id or None
 
 
 def conversation_key(messages: Sequence[Any]) -> str | None:
     """A conversation's key: its messages up to and including the first user message, which
     every later turn repeats (what Ray's prefix-aware router matches on, without a tree). The
-    ingress also gives it to Serve as the call's `session_id`, which Serve's consistent-hash
-    router keys on."""
+    ingress computes it once per turn and gives it to Serve as the call's `session_id`, which
+    our router and Serve's consistent-hash router key on."""
     if not messages:
         return None
     head: list[Any] = []
@@ -301,7 +306,7 @@ class MemoryAwareRouter(RequestRouter):
         demand = request_demand(
             method, pending_request.args, costs, call_estimates_from_stats(all_stats)
         )
-        key = session_key(method, pending_request.args)
+        key = session_key(pending_request.metadata)
         sticky = self._sessions.get(key) if key is not None else None
         capacities = [float(s.get("kv_capacity_bytes") or 0.0) for s in all_stats]
         cap = max(capacities) or 1.0

@@ -10,11 +10,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
 from ray.serve.request_router import PendingRequest, ReplicaID
 
 from bench.placement_cost import pending_request as pending
-from deployments.router import MemoryAwareRouter, SentLedger, request_demand, session_key
+from deployments.router import (
+    MemoryAwareRouter,
+    SentLedger,
+    conversation_key,
+    request_demand,
+    session_key,
+)
 from lamps_core.costs import EngineCosts
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatPlan
@@ -82,7 +88,7 @@ def chat_request(n: int, messages: list[dict[str, Any]]) -> PendingRequest:
         max_tokens=64,
         max_tool_calls=0,
     )
-    return pending("chat", [plan], n)
+    return pending("chat", [plan], n, conversation_key(messages) or "")  # as the ingress sets it
 
 
 def make_router(**kwargs: Any) -> MemoryAwareRouter:
@@ -228,7 +234,7 @@ def test_a_conversations_next_turn_goes_back_within_the_margin() -> None:
     assert turn_4[0] == "b"
 
 
-def test_session_key_is_the_conversation_head_and_demand_reads_the_request() -> None:
+def test_the_session_key_is_the_conversation_head_and_demand_reads_the_request() -> None:
     head = [{"role": "user", "content": "What is 2+2?"}]
     plan = ChatPlan(
         request_id="x", messages=head, tools=[], tool_choice="auto", max_tokens=8, max_tool_calls=0
@@ -249,9 +255,18 @@ def test_session_key_is_the_conversation_head_and_demand_reads_the_request() -> 
         max_tokens=8,
         max_tool_calls=0,
     )
-    assert session_key("chat", [plan]) == session_key("chat", [longer])
-    assert session_key("chat", [plan]) != session_key("chat", [other])
-    assert session_key("replay", ["r", None]) is None
+    assert conversation_key(plan.messages) == conversation_key(longer.messages)
+    assert conversation_key(plan.messages) != conversation_key(other.messages)
+
+    # The router reads the key the ingress sent; a trace script is one request, never a session.
+    def metadata(method: str, session_id: str) -> RequestMetadata:
+        return RequestMetadata(request_id="q", internal_request_id="i", call_method=method,
+                               session_id=session_id)  # fmt: skip
+
+    sent = conversation_key(longer.messages) or ""
+    assert session_key(metadata("chat", sent)) == conversation_key(plan.messages)
+    assert session_key(metadata("chat", "")) is None
+    assert session_key(metadata("replay", "any")) is None
     costs = EngineCosts.from_dict(COSTS)
     assert request_demand("check_health", [], costs).memory_time == 0.0
     short = request_demand("replay", trace_args(0, 1.0), costs)
