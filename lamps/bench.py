@@ -93,6 +93,9 @@ STOCK = "stock"
 _SWAP_COUNTERS = ("bytes_out", "bytes_in", "seconds_out", "seconds_in", "refused", "loaded_async")
 # The warm-up run: this many requests of the first rate's trace, under the first policy.
 WARMUP_REQUESTS = 32
+# With --sessions each request is a conversation of tens of turns: fewer do the same warming
+# (8: at least one per replica of the fleets benchmarked so far, spread by any router).
+WARMUP_CONVERSATIONS = 8
 # A run during which processes not ours used more than this share of the machine's CPU time is
 # flagged. On the 2-core CPU machine runs at 35-40 % were 1.4-2x slower than their repeats; runs
 # at up to 12 % (system daemons, idle neighbours) were within 2.5 % of each other.
@@ -586,10 +589,13 @@ def noisy_runs(
     return notes
 
 
-async def warm_up(target: ReplayTarget, trace: Trace, spec: PolicySpec, rate: float) -> dict:
-    """The first policy on the first requests of `trace`, results discarded: first-use costs
-    (kernels, allocator, tool worker, JIT) land here, not on the first measured run."""
-    head = trace.model_copy(update={"requests": trace.requests[:WARMUP_REQUESTS]})
+async def warm_up(
+    target: ReplayTarget, trace: Trace, spec: PolicySpec, rate: float, requests: int
+) -> dict:
+    """The first policy on the first `requests` requests of `trace`, results discarded:
+    first-use costs (kernels, allocator, tool worker, JIT) land here, not on the first
+    measured run."""
+    head = trace.model_copy(update={"requests": trace.requests[:requests]})
     print(f"warm-up (discarded): {spec.label} on {len(head)} requests at {rate:g}/s", flush=True)
     started = time.monotonic()
     with collector_paused():
@@ -611,7 +617,12 @@ async def run_all(
     if traces is None:
         traces = build_traces(args, rates, max_context)
     runs_in_order = schedule(rates, policies, args.rounds, args.first_round)
-    warmup = await warm_up(target, traces[rates[0]], policies[0], rates[0]) if args.warmup else None
+    head = WARMUP_CONVERSATIONS if args.sessions else WARMUP_REQUESTS
+    warmup = (
+        await warm_up(target, traces[rates[0]], policies[0], rates[0], head)
+        if args.warmup
+        else None
+    )
     results: list[RequestResult] = []
     per_round: dict[str, dict[str, list[dict[str, float]]]] = {}
     machine: dict[str, dict[str, list[dict[str, float]]]] = {}

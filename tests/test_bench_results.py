@@ -350,6 +350,11 @@ def test_run_all_warms_up_then_runs_rounds_with_new_ids_each_run(
     target = FakeTarget()
     asyncio.run(run_all(target, args, parse_policies(args.policies), [1000.0], 2048))
     assert not any(i.startswith("warmup-") for i in target.ids)
+    # Played as conversations, each request is tens of chat turns: fewer warm up.
+    args.sessions, args.rounds, args.warmup, target = True, 1, True, FakeTarget()
+    outcome = asyncio.run(run_all(target, args, parse_policies(args.policies), [1000.0], 2048))
+    assert outcome["warmup"]["requests"] == 8
+    assert sum(i.startswith("warmup-") for i in target.ids) == 8
 
 
 def test_runs_where_other_processes_took_the_cpu_are_flagged() -> None:
