@@ -2,12 +2,20 @@
 
 A comparison that does not fit one process gets its rounds from several: a GPU device call is
 limited to 10 minutes, and a fleet run starts a fresh stack per router, so the GPU router
-comparison runs `--router memory,pow2` in one call and `--router pow2,memory` in the next (the
-order alternated, as `--rounds` alternates it within a run). Merged, run k's rounds follow run
-k-1's, and ratios, spreads and plots are computed as for one run of that many rounds.
+comparison runs `--router memory,pow2` in one call and the same with `--first-round 1` in the
+next (the order alternated, as `--rounds` alternates it within a run). Where one router's fleet
+takes most of a call, a round is split by router: `--router memory`, then `--router pow2`, then
+`--router pow2`, then `--router memory`.
 
-The runs must compare the same labels at the same rates with the same trace settings; the first
-run's command is the merged file's, and every run's command and machine are kept beside it.
+Each label's rounds are numbered in turn over the runs: the k-th round any run made of a label
+is the merged round k. So run k's rounds follow run k-1's when every run compares every label,
+and one-label runs pair up in the order given. Ratios, spreads and plots are then computed as
+for one run of that many rounds.
+
+The runs must be at the same rates with the same trace settings, and each must compare either
+every label of the merge or (a --router run) one; the first run's first label is the base of
+the ratios, its command the merged file's, and every run's command and machine are kept beside
+it.
 """
 
 from __future__ import annotations
@@ -59,24 +67,38 @@ def merge_runs(out: Path, runs: Sequence[Path]) -> str:
     bodies = [body for body, _ in read]
     commands = [body["config"]["command"] for body in bodies]
     first = commands[0]
-    labels = set(compared_labels(first.get("policies") or "", first.get("router")))
-    for run, command in zip(runs[1:], commands[1:], strict=True):
+    each = [compared_labels(c.get("policies") or "", c.get("router")) for c in commands]
+    labels = list(dict.fromkeys(label for run_labels in each for label in run_labels))
+    if len(labels) < 2:
+        raise MergeError(f"the runs compare only {labels}: nothing to compare")
+    for run, command, theirs in zip(runs, commands, each, strict=True):
         differ = [k for k in SAME_SETTINGS if command.get(k) != first.get(k)]
         if differ:
             raise MergeError(f"{run}: not the same comparison as {runs[0]} ({', '.join(differ)})")
-        theirs = set(compared_labels(command.get("policies") or "", command.get("router")))
-        if theirs != labels:
+        if set(theirs) == set(labels):
+            continue
+        if len(theirs) != 1 or not command.get("router"):  # policies share one engine's runs
             raise MergeError(f"{run}: compares {sorted(theirs)}, not {sorted(labels)}")
 
     merged: list[RequestResult] = []
-    offset = 0
+    rounds_so_far = dict.fromkeys(labels, 0)  # per label, its rounds in the runs before
     for _, records in read:
-        merged += [r.model_copy(update={"round": r.round + offset}) for r in records]
-        offset += 1 + max((r.round for r in records), default=-1)
+        made = {(r.policy, r.round) for r in records}
+        numbered = {
+            (label, round_): rounds_so_far[label] + i
+            for label in labels
+            for i, round_ in enumerate(sorted(r for lb, r in made if lb == label))
+        }
+        merged += [r.model_copy(update={"round": numbered[(r.policy, r.round)]}) for r in records]
+        for label in labels:
+            rounds_so_far[label] += sum(lb == label for lb, _ in made)
+    rounds = 1 + max((r.round for r in merged), default=-1)
 
     config: dict[str, Any] = dict(bodies[0]["config"])
     config.pop("cut_short", None)  # said per run in merged_from
-    config["command"] = first | {"rounds": offset}
+    config["command"] = first | {"rounds": rounds}
+    if first.get("router"):  # what the merged files compare (a one-router run names only its own)
+        config["command"]["router"] = ",".join(labels)
     config["merged_from"] = [
         {
             "run": str(run),
@@ -90,7 +112,7 @@ def merge_runs(out: Path, runs: Sequence[Path]) -> str:
         note for body in bodies for note in body["config"].get("noisy_runs") or []
     ]
     summaries = summarize_all(merged, horizon_s=first.get("duration"))
-    base, *others = compared_labels(first.get("policies") or "", first.get("router"))
+    base, *others = labels
     out.mkdir(parents=True, exist_ok=True)
     write_results(
         out, summaries, config, bodies[0].get("machine"), round_ratios(summaries, base, others)

@@ -529,6 +529,32 @@ def test_a_run_cut_short_still_merges_and_replots(tmp_path: Path) -> None:
         merge_runs(tmp_path / "merged2", [first, tmp_path / "empty"])
 
 
+def test_bench_merge_pairs_one_router_runs_into_rounds(tmp_path: Path) -> None:
+    """A round split by router (one fleet per device call): memory, pow2, then pow2, memory."""
+    from lamps.bench_merge import merge_runs
+
+    runs = [
+        _run_dir(tmp_path, "a", "memory", {"memory": 4.0}),
+        _run_dir(tmp_path, "b", "pow2", {"pow2": 8.0}),
+        _run_dir(tmp_path, "c", "pow2", {"pow2": 6.0}),
+        _run_dir(tmp_path, "d", "memory", {"memory": 3.0}),
+    ]
+    table = merge_runs(tmp_path / "merged", runs)
+    assert "over 2 rounds" in table
+    merged = read_request_results(tmp_path / "merged" / "requests.jsonl")
+    assert sorted((r.request_id, r.round) for r in merged) == [
+        ("a-memory", 0),
+        ("b-pow2", 0),
+        ("c-pow2", 1),
+        ("d-memory", 1),
+    ]
+    _, body = read_results(tmp_path / "merged" / "results.json")
+    (ratio,) = [r for r in body["ratios"] if r["metric"] == "latency_mean_s"]
+    assert (ratio["base"], ratio["other"]) == ("memory", "pow2")
+    assert ratio["ratio"]["per_round"] == pytest.approx([0.5, 0.5])
+    assert body["config"]["command"]["router"] == "memory,pow2"
+
+
 def test_bench_merge_refuses_runs_of_different_comparisons(tmp_path: Path) -> None:
     from lamps.bench_merge import MergeError, merge_runs
 
@@ -536,6 +562,9 @@ def test_bench_merge_refuses_runs_of_different_comparisons(tmp_path: Path) -> No
     other = _run_dir(tmp_path, "b", "memory,hash", {"memory": 4.0, "hash": 8.0})
     with pytest.raises(MergeError, match="compares"):
         merge_runs(tmp_path / "merged", [first, other])
+    alone = _run_dir(tmp_path, "c", "memory", {"memory": 4.0})
+    with pytest.raises(MergeError, match="nothing to compare"):
+        merge_runs(tmp_path / "merged", [alone, alone])
 
 
 def test_runs_with_requests_refused_by_the_server_are_flagged() -> None:
