@@ -7,10 +7,11 @@ next (the order alternated, as `--rounds` alternates it within a run). Where one
 takes most of a call, a round is split by router: `--router memory`, then `--router pow2`, then
 `--router pow2`, then `--router memory`.
 
-Each label's rounds are numbered in turn over the runs: the k-th round any run made of a label
-is the merged round k. So run k's rounds follow run k-1's when every run compares every label,
-and one-label runs pair up in the order given. Ratios, spreads and plots are then computed as
-for one run of that many rounds.
+A run that compares every label keeps its rounds together, after every round before it (its
+variants ran on one engine: a round cut short stays short rather than borrow a label from
+another run). A one-router run's rounds are that router's next ones, so one-router runs pair up
+into rounds in the order given. Ratios, spreads and plots are then computed as for one run of
+that many rounds.
 
 The runs must be at the same rates with the same trace settings, and each must compare either
 every label of the merge or (a --router run) one; the first run's first label is the base of
@@ -81,17 +82,17 @@ def merge_runs(out: Path, runs: Sequence[Path]) -> str:
             raise MergeError(f"{run}: compares {sorted(theirs)}, not {sorted(labels)}")
 
     merged: list[RequestResult] = []
-    rounds_so_far = dict.fromkeys(labels, 0)  # per label, its rounds in the runs before
-    for _, records in read:
-        made = {(r.policy, r.round) for r in records}
-        numbered = {
-            (label, round_): rounds_so_far[label] + i
-            for label in labels
-            for i, round_ in enumerate(sorted(r for lb, r in made if lb == label))
-        }
-        merged += [r.model_copy(update={"round": numbered[(r.policy, r.round)]}) for r in records]
-        for label in labels:
-            rounds_so_far[label] += sum(lb == label for lb, _ in made)
+    rounds_so_far = dict.fromkeys(labels, 0)  # per label, the merged rounds it has so far
+    for (_, records), theirs in zip(read, each, strict=True):
+        own = sorted({r.round for r in records})
+        # One router's run: its next rounds, beside the others' in turn. A run of every label:
+        # its rounds stay together, after all others (its variants shared one engine).
+        alone = len(theirs) == 1
+        first_new = rounds_so_far[theirs[0]] if alone else max(rounds_so_far.values())
+        numbered = {round_: first_new + i for i, round_ in enumerate(own)}
+        merged += [r.model_copy(update={"round": numbered[r.round]}) for r in records]
+        for label in theirs:
+            rounds_so_far[label] = first_new + len(own)
     rounds = 1 + max((r.round for r in merged), default=-1)
 
     config: dict[str, Any] = dict(bodies[0]["config"])
