@@ -194,13 +194,15 @@ def simulate(
     scripts: Scripts,
     router: str,
     replicas: int,
-    shape: ReplicaShape = ReplicaShape(),
+    shape: ReplicaShape | Sequence[ReplicaShape] = ReplicaShape(),
     costs: EngineCosts = GPU_COSTS,
     seed: int = 0,
 ) -> list[SimRequest]:
     """Every request of `scripts` (id, arrival s, script) through `router` onto `replicas`
-    replicas; returns the requests with their finish times."""
-    fleet = [Replica(f"r{i}", shape, costs) for i in range(replicas)]
+    replicas (of `shape`, or of the shapes given in turn: a fleet of mixed sizes); returns the
+    requests with their finish times."""
+    shapes = [shape] if isinstance(shape, ReplicaShape) else list(shape)
+    fleet = [Replica(f"r{i}", shapes[i % len(shapes)], costs) for i in range(replicas)]
     rng = random.Random(seed)
     order = itertools.count()
     events: list[tuple[float, int, str, object]] = []
@@ -276,8 +278,9 @@ def compare(workload: str, replicas: int, rate: float, args: argparse.Namespace)
     mean_ratios, p99_ratios, first = [], [], None
     for seed in range(args.seeds):
         scripts = trace_scripts(workload, rate, seed, args)
-        mem = latency_summary(simulate(scripts, "memory", replicas, seed=seed))
-        p2 = latency_summary(simulate(scripts, "pow2", replicas, seed=seed))
+        shapes = [ReplicaShape(kv_tokens=int(k)) for k in args.kv_tokens.split(",")]
+        mem = latency_summary(simulate(scripts, "memory", replicas, shapes, seed=seed))
+        p2 = latency_summary(simulate(scripts, "pow2", replicas, shapes, seed=seed))
         mean_ratios.append(mem[0] / p2[0])
         p99_ratios.append(mem[1] / p2[1])
         first = first or (mem, p2)
@@ -300,6 +303,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="token counts multiplied")
     parser.add_argument("--max-context", type=int, default=None, help="tokens, per request")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--kv-tokens",
+        default=str(ReplicaShape().kv_tokens),
+        help="each replica's KV tokens, given in turn over the fleet (e.g. 131072,32768: "
+        "replicas of two sizes alternating)",
+    )
     args = parser.parse_args(argv)
     print("workload   replicas  rate  memory mean / P99   pow2 mean / P99   memory/pow2 mean  P99")
     for workload in args.workload.split(","):

@@ -1,5 +1,6 @@
 """bench/fleet_sim.py, the routers' what-if model: it conserves requests, its memory router
-avoids a replica with a large committed backlog, and a tight KV budget preempts."""
+avoids a replica with a large committed backlog and sends a small replica less, and a tight KV
+budget preempts."""
 
 from __future__ import annotations
 
@@ -54,3 +55,17 @@ def test_a_kv_budget_too_small_for_the_batch_preempts() -> None:
     roomy = simulate(scripts, "pow2", 1)
     assert sum(r.preempted for r in roomy) == 0
     assert latency_summary(done)[0] > latency_summary(roomy)[0]
+
+
+def test_a_fleet_of_mixed_sizes_preempts_less_under_the_memory_router() -> None:
+    # Two replicas, one with an eighth of the other's KV. Counting requests in flight (pow2)
+    # gives the small one half of a burst, and it preempts; pricing memory against each
+    # replica's capacity sends it less.
+    scripts = [(f"r{i}", 0.01 * i, script(600, 200, 1, 0.2)) for i in range(32)]
+    mixed = [ReplicaShape(kv_tokens=32_000), ReplicaShape(kv_tokens=4_000)]
+    preempted = {
+        router: sum(r.preempted for r in simulate(scripts, router, 2, mixed, seed=2))
+        for router in ("memory", "pow2")
+    }
+    assert preempted["pow2"] > 0
+    assert preempted["memory"] < preempted["pow2"]
