@@ -61,7 +61,8 @@ class EngineReplica:
         redis_url: str | None,
         tool_timeouts_s: Mapping[str, float] | None = None,
     ) -> None:
-        self.settings = EngineSettings.model_validate(engine)
+        rank = serve.get_replica_context().rank.rank
+        self.settings = EngineSettings.model_validate(engine).for_rank(rank)
         self._tools = tool_worker
         self._tool_timeouts_s = dict(tool_timeouts_s or {})
         # Calls that fail outside the worker (it died, it hung) are recorded from here.

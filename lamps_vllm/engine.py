@@ -6,7 +6,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from vllm import SamplingParams
@@ -40,6 +40,13 @@ class EngineSettings(BaseModel):
     dtype: str = "float32"
     max_model_len: int = Field(default=4096, ge=64)
     kv_cache_bytes: int = Field(default=1 << 30, ge=1 << 20, description="KV cache size.")
+    kv_cache_bytes_by_rank: list[Annotated[int, Field(ge=1 << 20)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Replicas of one deployment with KV caches of different sizes (a fleet of "
+        "mixed cards, or a benchmark of one): the replica of rank r takes entry r modulo the "
+        "list's length, in place of kv_cache_bytes.",
+    )
     block_size: int | None = Field(
         default=None, description="KV block size; vLLM's default when unset."
     )
@@ -67,6 +74,13 @@ class EngineSettings(BaseModel):
         default_factory=SchedulerPluginConfig,
         description="The LAMPS scheduler plugin; null runs vLLM's own scheduler (baselines).",
     )
+
+    def for_rank(self, rank: int) -> EngineSettings:
+        """These settings as the replica of `rank` in its deployment runs them."""
+        if not self.kv_cache_bytes_by_rank:
+            return self
+        sizes = self.kv_cache_bytes_by_rank
+        return self.model_copy(update={"kv_cache_bytes": sizes[rank % len(sizes)]})
 
     def engine_args(self) -> AsyncEngineArgs:
         return AsyncEngineArgs(

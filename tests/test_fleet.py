@@ -69,8 +69,13 @@ def preserving_engine(model: Path) -> dict[str, Any]:
     ).model_dump(mode="json", exclude_none=True)
 
 
+# The replicas' KV caches by rank (`kv_cache_bytes_by_rank`): a mixed fleet, here barely mixed
+# (one MiB apart) so that every other test sees two alike.
+KV_BY_RANK = [16 * 1024 * 1024, 17 * 1024 * 1024]
+
+
 def fleet_app(model: Path) -> dict[str, Any]:
-    engine = preserving_engine(model)
+    engine = preserving_engine(model) | {"kv_cache_bytes_by_rank": KV_BY_RANK}
     return {
         "name": APP,
         "route_prefix": f"/{APP}",
@@ -299,6 +304,17 @@ def settle() -> None:
 
 
 # ---- the tests ----------------------------------------------------------------------------------
+
+
+def test_each_replica_runs_the_kv_cache_of_its_rank(fleet: Fleet) -> None:
+    """A deployment's replicas share one config; `kv_cache_bytes_by_rank` gives them caches of
+    different sizes, as a fleet of mixed cards has, and the router reads each one's own."""
+    capacities = sorted(s["kv_capacity_bytes"] for s in engine_stats().values())
+    assert len(capacities) == 2
+    # vLLM rounds a budget down to whole blocks (16 tokens of the tiny model: 64 KiB) and may
+    # keep one block back.
+    for got, asked in zip(capacities, KV_BY_RANK, strict=True):
+        assert asked - 2 * 64 * 1024 <= got <= asked
 
 
 def test_a_replica_holding_preserved_calls_gets_fewer_new_requests(fleet: Fleet) -> None:
