@@ -809,9 +809,10 @@ def run_ratio_table(
 ) -> str:
     """Ratios of the run's first policy (or router) to each of the others (a run of variants
     compares the variants; the default run, lamps to the baselines); with rounds, their median
-    and spread. A `--predictor` run adds the share of the oracle's gain each predictor keeps."""
+    and spread. A `--predictor` run adds the share of the oracle's gain each predictor keeps.
+    A run of one router (one fleet per call, merged later) has nothing to compare: its parts."""
     base, *others = labels
-    tables = [ratio_table(summaries, base=base, against=others)]
+    tables = [ratio_table(summaries, base=base, against=others)] if others else []
     if predictors:
         tables.append(gain_kept_table(summaries, labels))
     return "\n\n".join([*tables, latency_parts_table(summaries)])

@@ -553,6 +553,10 @@ def test_bench_merge_pairs_one_router_runs_into_rounds(tmp_path: Path) -> None:
     assert (ratio["base"], ratio["other"]) == ("memory", "pow2")
     assert ratio["ratio"]["per_round"] == pytest.approx([0.5, 0.5])
     assert body["config"]["command"]["router"] == "memory,pow2"
+    from lamps.bench import replot
+
+    alone = replot(runs[0])  # a one-router run's own table: where its time goes, no ratios
+    assert "/ other" not in alone and "where the mean latency goes" in alone
 
 
 def test_bench_merge_refuses_runs_of_different_comparisons(tmp_path: Path) -> None:
