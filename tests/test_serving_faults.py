@@ -255,7 +255,9 @@ def engine_cores() -> set[int]:
     found = set()
     for p in psutil.process_iter(["pid", "name", "cmdline"]):
         text = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
-        if "EngineCore" in text:
+        # "EngineCor": the kernel keeps 15 characters of a process's name ("VLLM::EngineCor"),
+        # and a command line psutil cannot read comes back empty.
+        if "EngineCor" in text:
             found.add(p.info["pid"])
     return found
 
@@ -305,7 +307,10 @@ def test_engine_replica_killed_mid_request(http: httpx.Client) -> None:
         now = engine_cores()
         return bool(cores_before - now) and bool(now - cores_before)
 
-    wait_until(replaced_core, 20, "the killed replica's engine core lives, or no new one runs")
+    try:
+        wait_until(replaced_core, 20, "the killed replica's engine core lives, or no new one runs")
+    except AssertionError as exc:  # which of the two, for the next failure's reader
+        raise AssertionError(f"{exc}: cores before {cores_before}, now {engine_cores()}") from exc
     cores_after = engine_cores()
     assert cores_after - cores_before, (cores_before, cores_after)
     print(
