@@ -276,9 +276,9 @@ def trace_scripts(workload: str, rate: float, seed: int, args: argparse.Namespac
 def compare(workload: str, replicas: int, rate: float, args: argparse.Namespace) -> str:
     """One row: the memory router against pow2 on the same traces, over `args.seeds` seeds."""
     mean_ratios, p99_ratios, first = [], [], None
+    shapes = [ReplicaShape(kv_tokens=int(k)) for k in args.kv_tokens.split(",")]
     for seed in range(args.seeds):
         scripts = trace_scripts(workload, rate, seed, args)
-        shapes = [ReplicaShape(kv_tokens=int(k)) for k in args.kv_tokens.split(",")]
         mem = latency_summary(simulate(scripts, "memory", replicas, shapes, seed=seed))
         p2 = latency_summary(simulate(scripts, "pow2", replicas, shapes, seed=seed))
         mean_ratios.append(mem[0] / p2[0])
