@@ -7,6 +7,7 @@ gives the measured outcomes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -251,20 +252,29 @@ def test_merge_keeps_what_redis_no_longer_has() -> None:
 # ---- the engine replica killed mid-request (last: the engine restarts) ----
 
 
-def engine_cores() -> set[int]:
-    found = set()
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        text = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
-        # "EngineCor": the kernel keeps 15 characters of a process's name ("VLLM::EngineCor"),
-        # and a command line psutil cannot read comes back empty.
-        if "EngineCor" in text:
-            found.add(p.info["pid"])
+def engine_processes() -> dict[int, str]:
+    """Every process the engine replicas started (the engine core, its workers, their helpers),
+    pid -> name: the replica actors' descendants. Found by parentage, not by name: the engine
+    core's title ("VLLM::EngineCore") was missing in some runs, where a scan by name saw none."""
+    found: dict[int, str] = {}
+    for p in psutil.process_iter(["cmdline"]):
+        if "EngineReplica" not in " ".join(p.info["cmdline"] or []):
+            continue
+        with contextlib.suppress(psutil.Error):
+            for child in p.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    found[child.pid] = child.name()
     return found
 
 
-def test_engine_replica_killed_mid_request(http: httpx.Client) -> None:
-    cores_before = engine_cores()
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
+
+def test_engine_replica_killed_mid_request(http: httpx.Client) -> None:
     async def during_restart() -> httpx.Response:
         async with httpx.AsyncClient(base_url=str(http.base_url), timeout=900) as client:
             return await client.post("/v1/traces", json=held_call("qa", 0.2))
@@ -272,6 +282,8 @@ def test_engine_replica_killed_mid_request(http: httpx.Client) -> None:
     with ThreadPoolExecutor(2) as pool:
         pending = pool.submit(http.post, "/v1/traces", json=held_call("qa", 5.0))
         wait_until(in_tool_call, 60, "the call never started")
+        before = engine_processes()
+        assert before, "the serving replica has no engine processes"
         killed = kill_replica("EngineReplica")
         started = time.monotonic()
         response = pending.result()
@@ -300,22 +312,22 @@ def test_engine_replica_killed_mid_request(http: httpx.Client) -> None:
     assert killed not in replicas("EngineReplica")
     settle(http)
 
-    # The killed replica's engine core ends with it (lamps_vllm/parent_watch.py: Ray alone once
-    # left it running, orphaned), and its successor started one of its own. (Other engines of the
-    # test session, such as the engine-level tests' harness, stay.)
-    def replaced_core() -> bool:
-        now = engine_cores()
-        return bool(cores_before - now) and bool(now - cores_before)
+    # The killed replica's processes end with it (lamps_vllm/parent_watch.py: Ray alone once
+    # left its engine core running, orphaned), and its successor started its own.
+    def processes_replaced() -> bool:
+        return not any(alive(pid) for pid in before) and bool(engine_processes().keys() - before)
 
     try:
-        wait_until(replaced_core, 20, "the killed replica's engine core lives, or no new one runs")
+        wait_until(
+            processes_replaced, 20, "the killed replica's processes live, or its successor has none"
+        )
     except AssertionError as exc:  # which of the two, for the next failure's reader
-        raise AssertionError(f"{exc}: cores before {cores_before}, now {engine_cores()}") from exc
-    cores_after = engine_cores()
-    assert cores_after - cores_before, (cores_before, cores_after)
+        left = {pid: name for pid, name in before.items() if alive(pid)}
+        raise AssertionError(f"{exc}: alive {left}, now {engine_processes()}") from exc
+    after = engine_processes()
     print(
         f"\nengine replica killed: 503 after {answered_s:.2f} s, /health 503 in {health_s:.2f} s "
         f"({health.json()['error']}), healthy again after {restart_s:.0f} s, a request sent "
-        f"meanwhile answered after {late_s:.0f} s; engine cores before {sorted(cores_before)}, "
-        f"after {sorted(cores_after)}"
+        f"meanwhile answered after {late_s:.0f} s; engine processes before {before}, "
+        f"after {after}"
     )
