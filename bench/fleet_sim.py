@@ -35,7 +35,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from lamps_core.costs import EngineCosts
-from lamps_core.drain import StepMeter, drain_rate
 from lamps_core.placement import Demand, ReplicaView, place, script_demand
 from lamps_core.trace import TraceScript
 from lamps_core.workloads import get_workload
@@ -108,10 +107,6 @@ class Replica:
     in_flight: dict[str, SimRequest] = field(default_factory=dict)
     busy: bool = False
     steps: int = 0
-    # Steps that only decoded, and their seconds: what the replica measures its drain by.
-    decode_only_steps: int = 0
-    decode_only_s: float = 0.0
-    meter: StepMeter = field(default_factory=StepMeter)
 
     @property
     def kv_used(self) -> int:
@@ -148,9 +143,6 @@ class Replica:
             + extra_s
         )
         self.steps += 1
-        if not extra_s:
-            self.decode_only_steps += 1
-            self.decode_only_s += duration
         paused, done = [], []
         for r in list(self.running):
             r.decoded += 1
@@ -180,24 +172,19 @@ def pow2_choice(replicas: Sequence[Replica], rng: random.Random) -> Replica:
     return min(pair, key=lambda r: (len(r.in_flight), r.replica_id))
 
 
-def memory_choice(
-    replicas: Sequence[Replica], request: SimRequest, costs: EngineCosts, now: float
-) -> Replica:
-    views = []
-    for r in replicas:
-        capacity = r.shape.kv_tokens * costs.kv_bytes_per_token
-        measured = r.meter.observe(now, r.decode_only_steps, r.decode_only_s)
-        views.append(
-            ReplicaView(
-                replica_id=r.replica_id,
-                kv_capacity_bytes=capacity,
-                kv_in_use_bytes=r.kv_used * costs.kv_bytes_per_token,
-                kv_paused_bytes=0.0,
-                committed_memory_time=r.committed(),
-                drain_rate=drain_rate(capacity, costs.decode_step_s, measured),
-                stats_time=0.0,
-            )
+def memory_choice(replicas: Sequence[Replica], request: SimRequest, costs: EngineCosts) -> Replica:
+    views = [
+        ReplicaView(
+            replica_id=r.replica_id,
+            kv_capacity_bytes=r.shape.kv_tokens * costs.kv_bytes_per_token,
+            kv_in_use_bytes=r.kv_used * costs.kv_bytes_per_token,
+            kv_paused_bytes=0.0,
+            committed_memory_time=r.committed(),
+            drain_rate=r.shape.kv_tokens * costs.kv_bytes_per_token,
+            stats_time=0.0,
         )
+        for r in replicas
+    ]
     placement = place(request.remaining_demand(costs), views, max_backlog_s=math.inf)
     by_id = {r.replica_id: r for r in replicas}
     return by_id[placement.replica_id or replicas[0].replica_id]
@@ -236,7 +223,7 @@ def simulate(
             if router == "pow2":
                 home = pow2_choice(fleet, rng)
             elif router == "memory":
-                home = memory_choice(fleet, item, costs, now)
+                home = memory_choice(fleet, item, costs)
             else:
                 raise ValueError(f"unknown router {router!r}")
             homes[item.request_id] = home

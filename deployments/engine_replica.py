@@ -20,7 +20,6 @@ from ray.serve.handle import DeploymentHandle
 from deployments.autoscaling import KV_PRESSURE
 from deployments.metrics import EngineStatsBoard, host_pool_gauges
 from lamps_core.call_durations import ApiEstimate, CallDurationSummary
-from lamps_core.drain import StepMeter
 from lamps_core.length_model import OutputLengthPredictor
 from lamps_core.trace import TraceScript
 from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
@@ -79,7 +78,6 @@ class EngineReplica:
         self._max_model_len = self.settings.max_model_len
         self._paused_in_tool_calls = 0
         self._requests_received = 0  # chat and trace requests routed here, since start
-        self._step_meter = StepMeter()  # engine time per decode-only step, for the router
         self._board = EngineStatsBoard(redis_url) if redis_url else None
         self._api_estimates: dict[str, float] = {}  # means, by tool and API type
         self._api_durations: dict[str, CallDurationSummary] = {}  # learned distributions
@@ -181,11 +179,6 @@ class EngineReplica:
         paused = int(ours.get("preserved_blocks") or 0) * per_block + swapped
         mean_request = in_use / snap.running_requests if snap.running_requests else 0.0
         waiting = snap.waiting_requests * mean_request  # the KV the queue will take, roughly
-        measured_step_s = self._step_meter.observe(
-            time.monotonic(),
-            int(ours.get("decode_only_steps") or 0),
-            float(ours.get("time_decode_only_step_s") or 0.0),
-        )
         committed = ours.get("committed_memory_time")
         estimated = committed is None
         if estimated:
@@ -208,10 +201,6 @@ class EngineReplica:
             "waiting_requests": snap.waiting_requests,
             "paused_in_tool_calls": self._paused_in_tool_calls,
             "costs": dict(ours.get("costs") or {}),
-            # Engine seconds per decode-only step lately (None: too few to say), against the
-            # costs' decode_step_s that committed_memory_time is priced with: the router's
-            # measured drain rate (lamps_core/drain.py).
-            "measured_step_s": measured_step_s,
             # Mean call seconds per tool: the router's forecast of a forced chat call.
             "api_estimates": dict(self._api_estimates),
             "healthy": not self._engine.errored,

@@ -42,7 +42,6 @@ from ray.serve.request_router import (
 )
 
 from lamps_core.costs import EngineCosts
-from lamps_core.drain import drain_rate
 from lamps_core.placement import (
     DEFAULT_AFFINITY_MARGIN_S,
     DEFAULT_MAX_BACKLOG_S,
@@ -131,14 +130,11 @@ def replica_view(
     *,
     affinity: bool,
     fallback_capacity: float,
-    measured_drain: bool = True,
 ) -> ReplicaView:
     """One replica's view from its `record_routing_stats` dict. A replica without statistics
     yet (just started) looks empty, at the fleet's capacity, with every send counted."""
     stats_time = float(stats.get("stats_time") or 0.0)
     capacity = float(stats.get("kv_capacity_bytes") or 0.0) or fallback_capacity
-    priced_step_s = float((stats.get("costs") or {}).get("decode_step_s") or 0.0)
-    measured = stats.get("measured_step_s") if measured_drain else None
     count, sent = ledger.since(replica_id, stats_time)
     return ReplicaView(
         replica_id=replica_id,
@@ -146,11 +142,8 @@ def replica_view(
         kv_in_use_bytes=float(stats.get("kv_in_use_bytes") or 0.0),
         kv_paused_bytes=float(stats.get("kv_paused_bytes") or 0.0),
         committed_memory_time=float(stats.get("committed_memory_time") or 0.0),
-        # At most its whole cache's worth of byte·s a second, less as its steps run slower
-        # than the costs its committed memory-time is priced with.
-        drain_rate=drain_rate(
-            capacity, priced_step_s, float(measured) if measured is not None else None
-        ),
+        # A replica retires at most its whole cache's worth of byte·s per second.
+        drain_rate=capacity,
         stats_time=stats_time,
         sent_since_stats=count,
         sent_memory_time=sent,
@@ -273,14 +266,6 @@ class RouterOptions(BaseModel):
         "request's `T_fwd` from the replicas' measured costs).",
     )
 
-    measured_drain: bool = Field(
-        default=True,
-        description="Divide each replica's backlog by its measured drain rate (capacity, less "
-        "as its decode steps run slower than priced: lamps_core/drain.py); false: by its "
-        "capacity alone (the rule before, kept for comparison: `lamps bench --router "
-        "memory-capacity`).",
-    )
-
 
 class MemoryAwareRouter(RequestRouter):
     """Serve's router API: `choose_replicas` returns ranked groups (one replica each, best
@@ -299,7 +284,6 @@ class MemoryAwareRouter(RequestRouter):
             raise ValueError(f"MemoryAwareRouter options: {exc}") from None
         self._max_backlog_s = options.max_backlog_s
         self._affinity_margin_s = options.affinity_margin_s
-        self._measured_drain = options.measured_drain
         self._ledger = SentLedger()
         self._sessions: OrderedDict[str, str] = OrderedDict()
         # The session of each request between choose_replicas and on_request_routed.
@@ -331,14 +315,7 @@ class MemoryAwareRouter(RequestRouter):
         request_id = pending_request.metadata.internal_request_id
         self._ledger.discard(request_id)
         views = [
-            replica_view(
-                rid,
-                stats,
-                self._ledger,
-                affinity=rid == sticky,
-                fallback_capacity=cap,
-                measured_drain=self._measured_drain,
-            )
+            replica_view(rid, stats, self._ledger, affinity=rid == sticky, fallback_capacity=cap)
             for rid, stats in zip(by_id, all_stats, strict=True)
         ]
         placement = place(

@@ -201,9 +201,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--router",
         help="compare Serve request routers instead of policies: ROUTER[,ROUTER...] of "
-        "lamps.bench_targets.ROUTERS (memory, memory-capacity, pow2, round-robin, hash), each on "
-        "a fleet of --replicas engine replicas running the first of --policies; ratios compare "
-        "the first router with the others",
+        "lamps.bench_targets.ROUTERS (memory, pow2, round-robin, hash), each on a fleet of "
+        "--replicas engine replicas running the first of --policies; ratios compare the first "
+        "router with the others",
     )
     parser.add_argument("--replicas", type=int, default=2, help="engine replicas of a --router run")
     parser.add_argument(

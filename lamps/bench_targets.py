@@ -272,12 +272,6 @@ ROUTERS: dict[str, dict[str, Any]] = {
         "request_router_class": "deployments.router.MemoryAwareRouter",
         "request_routing_stats_period_s": 0.5,
     },
-    # The memory router dividing by capacity alone, as before the measured drain rate.
-    "memory-capacity": {
-        "request_router_class": "deployments.router.MemoryAwareRouter",
-        "request_router_kwargs": {"measured_drain": False},
-        "request_routing_stats_period_s": 0.5,
-    },
     "pow2": {
         "request_router_class": (
             "ray.serve._private.request_router.pow_2_router.PowerOfTwoChoicesRequestRouter"

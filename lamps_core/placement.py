@@ -3,8 +3,7 @@ predicted memory-time finishes soonest, given the memory-time already committed 
 
 The unit is LAMPS's rank (`scoring.score_remaining(...).memory_time`): byte·seconds of KV cache
 a request holds over its remaining work. A replica can hold at most its KV capacity at any
-moment, so it retires at most `capacity` byte·s of memory-time per second, less when its steps
-run slower than its memory-time was priced at: its drain rate (lamps_core/drain.py).
+moment, so it retires at most `capacity` byte·s of memory-time per second: its drain rate.
 A request sent to replica `r` therefore finishes its memory-time no earlier than
 
     finish_r = (committed_r + sent_since_stats_r + own) / drain_r          (seconds)

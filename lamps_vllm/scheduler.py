@@ -253,11 +253,6 @@ class LampsScheduler(Scheduler):
             # returns: its time runs from the later of its scheduling and the last output.
             seconds = now - max(started[0], self._last_output_at)
             self.lamps_times["step_s"] += seconds
-            if not started[1]:
-                # The live decode step time, for the fleet router's drain rate
-                # (lamps_core/drain.py); the costs' figure is a median over many more steps.
-                self.lamps_counts["decode_only_steps"] += 1
-                self.lamps_times["decode_only_step_s"] += seconds
             if self.lamps_profiler.observe(started[1], started[2], seconds):
                 for policy in self._policies.values():
                     policy.update_costs(self.lamps_profiler.costs)

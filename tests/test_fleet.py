@@ -39,7 +39,6 @@ from transformers import AutoTokenizer
 
 from lamps.local_stack import RunningStack
 from lamps.model import PreparedModels
-from lamps_core.drain import WINDOW_S
 from lamps_vllm.chat_session import render_prompt
 from tests.engine_harness import tiny_settings, wait_until
 
@@ -316,27 +315,6 @@ def test_each_replica_runs_the_kv_cache_of_its_rank(fleet: Fleet) -> None:
     # keep one block back.
     for got, asked in zip(capacities, KV_BY_RANK, strict=True):
         assert asked - 2 * 64 * 1024 <= got <= asked
-
-
-def test_each_replica_measures_its_step_time_while_it_serves(fleet: Fleet) -> None:
-    """The router's drain rate (lamps_core/drain.py) reads each replica's engine time per decode
-    step, measured from its scheduler's counters over the last WINDOW_S: a figure from a
-    replica that has just decoded, none from one idle for longer (the router then uses its
-    capacity)."""
-    settle()
-    before = received()
-    with ThreadPoolExecutor(8) as pool:
-        burst = [pool.submit(post, fleet.url, "/v1/traces", trace(40, 24)) for _ in range(8)]
-        assert [f.result().status_code for f in burst] == [200] * 8
-    stats = engine_stats()
-    placed = delta(before, {rid: s["requests_received"] for rid, s in stats.items()})
-    for rid, s in stats.items():
-        measured = s["measured_step_s"]
-        if placed[rid]:  # 24 decode steps at least, seconds ago
-            assert measured is not None and 0 < measured < 5, (rid, measured)
-    assert any(placed.values())
-    time.sleep(WINDOW_S + 1)
-    assert all(s["measured_step_s"] is None for s in engine_stats().values())
 
 
 def test_a_replica_holding_preserved_calls_gets_fewer_new_requests(fleet: Fleet) -> None:

@@ -187,20 +187,6 @@ def test_router_options_are_checked() -> None:
             make_router(**bad)
 
 
-def test_a_replica_stepping_slower_than_priced_is_ranked_by_its_measured_rate() -> None:
-    """`a` has the smaller backlog but measures 50 ms a decode step where its costs price 10:
-    it retires its backlog at a fifth of its capacity, so `b` finishes sooner; the router
-    told to divide by capacity alone (`measured_drain: false`) still picks `a`."""
-
-    async def main(**options: Any) -> list[str]:
-        router = make_router(**options)
-        replicas = [replica("a", 1.0, measured_step_s=0.05), replica("b", 2.0)]
-        return ids(await router.choose_replicas(replicas, trace_request(0)))  # type: ignore[arg-type]
-
-    assert asyncio.run(main()) == ["b", "a"]
-    assert asyncio.run(main(measured_drain=False)) == ["a", "b"]
-
-
 def test_unhealthy_and_preserved_replicas_rank_last_or_not_at_all() -> None:
     async def main() -> list[str]:
         router = make_router()
@@ -292,7 +278,6 @@ def test_engine_replica_reports_its_kv_and_its_commitment() -> None:
     from types import SimpleNamespace
 
     from deployments.engine_replica import ROUTING_HORIZON_S, EngineReplica
-    from lamps_core.drain import StepMeter
     from lamps_vllm.stats import EngineStatsSnapshot
 
     snap = EngineStatsSnapshot(
@@ -312,9 +297,7 @@ def test_engine_replica_reports_its_kv_and_its_commitment() -> None:
     replica_._replica_id = "r1"
     replica_._requests_received = 7
     replica_._api_estimates = {"calculator": 0.5}
-    replica_._step_meter = StepMeter()
     stats = replica_.record_routing_stats()
-    assert stats["measured_step_s"] is None  # no decode step yet
     block = 16 * 1000
     assert stats["kv_capacity_bytes"] == 100 * block
     assert stats["kv_in_use_bytes"] == 30 * block
@@ -331,9 +314,6 @@ def test_engine_replica_reports_its_kv_and_its_commitment() -> None:
     snap.scheduler["committed_memory_time"] = 123.0
     stats = replica_.record_routing_stats()
     assert (stats["committed_memory_time"], stats["committed_estimated"]) == (123.0, False)
-    # 20 decode-only steps in 1.2 s of engine time since the last report: the drain's measure.
-    snap.scheduler |= {"decode_only_steps": 20, "time_decode_only_step_s": 1.2}
-    assert replica_.record_routing_stats()["measured_step_s"] == pytest.approx(0.06)
 
 
 def test_a_forced_chat_call_is_priced_by_the_replicas_tool_estimates() -> None:
