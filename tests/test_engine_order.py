@@ -161,8 +161,15 @@ def test_heavy_request_waits_no_longer_than_the_starvation_bound(serial: EngineH
     unguarded_wait, served = heavy_wait_under_a_stream(serial, "lamps-unguarded")
     # Unguarded, the memory ranking keeps putting the light requests first.
     assert unguarded_wait > 3 * BOUND_S
+    before = dict(serial.stats.scheduler)
     guarded_wait, served = heavy_wait_under_a_stream(serial, "lamps-guarded")
+    after = serial.stats.scheduler
     # Promoted at the first re-rank past the bound (every 10 steps), it starts once the light
-    # request running then is done.
-    rerank_s = 10 * serial.stats.scheduler["costs"]["decode_step_s"]
-    assert guarded_wait <= BOUND_S + rerank_s + 2 * served + 0.25
+    # request running then is done. Ten steps at the mean step time of this run, not at the
+    # profile's median: a busy machine slows every step (the profile's figure once gave a bound
+    # of 1.71 s against a wait of 1.95 s, with a simulation running beside the suite).
+    mean_step_s = (after["time_step_s"] - before["time_step_s"]) / max(
+        1, after["decode_steps"] - before["decode_steps"]
+    )
+    rerank_s = 10 * max(mean_step_s, after["costs"]["decode_step_s"])
+    assert guarded_wait <= BOUND_S + rerank_s + 2 * served + 0.25, (guarded_wait, rerank_s, served)
