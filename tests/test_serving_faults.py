@@ -253,12 +253,13 @@ def test_merge_keeps_what_redis_no_longer_has() -> None:
 
 
 def engine_processes() -> dict[int, str]:
-    """Every process the engine replicas started (the engine core, its workers, their helpers),
-    pid -> name: the replica actors' descendants. Found by parentage, not by name: the engine
-    core's title ("VLLM::EngineCore") was missing in some runs, where a scan by name saw none."""
+    """Every process this app's engine replicas started (the engine core, its workers, their
+    helpers), pid -> name: the replica actors' descendants. Found by parentage, not by name: the
+    engine core's title ("VLLM::EngineCore") was missing in some runs, where a scan by name saw
+    none. Ray titles a replica's actor process `ray::ServeReplica:<app>:<deployment>`."""
     found: dict[int, str] = {}
     for p in psutil.process_iter(["cmdline"]):
-        if "EngineReplica" not in " ".join(p.info["cmdline"] or []):
+        if f"ServeReplica:{APP}:EngineReplica" not in " ".join(p.info["cmdline"] or []):
             continue
         with contextlib.suppress(psutil.Error):
             for child in p.children(recursive=True):
