@@ -35,6 +35,7 @@ from lamps.bench import (
     collector_paused,
     noisy_runs,
     parse_policies,
+    replot,
     report,
     run_all,
     run_routers,
@@ -509,7 +510,7 @@ def test_a_run_cut_short_still_merges_and_replots(tmp_path: Path) -> None:
     it finished (runs.partial.jsonl): both bench-merge and bench-plot read them as a run."""
     import argparse
 
-    from lamps.bench import keep_partial, replot, write_started
+    from lamps.bench import keep_partial, write_started
     from lamps.bench_merge import MergeError, merge_runs
 
     first = _run_dir(tmp_path, "a", "memory,pow2", {"memory": 4.0, "pow2": 8.0})
@@ -553,8 +554,6 @@ def test_bench_merge_pairs_one_router_runs_into_rounds(tmp_path: Path) -> None:
     assert (ratio["base"], ratio["other"]) == ("memory", "pow2")
     assert ratio["ratio"]["per_round"] == pytest.approx([0.5, 0.5])
     assert body["config"]["command"]["router"] == "memory,pow2"
-    from lamps.bench import replot
-
     alone = replot(runs[0])  # a one-router run's own table: where its time goes, no ratios
     assert "/ other" not in alone and "where the mean latency goes" in alone
 
