@@ -1,7 +1,7 @@
 """What-if for issue 10: where could the memory router beat Serve's power of two choices?
 
 A discrete-event model of a fleet of engine replicas, each a continuous-batching server with a
-KV budget, fed a `lamps_core.workloads` trace through one of two routers:
+KV budget, fed a `bench.workloads` trace through one of two routers:
 
 - `pow2`: Serve's default, two replicas drawn at random, the one with fewer requests in flight
   (a request in a call counts: it is one Serve request through its calls);
@@ -34,10 +34,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from bench.workloads import get_workload
 from lamps_core.costs import EngineCosts
 from lamps_core.placement import Demand, ReplicaView, place, script_demand
 from lamps_core.trace import TraceScript
-from lamps_core.workloads import get_workload
 
 # The bench GPU engine's shape (cluster/serve-bench-gpu.yaml: Llama-3-8B, bf16, 16 GiB of KV,
 # 256 sequences, 2,048 batched tokens); the step costs are assumptions of this model. These are

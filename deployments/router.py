@@ -41,6 +41,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
+from lamps_core.api_types import CHARS_PER_TOKEN  # a prompt's length without its tokenizer
 from lamps_core.costs import EngineCosts
 from lamps_core.placement import (
     DEFAULT_AFFINITY_MARGIN_S,
@@ -52,7 +53,6 @@ from lamps_core.placement import (
     place,
     script_demand,
 )
-from lamps_core.workloads import CHARS_PER_TOKEN  # a prompt's length without its tokenizer
 
 if TYPE_CHECKING:
     from ray.serve._private.common import RequestMetadata

@@ -46,9 +46,7 @@ from bench.results import (
     write_request_results,
     write_results,
 )
-from lamps_core.policies import POLICY_NAMES
-from lamps_core.predictors import PREDICTOR_KINDS
-from lamps_core.workloads import (
+from bench.workloads import (
     CHARS_PER_TOKEN,
     Trace,
     TraceFormatError,
@@ -59,6 +57,8 @@ from lamps_core.workloads import (
     with_poisson_arrivals,
     with_time_scale,
 )
+from lamps_core.policies import POLICY_NAMES
+from lamps_core.predictors import PREDICTOR_KINDS
 
 if TYPE_CHECKING:  # the engine's modules load only when a run starts, not for --help
     from lamps.bench_targets import ReplayTarget
@@ -105,7 +105,7 @@ NOISY_SHARE = 0.20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, help="a trace file (INFERCEPT/MARS format)")
-    source.add_argument("--workload", help="a generated workload: see lamps_core.workloads")
+    source.add_argument("--workload", help="a generated workload: see bench.workloads")
     parser.add_argument(
         "--policies",
         default="lamps,infercept,vllm,sjf",
@@ -228,7 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_trace_file(
     args: argparse.Namespace, count_tokens: Callable[[str], int] | None = None
 ) -> Trace:
-    """The `--trace` file as read: text counted, artifact quirks handled (lamps_core.workloads)."""
+    """The `--trace` file as read: text counted, artifact quirks handled (bench.workloads)."""
     return read_trace(
         args.trace,
         count_tokens=count_tokens,

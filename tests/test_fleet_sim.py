@@ -5,8 +5,8 @@ budget preempts."""
 from __future__ import annotations
 
 from bench.fleet_sim import ReplicaShape, latency_summary, simulate
+from bench.workloads import get_workload
 from lamps_core.trace import TraceScript, TraceSegment
-from lamps_core.workloads import get_workload
 
 
 def script(prompt: int, decode: int, calls: int, call_s: float) -> TraceScript:

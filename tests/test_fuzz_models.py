@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
+from bench.workloads import SIDECAR_FORMAT, TraceFormatError, read_trace, sidecar_path
 from lamps_core.trace import TraceScript, TraceSegment
-from lamps_core.workloads import SIDECAR_FORMAT, TraceFormatError, read_trace, sidecar_path
 
 # Every example must parse in well under this (a hang or a blow-up fails the test).
 DEADLINE_MS = 2000

@@ -1,4 +1,4 @@
-"""The INFERCEPT/MARS artifacts' trace files read as they are (lamps_core.workloads.read_trace and
+"""The INFERCEPT/MARS artifacts' trace files read as they are (bench.workloads.read_trace and
 the rest of what `lamps bench --trace` does with them before an engine starts)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lamps.bench import add_arguments, build_traces
-from lamps_core.workloads import (
+from bench.workloads import (
     CHARS_PER_TOKEN,
     Trace,
     TraceFormatError,
@@ -21,6 +20,7 @@ from lamps_core.workloads import (
     toolbench_like,
     with_time_scale,
 )
+from lamps.bench import add_arguments, build_traces
 
 
 def words(text: str) -> int:

@@ -1,4 +1,4 @@
-"""Trace files and workload generators (lamps_core.workloads)."""
+"""Trace files and workload generators (bench.workloads)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from lamps_core.workloads import (
+from bench.workloads import (
     AUGMENTATION_TYPES,
     TOOLBENCH,
     WORKLOADS,

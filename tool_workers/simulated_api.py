@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, create_model, model_validator
 
-from lamps_core.workloads import AUGMENTATION_TYPES, TOOLBENCH_TOOLS
+from lamps_core.api_types import AUGMENTATION_TYPES, TOOLBENCH_TOOLS
 from tool_workers.tools import Tool, ToolArgs, ToolOutput
 
 __all__ = [
