@@ -26,7 +26,7 @@ from lamps_vllm.chat_session import ChatEvent, ChatPlan, run_chat
 from lamps_vllm.config import LengthModelConfig
 from lamps_vllm.engine import EngineSettings, start_engine, warm_up
 from lamps_vllm.errors import UnknownPolicyVariantError, unknown_variant_message
-from lamps_vllm.holds import expire_holds
+from lamps_vllm.holds import HoldControl
 from lamps_vllm.trace_replay import TraceOutcome, run_trace
 from tool_workers.simulated_api import SimulatedApi
 from tool_workers.stats import (
@@ -41,7 +41,7 @@ from tool_workers.worker import recorded_name
 
 logger = logging.getLogger(__name__)
 
-# How often an idle engine's holds are checked against `max_preserve_s` (_expire_idle_holds).
+# How often an idle engine's holds are checked against their deadlines (_expire_idle_holds).
 HOLD_EXPIRY_CHECK_S = 30.0
 # A tool worker's own deadline for a call is the tool's timeout; we wait this much longer
 # (its Redis record, Ray's round trip) before giving up on a worker that does not answer.
@@ -69,6 +69,8 @@ class EngineReplica:
         self._tool_stats = ToolStatsStore(redis_url) if redis_url else None
         self._replica_id = _replica_id()
         self._engine, self._stats = await start_engine(self.settings)
+        # The engine's hold table, where the plugin runs: every request ends by telling it.
+        self._holds = HoldControl(self._engine) if self.settings.scheduler is not None else None
         # None without a tokenizer (`skip_tokenizer_init`: trace replay of token ids only);
         # vLLM 0.26 raises where 0.27 answers None.
         self._tokenizer = (
@@ -83,6 +85,7 @@ class EngineReplica:
         self._api_durations: dict[str, CallDurationSummary] = {}  # learned distributions
         # What the scheduler is sent with every request: both of the above, built at refresh.
         self._scheduler_estimates: dict[str, ApiEstimate] = {}
+        self._estimates_version = 0  # raised at every change: the engine keeps the newest
         self._background = [
             asyncio.create_task(self._publish_stats(self._replica_id)),
             asyncio.create_task(self._refresh_api_estimates()),
@@ -91,8 +94,7 @@ class EngineReplica:
         self._lengths: OutputLengthPredictor | None = None
         self._lengths_path: Path | None = None
         if self.settings.scheduler is not None:
-            expiry = self._expire_idle_holds(self.settings.scheduler.max_preserve_s)
-            self._background.append(asyncio.create_task(expiry))
+            self._background.append(asyncio.create_task(self._expire_idle_holds()))
             length_config = self.settings.scheduler.length_model
             self._lengths, self._lengths_path = load_length_predictor(length_config)
             self._background.append(asyncio.create_task(self._refit_lengths(length_config)))
@@ -102,10 +104,17 @@ class EngineReplica:
         self._requests_received += 1
         # Means and learned distributions (RequestMeta.api_estimates validates both).
         plan.api_estimates = self._scheduler_estimates or None
+        plan.api_estimates_version = self._estimates_version
         names = (t["function"]["name"] for t in plan.tools)
         plan.call_timeouts_s = {name: self._call_limit_s(name) for name in names}
         async for event in run_chat(
-            self._engine, self._tokenizer, self._max_model_len, plan, self._call_tool, self._lengths
+            self._engine,
+            self._tokenizer,
+            self._max_model_len,
+            plan,
+            self._call_tool,
+            self._lengths,
+            self._holds,
         ):
             yield event
 
@@ -129,6 +138,8 @@ class EngineReplica:
             policy_variant,
             self._scheduler_estimates or None,  # means and distributions, as in `chat`
             self._call_limit_s(SimulatedApi.name),
+            self._holds,
+            self._estimates_version,
         )
 
     def _check_variant(self, label: str | None) -> None:
@@ -242,6 +253,12 @@ class EngineReplica:
             "path": str(self._lengths_path) if self._lengths_path else None,
         }
 
+    async def holds(self) -> dict[str, int]:
+        """What the engine holds for paused requests now, and its blocks in use and host-pool
+        bytes, read from the engine itself (not the last step's statistics). Empty without
+        the scheduler plugin."""
+        return await self._holds.snapshot() if self._holds is not None else {}
+
     def scheduler_stats(self) -> dict[str, Any]:
         """The scheduler plugin's figures: policy, engine costs, strategy counts, held memory."""
         return dict(self._stats.snapshot.scheduler)
@@ -314,27 +331,27 @@ class EngineReplica:
                 estimates = await self._tools.estimates.remote()
                 self._api_estimates = merge_estimates(self._api_estimates, estimates)
                 self._api_durations = merge_distributions(self._api_durations, estimates)
-                self._scheduler_estimates = engine_api_estimates(
-                    self._api_estimates, self._api_durations
-                )
+                scheduler_estimates = engine_api_estimates(self._api_estimates, self._api_durations)
+                if scheduler_estimates != self._scheduler_estimates:
+                    self._scheduler_estimates = scheduler_estimates
+                    self._estimates_version += 1
             except Exception as exc:  # Redis or the worker down: keep the last estimates
                 logger.warning("cannot refresh tool duration estimates: %s", exc)
             await asyncio.sleep(API_ESTIMATES_REFRESH_S)
 
-    async def _expire_idle_holds(self, max_preserve_s: float) -> None:
-        """`max_preserve_s` on a timer: the plugin checks it when the engine steps, so an idle
-        engine would keep a hold whose continuation never came. While the last statistics show
-        holds (device or host pool) and nothing running or waiting, ask the engine to let go of
-        those past the limit."""
+    async def _expire_idle_holds(self) -> None:
+        """Deadlines on a timer: the plugin checks its holds' deadlines when the engine steps,
+        so an idle engine would keep a hold whose continuation never came. While the last
+        statistics show holds and nothing running or waiting, ask the engine (a utility call)
+        to let go of those past their deadline."""
         while True:
             await asyncio.sleep(HOLD_EXPIRY_CHECK_S)
             snap = self._stats.snapshot
-            ours = snap.scheduler
-            held = ours.get("preserved_requests") or (ours.get("swap") or {}).get("entries")
-            if not held or snap.running_requests or snap.waiting_requests:
+            if not snap.scheduler.get("holds") or snap.running_requests or snap.waiting_requests:
                 continue
             try:
-                await expire_holds(self._engine, max_preserve_s)
+                assert self._holds is not None
+                await self._holds.expire()
             except Exception:  # the engine is gone: then nothing is held either
                 logger.warning("could not ask the engine to expire its holds", exc_info=True)
 

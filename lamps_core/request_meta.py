@@ -70,6 +70,13 @@ class RequestMeta(BaseModel):
         "equal-mass atoms, `CallDurationSummary`). How the scheduler's predictions learn "
         "durations.",
     )
+    api_estimates_version: int | None = Field(
+        default=None,
+        ge=0,
+        description="The serving layer's version of `api_estimates`, raised each time they "
+        "change: the engine installs estimates only newer than those it has, so a segment of an "
+        "older request never puts older estimates back.",
+    )
     predicted_decode_tokens: int | None = Field(
         default=None,
         ge=1,
@@ -93,21 +100,6 @@ class RequestMeta(BaseModel):
         description="Label of one of the engine's policy variants (built at its start-up from "
         "its config) to schedule this request instead of its default: lets a benchmark run "
         "several policies one after another on one engine. An unknown label gets the default.",
-    )
-    release_held: bool = Field(
-        default=False,
-        description="This engine request only tells the engine to let go, at once, of the KV it "
-        "holds for `request_id` (preserved, kept or swapped out): the client went away during a "
-        "call. The serving layer sends it for its own requests only.",
-    )
-    expire_holds_after_s: float | None = Field(
-        default=None,
-        gt=0,
-        allow_inf_nan=False,
-        description="This engine request only tells the engine to let go, now, of every hold "
-        "(preserved, kept or swapped out) older than this: `max_preserve_s` applied on the "
-        "serving layer's timer, since the engine checks it only when it steps and an idle "
-        "engine does not. Sent by the serving layer only.",
     )
     reprofile: bool = Field(
         default=False,

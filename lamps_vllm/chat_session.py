@@ -1,10 +1,7 @@
-"""One augmented chat request driven through the engine: generate; when the model calls a tool,
-pause, run the tool, append its result to the conversation and resume; until the model answers
-or the request's call limit is reached.
-
-Each stretch of generation between two calls is one engine request (a segment). Between segments
-the request holds no engine state of its own: what its KV cache does meanwhile is the scheduler
-policy's decision, taken in the engine when the segment ends.
+"""A chat request as the driver of augmented requests (`augmented_request.drive`) runs it: each
+segment's prompt is the conversation so far, rendered by the chat template; when the model calls
+a tool, the call runs, its result joins the conversation and the next segment resumes, until the
+model answers or a limit (tokens, context, calls) is reached.
 """
 
 from __future__ import annotations
@@ -12,20 +9,21 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from lamps_core.call_durations import ApiEstimate
 from lamps_core.length_model import LengthForecast, SegmentContext, forecast_call
 from lamps_core.request_meta import MAX_PREDICTED_DECODE_TOKENS, RequestMeta
+from lamps_vllm.augmented_request import Call, CallTool, NextSegment, SegmentRun, drive
 from lamps_vllm.errors import PromptTooLongError
-from lamps_vllm.holds import released_if_abandoned
+from lamps_vllm.holds import HoldControl
 from lamps_vllm.tool_calls import (
     TOOL_CALL_END,
     ParsedToolCall,
@@ -39,9 +37,6 @@ from lamps_vllm.tool_calls import (
 from tool_workers.tools import ToolResult
 
 logger = logging.getLogger(__name__)
-
-# (tool name, arguments, name to record the call's statistics under) -> result; never raises.
-CallTool = Callable[[str, dict[str, Any], str | None], Awaitable[ToolResult]]
 
 
 class SegmentLengths(Protocol):
@@ -70,6 +65,7 @@ class ChatPlan:
     # Set by the engine replica: what the tool workers' records say calls take (by tool), and
     # the longest a call of each tool can last there (its timeout and the replica's grace).
     api_estimates: dict[str, ApiEstimate] | None = None
+    api_estimates_version: int | None = None  # raised by the replica at every change
     call_timeouts_s: dict[str, float] | None = None
     # Server-side only (benchmarks): the engine's policy variant to schedule this request with
     # (`RequestMeta.policy_variant`). The ingress never sets it, so no client can pick a policy.
@@ -126,98 +122,136 @@ async def run_chat(
     plan: ChatPlan,
     call_tool: CallTool,
     lengths: SegmentLengths | None = None,
+    holds: HoldControl | None = None,
 ) -> AsyncIterator[ChatEvent]:
     """Yield text deltas and tool executions as they happen, then the outcome. With `lengths`,
     each segment's engine request carries its forecast decode length
-    (`RequestMeta.predicted_decode_tokens`) and each completed segment is reported to it."""
-    parser = Hermes2ProToolParser(tokenizer)
-    messages = list(plan.messages)
-    executions: list[ToolExecution] = []
-    text_parts: list[str] = []
-    prompt_tokens = completion_tokens = cached_tokens = 0
-    first_token_time: float | None = None
-    waited_s = 0.0  # by the earlier segments, for the starvation guard
-    finish_reason = "stop"
+    (`RequestMeta.predicted_decode_tokens`) and each completed segment is reported to it.
+    `holds`: the engine's hold table, told when the request is over (None: no plugin)."""
+    chat = ChatConversation(tokenizer, max_model_len, plan, lengths)
+    async for event in drive(engine, plan.request_id, chat, call_tool, holds):
+        yield event
 
-    async with released_if_abandoned(engine, plan.request_id):
-        for segment in range(plan.max_tool_calls + 1):
-            mode = _segment_mode(plan, segment, calls_made=len(executions))
-            prompt_ids = render_prompt(tokenizer, messages, plan.tools if mode != "none" else None)
-            room = max_model_len - len(prompt_ids)
-            if room < 1:
-                if segment == 0:
-                    raise PromptTooLongError(
-                        f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                        f"{max_model_len} tokens"
-                    )
-                finish_reason = "length"  # tool results filled the context
-                break
-            budget = min(plan.max_tokens - completion_tokens, room)
-            if budget < 1:
-                finish_reason = "length"
-                break
-            ends = call_end_token_ids(tokenizer) if mode == "auto" else None
-            context = predicted = forecast_tool = None
-            if lengths is not None:
-                context = _segment_context(plan, messages, mode, segment)
-                predicted, forecast_tool = _forecast(lengths, context, budget)
-            params = _sampling_params(
-                plan, mode, budget, segment, waited_s, ends, predicted, forecast_tool
-            )
-            prompt_tokens = prompt_tokens or len(prompt_ids)
 
-            shown = 0
-            final = None
-            submitted, segment_first_token = time.time(), None
-            async for output in engine.generate(
-                TokensPrompt(prompt_token_ids=prompt_ids), params, f"{plan.request_id}-s{segment}"
-            ):
-                final = output.outputs[0]
-                if segment_first_token is None and final.token_ids:
-                    segment_first_token = time.time()
-                    first_token_time = first_token_time or segment_first_token
-                if mode in ("none", "auto"):
-                    visible = visible_prefix(final.text) if mode == "auto" else final.text
-                    if len(visible) > shown:
-                        yield TextDelta(visible[shown:])
-                        shown = len(visible)
-            assert final is not None
-            if segment == 0:  # the prompt the usage reports is the first segment's
-                cached_tokens = output.num_cached_tokens or 0
-            completion_tokens += len(final.token_ids)
-            waited_s += (segment_first_token or time.time()) - submitted
+class ChatConversation:
+    """A chat request as the driver runs it (`augmented_request.Conversation`): each segment's
+    prompt is the conversation rendered by the chat template; a segment ends in a call when the
+    model wrote one (forced by `tool_choice` on the first turn, or on its own in `auto` turns)."""
 
-            call = _parse_call(mode, final.text, parser)
-            if lengths is not None and context is not None:
-                truncated = final.finish_reason == "length"
-                _observe(lengths, context, len(final.token_ids), call, truncated)
-            if call is None:
-                text_parts.append(final.text)
-                finish_reason = final.finish_reason or "stop"
-                break
-            if call.content:
-                text_parts.append(call.content)
-            execution = ToolExecution(
-                call_id=f"call_{uuid.uuid4().hex[:24]}",
-                name=call.name,
-                arguments=call.arguments,
-                result=await call_tool(call.name, call.arguments, None),
-                segment_index=segment,
-            )
-            executions.append(execution)
-            yield execution
-            messages += _conversation_turns(call, execution)
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_model_len: int,
+        plan: ChatPlan,
+        lengths: SegmentLengths | None,
+    ) -> None:
+        self._tokenizer = tokenizer
+        self._max_model_len = max_model_len
+        self._plan = plan
+        self._lengths = lengths
+        self._parser = Hermes2ProToolParser(tokenizer)
+        self._messages = list(plan.messages)
+        self._offered = {t["function"]["name"] for t in plan.tools}
+        self._executions: list[ToolExecution] = []
+        self._text_parts: list[str] = []
+        self._prompt_tokens = self._completion_tokens = self._cached_tokens = 0
+        self._first_token_time: float | None = None
+        self._finish_reason = "stop"
+        # Of the segment under way:
+        self._mode: ToolMode = "none"
+        self._context: SegmentContext | None = None
+        self._shown = 0
+        self._call: ParsedToolCall | None = None
 
-    yield ChatOutcome(
-        text="".join(text_parts),
-        finish_reason=finish_reason,
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion_tokens,
-        tool_executions=executions,
-        segments=len(executions) + 1,
-        first_token_time=first_token_time,
-        cached_tokens=cached_tokens,
-    )
+    def next_segment(self, index: int, waited_s: float) -> NextSegment | None:
+        plan = self._plan
+        mode = _segment_mode(plan, index, calls_made=len(self._executions))
+        prompt_ids = render_prompt(
+            self._tokenizer, self._messages, plan.tools if mode != "none" else None
+        )
+        room = self._max_model_len - len(prompt_ids)
+        if room < 1:
+            if index == 0:
+                raise PromptTooLongError(
+                    f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                    f"{self._max_model_len} tokens"
+                )
+            self._finish_reason = "length"  # tool results filled the context
+            return None
+        budget = min(plan.max_tokens - self._completion_tokens, room)
+        if budget < 1:
+            self._finish_reason = "length"
+            return None
+        ends = call_end_token_ids(self._tokenizer) if mode == "auto" else None
+        self._context = predicted = forecast_tool = None
+        if self._lengths is not None:
+            self._context = _segment_context(plan, self._messages, mode, index)
+            predicted, forecast_tool = _forecast(self._lengths, self._context, budget)
+        params = _sampling_params(
+            plan, mode, budget, index, waited_s, ends, predicted, forecast_tool
+        )
+        self._prompt_tokens = self._prompt_tokens or len(prompt_ids)
+        self._mode, self._shown = mode, 0
+        return NextSegment(prompt_ids, params)
+
+    def on_output(self, output: RequestOutput) -> Iterable[ChatEvent]:
+        if self._mode not in ("none", "auto"):
+            return ()  # a forced call is not text the client reads
+        text = output.outputs[0].text
+        visible = visible_prefix(text) if self._mode == "auto" else text
+        if len(visible) <= self._shown:
+            return ()
+        delta, self._shown = visible[self._shown :], len(visible)
+        return (TextDelta(delta),)
+
+    def call_in(self, segment: SegmentRun) -> Call | None:
+        if segment.index == 0:  # the prompt the usage reports is the first segment's
+            self._cached_tokens = segment.cached_tokens
+        self._first_token_time = self._first_token_time or segment.first_token_at
+        self._completion_tokens += len(segment.output.outputs[0].token_ids)
+        call = _parse_call(self._mode, segment.text, self._parser)
+        if self._lengths is not None and self._context is not None:
+            truncated = segment.finish_reason == "length"
+            _observe(self._lengths, self._context, len(segment.token_ids), call, truncated)
+        self._call = call
+        if call is None:
+            self._text_parts.append(segment.text)
+            self._finish_reason = segment.finish_reason or "stop"
+            return None
+        if call.content:
+            self._text_parts.append(call.content)
+        refused = None
+        if call.name not in self._offered:
+            # The model wrote a call to a tool this request did not offer: not run, whatever
+            # the server could run; the model reads why.
+            refused = f"tool {call.name[:64]!r} was not offered in this request"
+        return Call(call.name, call.arguments, refused=refused)
+
+    def on_result(self, segment: SegmentRun, call: Call, result: ToolResult) -> Iterable[ChatEvent]:
+        parsed = self._call
+        assert parsed is not None
+        execution = ToolExecution(
+            call_id=f"call_{uuid.uuid4().hex[:24]}",
+            name=call.name,
+            arguments=call.arguments,
+            result=result,
+            segment_index=segment.index,
+        )
+        self._executions.append(execution)
+        self._messages += _conversation_turns(parsed, execution)
+        return (execution,)
+
+    def outcome(self) -> ChatOutcome:
+        return ChatOutcome(
+            text="".join(self._text_parts),
+            finish_reason=self._finish_reason,
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            tool_executions=self._executions,
+            segments=len(self._executions) + 1,
+            first_token_time=self._first_token_time,
+            cached_tokens=self._cached_tokens,
+        )
 
 
 def _segment_context(
@@ -301,6 +335,7 @@ def _sampling_params(
         api_type=api_type,
         call_timeout_s=_call_timeout_s(plan, mode, names),
         api_estimates=plan.api_estimates,
+        api_estimates_version=plan.api_estimates_version,
         # Computed here from the conversation, never taken from the client.
         predicted_decode_tokens=predicted_decode_tokens,
         predicted_call_tool=predicted_call_tool if mode == "auto" else None,

@@ -1,80 +1,54 @@
-"""Nothing held for a request outlives it: when an augmented request ends early (its client went
-away, a tool failed, the request was cancelled), the engine is told at once to let go of the KV it
-holds for it (preserved or kept blocks, a swapped-out copy in the host pool), instead of holding it
-until `max_preserve_s`.
+"""The serving layer's side of the engine's hold table (`hold_table.py`): vLLM utility calls to
+the scheduler plugin in the engine-core process, never generate requests, so they are neither
+ranked, nor admission-gated, nor prefilled, and they answer.
 
-The message is an engine request of one token whose `RequestMeta.release_held` names the
-augmented request: the scheduler plugin releases the holds when the request is added, in the
-engine-core process that owns them, whatever vLLM version carries it. The serving layer sends it
-only for its own (server-issued) request ids.
+- `done(id)`: augmented request `id` is over; whatever is held for it goes now. `drive` sends it
+  when every request ends, however it ends.
+- `expire()`: let go of every hold past its deadline now. The engine checks deadlines when it
+  steps; an idle engine does not step, so the replica asks on a timer.
+- `snapshot()`: what is held (holds, device blocks, host holds) and the engine's own counts of
+  blocks in use and host-pool bytes, read now (statistics are only made when the engine steps).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
-import uuid
-from collections.abc import AsyncIterator
+from typing import Any
 
-from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
 from vllm.v1.engine.async_llm import AsyncLLM
-
-from lamps_core.request_meta import RequestMeta
 
 logger = logging.getLogger(__name__)
 
-_RELEASE_PROMPT = [1000]  # any token id the vocabulary has; the answer is thrown away
-_pending: set[asyncio.Task[None]] = set()  # releases under way (kept referenced until done)
+# The EngineCore method the scheduler plugin installs (`scheduler.install_control`).
+CONTROL_METHOD = "lamps_control"
+DONE_TIMEOUT_S = 10.0  # an engine that does not answer this fast is failing anyway
 
 
-async def _send_control(engine: AsyncLLM, meta: RequestMeta, engine_request_id: str) -> None:
-    """One-token request whose only purpose is to carry `meta`'s instruction to the scheduler
-    plugin; the plugin acts on it when the request arrives."""
-    params = SamplingParams(max_tokens=1, extra_args=meta.to_extra_args())
-    async for _ in engine.generate(
-        TokensPrompt(prompt_token_ids=_RELEASE_PROMPT), params, engine_request_id
-    ):
-        pass
+class HoldControl:
+    def __init__(self, engine: AsyncLLM) -> None:
+        self._engine = engine
+        self._pending: set[asyncio.Task[None]] = set()  # kept referenced until done
 
+    async def _call(self, command: str, argument: str | float | None = None) -> Any:
+        return await self._engine.engine_core.call_utility_async(
+            CONTROL_METHOD, command, argument
+        )
 
-async def release_held(engine: AsyncLLM, request_id: str) -> None:
-    meta = RequestMeta(request_id=request_id, arrival_time=time.time(), release_held=True)
-    await _send_control(engine, meta, f"{request_id}-release-{uuid.uuid4().hex[:8]}")
-
-
-async def expire_holds(engine: AsyncLLM, older_than_s: float) -> None:
-    """Tell the engine to let go of every hold older than `older_than_s`, now: what it does
-    only when it steps (`max_preserve_s`), for an engine that has gone idle."""
-    meta = RequestMeta(
-        request_id=f"expire-{uuid.uuid4().hex[:8]}",
-        arrival_time=time.time(),
-        expire_holds_after_s=older_than_s,
-    )
-    await _send_control(engine, meta, meta.request_id)
-
-
-def _send_release(engine: AsyncLLM, request_id: str) -> None:
-    async def send() -> None:
+    async def done(self, request_id: str) -> None:
         try:
-            await release_held(engine, request_id)
+            await asyncio.wait_for(self._call("done", request_id), DONE_TIMEOUT_S)
         except Exception:  # the engine is gone too: then nothing is held either
-            logger.warning("could not release the KV held for %s", request_id, exc_info=True)
+            logger.warning("could not end the holds of %s", request_id, exc_info=True)
 
-    task = asyncio.get_running_loop().create_task(send())
-    _pending.add(task)
-    task.add_done_callback(_pending.discard)
+    def done_soon(self, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.done(request_id))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
+    async def expire(self, at: float | None = None) -> int:
+        """Holds whose deadline is past at `at` (time.time(); default now) go; how many."""
+        return int(await self._call("expire", at))
 
-@contextlib.asynccontextmanager
-async def released_if_abandoned(engine: AsyncLLM, request_id: str) -> AsyncIterator[None]:
-    """Around an augmented request's whole life (generate, pause, call, resume): if it ends by
-    an exception or a cancellation, whatever the engine holds for it is released. The release
-    runs as a task of its own, so a cancelled caller does not wait for it."""
-    try:
-        yield
-    except BaseException:
-        _send_release(engine, request_id)
-        raise
+    async def snapshot(self) -> dict[str, int]:
+        return dict(await self._call("snapshot"))

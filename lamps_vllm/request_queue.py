@@ -42,6 +42,13 @@ class PolicyRequestQueue(RequestQueue):
             raise IndexError("pop from an empty queue")
         return heapq.heappop(self._heap)[2]
 
+    def head_entry(self) -> tuple[Priority, int]:
+        """The head's rank and insertion number: how two queues of one policy compare heads."""
+        if not self._heap:
+            raise IndexError("peek from an empty queue")
+        priority, number, _ = self._heap[0]
+        return priority, number
+
     def peek_request(self) -> Request:
         if not self._heap:
             raise IndexError("peek from an empty queue")

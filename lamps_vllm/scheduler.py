@@ -52,6 +52,8 @@ from lamps_core.predictors import Predictor, ToolEstimatePredictor
 from lamps_core.request_meta import RequestMeta
 from lamps_core.scoring import committed_memory_time
 from lamps_vllm.config import SchedulerPluginConfig
+from lamps_vllm.hold_table import Hold, HoldTable
+from lamps_vllm.holds import CONTROL_METHOD
 from lamps_vllm.parent_watch import exit_with_parent
 from lamps_vllm.profiling import StepProfiler, cost_cache_file, host_copy_seconds_per_byte
 from lamps_vllm.request_queue import PolicyRequestQueue
@@ -64,7 +66,6 @@ _SEGMENT_END = (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CA
 # `Request.stop_reason` of a segment the plugin ended at a tool call's closing tokens.
 CALL_END_STOP_REASON = "tool_call"
 STATS_KEY = "lamps"  # our statistics ride in SchedulerStats.kv_connector_stats under this key
-_STALE_CHECK_STEPS = 1000  # how often swapped-out KV caches nobody came back for are looked for
 _HELD = (Strategy.PRESERVE, Strategy.KEEP)  # strategies whose blocks the plugin holds
 # Statuses of a request vLLM is about to start (or restart) from the waiting queue.
 _ADMITTING = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
@@ -85,15 +86,6 @@ class _Tracked:
     queued_at: float  # when it last entered the waiting queue (arrival, or a preemption)
     scheduling_steps_at_queue: int
     waited_s: float = 0.0  # in the queue before it was last scheduled (it may be preempted)
-
-
-@dataclass(slots=True)
-class _Paused:
-    """A request paused in an API call whose KV blocks the plugin holds (Preserve or Keep)."""
-
-    request: Request  # the finished segment: its engine id still owns the blocks
-    call: PausedCall
-    num_blocks: int
 
 
 class LampsScheduler(Scheduler):
@@ -135,7 +127,14 @@ class LampsScheduler(Scheduler):
         for label, variant in self.lamps_config.policy_variants.items():
             self._policy(label, variant.policy, variant.policy_options)
         self._tracked: dict[str, _Tracked] = {}
-        self._preserved: dict[str, _Paused] = {}  # by augmented request id
+        # Everything held for paused calls, on the device or in the host pool, by owner.
+        self.holds = HoldTable(
+            self._free_request_blocks,
+            self.connector.drop_logical if self._can_swap() else None,
+            self.lamps_config.max_preserve_s,
+        )
+        self._api_estimates_version = -1  # of the estimates installed (RequestMeta's)
+        self._stats_due = False  # a control call changed what is held: publish a step's stats
         # Committed memory-time for the fleet router (`_committed_memory_time`); the tool
         # estimates predict it under policies without a predictor of their own.
         self._estimates = ToolEstimatePredictor()
@@ -161,6 +160,7 @@ class LampsScheduler(Scheduler):
         self.kv_cache_manager.allocate_slots = self._gated_allocate_slots  # type: ignore[method-assign]
         if self._can_swap():
             self.connector.load_async_for = self._swap_in_async
+        install_control()
         logger.info("LAMPS scheduler running policy %r", self.lamps_config.policy)
 
     # ---- policies ----
@@ -305,13 +305,10 @@ class LampsScheduler(Scheduler):
 
     def add_request(self, request: Request) -> None:
         meta = self._track(request).meta
-        if meta is not None and meta.release_held:
-            self._abandon(meta.request_id)
-        if meta is not None and meta.expire_holds_after_s is not None:
-            self._expire_holds(meta.expire_holds_after_s)
         if meta is not None and meta.reprofile:
             self.lamps_profiler.refresh()
-        if meta is not None and meta.api_estimates and meta.api_estimates != self._api_estimates:
+        if meta is not None and self._newer_estimates(meta):
+            assert meta.api_estimates is not None
             self._api_estimates = dict(meta.api_estimates)
             try:
                 self._estimates.update(self._api_estimates)
@@ -324,9 +321,56 @@ class LampsScheduler(Scheduler):
                     self._policy_failed("update_api_estimates")
         super().add_request(request)
 
+    def _newer_estimates(self, meta: RequestMeta) -> bool:
+        """Whether the request brings call estimates newer than those installed: by version when
+        the serving layer numbers them (a segment of an older request carries an older snapshot,
+        which must not replace a newer one), else by content."""
+        if not meta.api_estimates:
+            return False
+        if meta.api_estimates_version is None:
+            return meta.api_estimates != self._api_estimates
+        if meta.api_estimates_version <= self._api_estimates_version:
+            return False
+        self._api_estimates_version = meta.api_estimates_version
+        return meta.api_estimates != self._api_estimates
+
+    # ---- the serving layer's control of holds (a vLLM utility call, `holds.py`) ----
+
+    def lamps_control(self, command: str, argument: str | float | None = None) -> Any:
+        """`done` OWNER: the augmented request is over, what is held for it goes; `expire`
+        [AT]: holds whose deadline has passed (at time AT, default now) go; `snapshot`: what
+        is held, and the engine's own block and host-pool counts."""
+        if command == "done" and isinstance(argument, str):
+            released = self._release(argument, reason="done") is not None
+            self._stats_due |= released
+            return released
+        if command == "expire":
+            expired = self._expire_holds(float(argument) if argument is not None else None)
+            self._stats_due |= expired > 0
+            return expired
+        if command == "snapshot":
+            pool = self.kv_cache_manager.block_pool
+            return {
+                **self.holds.snapshot(),
+                # Blocks not free; cached free blocks (the prefix cache) count as free.
+                "kv_blocks_used": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(),
+                "host_pool_bytes": (
+                    self.connector.swap_stats().host_pool_bytes_in_use if self._can_swap() else 0
+                ),
+                "waiting": self._num_waiting(),
+                "running": len(self.running),
+            }
+        raise ValueError(f"unknown control command {command!r}")
+
+    def has_requests(self) -> bool:
+        # After a control call let go of something on an idle engine, one (empty) step makes
+        # and publishes statistics, so /metrics and the router see the memory free.
+        return super().has_requests() or self._stats_due
+
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         started = time.perf_counter()
         self._steps += 1
+        self._stats_due = False  # this step's statistics are made as it ends
         self._committed_blocks = None
         self._running_tokens = None
         every = self._rerank_every
@@ -334,12 +378,9 @@ class LampsScheduler(Scheduler):
             view = self._engine_view()
             self.waiting.rerank(view)
             self.skipped_waiting.rerank(view)
-        if self._preserved:
+        if self.holds:
+            self._expire_holds()
             self._review_preserved()
-        if self._can_swap() and self._steps % _STALE_CHECK_STEPS == 0:
-            # Like a preserved request, a swapped-out one whose continuation never comes
-            # (client gone) must not hold the host pool forever.
-            self.connector.drop_stale(self.lamps_config.max_preserve_s)
         before_vllm = time.perf_counter()
         output = super().schedule(*args, **kwargs)
         after_vllm = time.perf_counter()
@@ -355,6 +396,24 @@ class LampsScheduler(Scheduler):
         self.lamps_times["plugin_s"] += (before_vllm - started) + (done - after_vllm)
         self.lamps_times["schedule_s"] += done - started
         return output
+
+    def _select_waiting_queue_for_scheduling(self) -> Any:
+        """vLLM parks requests that wait for something (a grammar, KV being loaded) in
+        `skipped_waiting` and, under FCFS, serves that queue first. Both queues are ours and
+        ranked by the policy: the better-ranked head goes first, so a forced-call segment or a
+        swapped-in resume is served in the policy's order like any other."""
+        waiting, skipped = self.waiting, self.skipped_waiting
+        if waiting and skipped:
+            return waiting if waiting.head_entry() <= skipped.head_entry() else skipped
+        return waiting or skipped or None
+
+    def _waiting_head(self) -> Request | None:
+        """The best-ranked waiting request of both queues."""
+        queue = self._select_waiting_queue_for_scheduling()
+        return queue.peek_request() if queue is not None else None
+
+    def _num_waiting(self) -> int:
+        return len(self.waiting) + len(self.skipped_waiting)
 
     def _left_queue(self, output: SchedulerOutput) -> None:
         """Requests scheduled from the waiting queue: their wait so far is banked."""
@@ -429,10 +488,8 @@ class LampsScheduler(Scheduler):
     def _own_preserved_blocks(self, meta: RequestMeta | None) -> int:
         """Blocks preserved for the request's own previous segment: its peak counts them
         already (the continuation takes them over), so they are not promised twice."""
-        paused = self._preserved.get(meta.request_id) if meta is not None else None
-        if paused is None or paused.call.strategy is not Strategy.PRESERVE:
-            return 0
-        return paused.num_blocks
+        hold = self.holds.get(meta.request_id) if meta is not None else None
+        return hold.num_blocks if hold is not None and hold.promised else 0
 
     def _promised_blocks(self) -> int:
         """Blocks promised to running segments (their predicted peak, or what they hold if they
@@ -444,12 +501,7 @@ class LampsScheduler(Scheduler):
                 blocks_of(max(r.num_tokens, peaks.get(r.request_id, 0)), bs)
                 for r in (*self.running, *self._loading.values())
             )
-            held = sum(
-                p.num_blocks
-                for p in self._preserved.values()
-                if p.call.strategy is Strategy.PRESERVE
-            )
-            self._committed_blocks = running + held
+            self._committed_blocks = running + self.holds.promised_blocks()
         return self._committed_blocks
 
     def _blocks_needed(self) -> int:
@@ -458,8 +510,8 @@ class LampsScheduler(Scheduler):
         manager = self.kv_cache_manager
         free = manager.block_pool.get_num_free_blocks()
         wanted = len(self.running)
-        if self.waiting:
-            head = self.waiting.peek_request()
+        head = self._waiting_head()
+        if head is not None and head.request_id not in self._loading:  # loading: has its blocks
             wanted += blocks_of(head.num_tokens, self.block_size)
             # `prefix_cache_lookup_enabled` is vLLM 0.27's; 0.26 (the GPU machines) has its body.
             if manager.enable_caching and not head.skip_reading_prefix_cache:
@@ -475,28 +527,23 @@ class LampsScheduler(Scheduler):
                 wanted -= sum(1 for block in hits[0] if block.ref_cnt > 0)
         return max(0, wanted - free)
 
-    def _expire_holds(self, max_age_s: float) -> None:
-        """Let go of every hold older than `max_age_s`: its continuation never came."""
-        now = time.time()
-        for logical_id, paused in list(self._preserved.items()):
-            if now - paused.call.paused_at > max_age_s:
-                self._release(logical_id, reason="expired")
-        if self._can_swap():
-            self.lamps_counts["swap_expired"] += self.connector.drop_stale(max_age_s)
+    def _expire_holds(self, at: float | None = None) -> int:
+        """Let go of every hold past its deadline: its continuation never came."""
+        expired = self.holds.expired(time.time() if at is None else at)
+        for owner in expired:
+            self._release(owner, reason="expired")
+        return len(expired)
 
     def _review_preserved(self) -> None:
-        now = time.time()
-        for logical_id, paused in list(self._preserved.items()):
-            if now - paused.call.paused_at > self.lamps_config.max_preserve_s:
-                # The continuation never came (client gone): stop holding memory for it.
-                self._release(logical_id, reason="expired")
-        if not self._preserved:
+        """The policies review the calls held on the device (preserved or kept)."""
+        on_device = list(self.holds.on_device())
+        if not on_device:
             return
         # Each paused call is reviewed by the policy that paused it.
         by_policy: dict[int, tuple[SchedulingPolicy, list[PausedCall]]] = {}
-        for paused in self._preserved.values():
-            policy = self._policy_for(paused.call.meta)
-            by_policy.setdefault(id(policy), (policy, []))[1].append(paused.call)
+        for hold in on_device:
+            policy = self._policy_for(hold.call.meta)
+            by_policy.setdefault(id(policy), (policy, []))[1].append(hold.call)
         engine, needed = self._engine_view(), self._blocks_needed()
         decisions = []
         for policy, calls in by_policy.values():
@@ -521,9 +568,11 @@ class LampsScheduler(Scheduler):
         """Copy a preserved request's blocks to the host pool; they are freed once copied."""
         if not self._can_swap():
             return False
-        paused = self._preserved[logical_id]
-        request = paused.request
-        meta = paused.call.meta
+        hold = self.holds.get(logical_id)
+        if hold is None or hold.request is None:
+            return False
+        request = hold.request
+        meta = hold.call.meta
         accepted = self.connector.swap_out_held(
             request.request_id,
             logical_id,
@@ -534,9 +583,10 @@ class LampsScheduler(Scheduler):
             segment_index=meta.segment_index if meta else 0,
         )
         if accepted:
-            # No longer ours to hold: the connector frees the blocks after the copy.
+            # The connector frees the blocks after the copy; the hold moves to the host.
             self._account_held_memory()
-            del self._preserved[logical_id]
+            self.holds.moved_to_host(logical_id)
+            self._committed_blocks = None
         return accepted
 
     def _release_resumed(self, output: SchedulerOutput) -> None:
@@ -545,31 +595,25 @@ class LampsScheduler(Scheduler):
         for new in output.scheduled_new_reqs:
             tracked = self._tracked.get(new.req_id)
             meta = tracked.meta if tracked is not None else None
-            if meta is not None and meta.request_id in self._preserved:
+            if meta is not None and meta.request_id in self.holds:
                 self._release(meta.request_id, reason="resumed")
 
-    def _abandon(self, logical_id: str) -> None:
-        """The client of `logical_id` is gone: what is held for it goes now, not at expiry."""
-        if logical_id in self._preserved:
-            self._release(logical_id, reason="abandoned")
-        if self._can_swap() and self.connector.drop_logical(logical_id):
-            self.lamps_counts["swap_abandoned"] += 1
-
-    def _release(self, logical_id: str, reason: str) -> None:
+    def _release(self, owner: str, reason: str) -> Hold | None:
+        """The one way a hold ends (`HoldTable.release`), counted by strategy and reason."""
         self._account_held_memory()
-        paused = self._preserved.pop(logical_id)
-        self._free_request_blocks(paused.request)
+        hold = self.holds.release(owner, reason)
+        if hold is None:
+            return None
         self._committed_blocks = None
-        call = paused.call
-        if call.strategy is Strategy.KEEP:
-            self.lamps_counts[f"keep_released_{reason.split()[0]}"] += 1
-            if reason in ("resumed", "given back"):
-                try:  # the outcome the policy's eviction estimate learns from
-                    self._policy_for(call.meta).on_keep_outcome(evicted=reason != "resumed")
-                except Exception:
-                    self._policy_failed("on_keep_outcome")
-        else:
-            self.lamps_counts[f"preserve_released_{reason.split()[0]}"] += 1
+        call = hold.call
+        kind = "swap" if hold.on_host else call.strategy.value
+        self.lamps_counts[f"{kind}_released_{reason.split()[0]}"] += 1
+        if call.strategy is Strategy.KEEP and reason in ("resumed", "given back"):
+            try:  # the outcome the policy's eviction estimate learns from
+                self._policy_for(call.meta).on_keep_outcome(evicted=reason != "resumed")
+            except Exception:
+                self._policy_failed("on_keep_outcome")
+        return hold
 
     # ---- segment ends ----
 
@@ -616,6 +660,10 @@ class LampsScheduler(Scheduler):
             return None
         if not (meta.ends_in_api_call or request.stop_reason == CALL_END_STOP_REASON):
             return None
+        if meta.request_id in self.holds:
+            # A hold of an earlier pause whose continuation never came: it goes before this
+            # pause files its own under the same owner.
+            self._release(meta.request_id, reason="replaced")
         paused_at = time.time()
         call = PausedCall(
             engine_request_id=request.request_id,
@@ -650,6 +698,8 @@ class LampsScheduler(Scheduler):
             # The continuation finds preserved blocks only through the prefix cache.
             strategy = Strategy.DISCARD
         call.strategy = strategy
+        if strategy is Strategy.SWAP:  # the connector copies it out as vLLM frees the blocks
+            self.holds.hold_on_host(meta.request_id, call)
         self.lamps_counts[f"calls_{strategy.value}"] += 1
         return call, strategy
 
@@ -660,22 +710,18 @@ class LampsScheduler(Scheduler):
             return
         call, _ = pausing
         assert call.meta is not None
-        if call.meta.request_id in self._preserved:
-            # A hold under the same augmented id is a continuation that never came: free it
-            # rather than lose track of its blocks.
-            self._release(call.meta.request_id, reason="replaced")
         # Keep the block table: only the request object leaves the scheduler.
         del self.requests[request.request_id]
         blocks = self.kv_cache_manager.get_block_ids(request.request_id)
         self._account_held_memory()
-        self._preserved[call.meta.request_id] = _Paused(request, call, sum(len(g) for g in blocks))
+        self.holds.hold_on_device(call.meta.request_id, call, request, sum(len(g) for g in blocks))
         self._committed_blocks = None
 
     def _account_held_memory(self) -> None:
         """Integrate the blocks held for paused requests over time, up to now: the memory
         waste of Preserve (INFERCEPT's "memory wasted during calls"), in block-seconds."""
         now = time.monotonic()
-        held = sum(p.num_blocks for p in self._preserved.values())
+        held = self.holds.device_blocks()
         self._held_block_seconds += held * (now - self._held_since)
         self._held_since = now
 
@@ -685,15 +731,15 @@ class LampsScheduler(Scheduler):
         stats = super().make_stats(*args, **kwargs)
         if stats is not None:
             self._account_held_memory()
+            held = self.holds.snapshot()
             ours = {
                 "policy": self.lamps_config.policy,
                 "block_size": self.block_size,
                 "costs": self.lamps_profiler.costs.to_dict(),
-                "preserved_requests": len(self._preserved),
-                "preserved_blocks": sum(p.num_blocks for p in self._preserved.values()),
-                "kept_requests": sum(
-                    1 for p in self._preserved.values() if p.call.strategy is Strategy.KEEP
-                ),
+                "preserved_requests": held["device_holds"],
+                "preserved_blocks": held["device_blocks"],
+                "kept_requests": held["kept_holds"],
+                "holds": held["holds"],
                 "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
                 **{f"time_{k}": v for k, v in self.lamps_times.items()},
@@ -717,8 +763,8 @@ class LampsScheduler(Scheduler):
         # At once on a change while the engine holds few requests: a drained engine makes no
         # more statistics, so its last ones must not be a quarter second old. Under load a
         # change comes nearly every step, and the figure at most a quarter second old.
-        shape = (len(self.running), len(self.waiting), len(self._preserved))
-        few = len(self.running) + len(self.waiting) <= _COMMITTED_AT_ONCE_MAX_REQUESTS
+        shape = (len(self.running), self._num_waiting(), len(self.holds))
+        few = len(self.running) + self._num_waiting() <= _COMMITTED_AT_ONCE_MAX_REQUESTS
         fresh = now - self._committed_at < _COMMITTED_EVERY_S
         if fresh and (shape == self._committed_shape or not few):
             return self._committed
@@ -729,14 +775,14 @@ class LampsScheduler(Scheduler):
             predictor = self._estimates
         requests = [
             (r.num_tokens, r.num_output_tokens, tracked.meta if tracked else None)
-            for r in (*self.running, *self.waiting)
+            for r in (*self.running, *self.waiting, *self.skipped_waiting)
             for tracked in (self._tracked.get(r.request_id),)
         ]
         wall = time.time()
         holds = [
-            (p.num_blocks * self.block_size, wall - p.call.paused_at, p.call.meta)
-            for p in self._preserved.values()
-            if p.call.strategy is Strategy.PRESERVE
+            (h.num_blocks * self.block_size, wall - h.call.paused_at, h.call.meta)
+            for h in self.holds.on_device()
+            if h.promised
         ]
         try:
             self._committed = committed_memory_time(
@@ -757,6 +803,24 @@ class LampsScheduler(Scheduler):
         for policy in self._policies.values():
             total.update(policy.counters())
         return {f"policy_{name}": n for name, n in total.items()}
+
+
+def install_control() -> None:
+    """Give vLLM's EngineCore the utility method the serving layer calls (`holds.py`), in the
+    engine-core process this scheduler runs in: utility calls reach the engine between steps,
+    answer, and never enter the queues as requests would."""
+    from vllm.v1.engine.core import EngineCore
+
+    if getattr(EngineCore, CONTROL_METHOD, None) is not None:
+        return
+
+    def lamps_control(self: Any, command: str, owner: str | None = None) -> Any:
+        control = getattr(self.scheduler, CONTROL_METHOD, None)
+        if control is None:
+            raise RuntimeError("this engine does not run the LAMPS scheduler plugin")
+        return control(command, owner)
+
+    setattr(EngineCore, CONTROL_METHOD, lamps_control)
 
 
 def _ends_with_any(tokens: Any, endings: list[list[int]]) -> bool:

@@ -343,7 +343,7 @@ class SwapStats:
     entries: int = 0
     refused: int = 0  # swap requests that did not fit (or had no whole block)
     served_by_prefix_cache: int = 0  # continuations whose saved prefix was still cached locally
-    dropped: int = 0  # entries dropped: prompt mismatch, stale (drop_stale), reset
+    dropped: int = 0  # entries dropped: prompt mismatch, released by the hold table, reset
     pending_jobs: int = 0
     tokens_in: int = 0  # tokens loaded from the host pool (whole blocks)
     loaded_async: int = 0  # continuations loaded while other requests ran (`load_async_for`)
@@ -485,14 +485,6 @@ class LampsSwapConnector(KVConnectorBase_V1):
         self._queue_out(entry, block_ids[:n], finished_req_id=None, on_done=on_done)
         logger.debug("swap out (held) %s: %d blocks", engine_request_id, n)
         return True
-
-    def drop_stale(self, max_age_s: float) -> int:
-        """Drop entries saved more than `max_age_s` seconds ago; returns how many."""
-        cutoff = time.time() - max_age_s
-        stale = [e for e in self._entries.values() if e.created < cutoff]
-        for entry in stale:
-            self._drop_entry(entry)
-        return len(stale)
 
     def drop_logical(self, logical_id: str) -> bool:
         """Drop the saved KV of augmented request `logical_id` (its continuation will not come);

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
+from vllm.outputs import RequestOutput
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from lamps_core.call_durations import ApiEstimate
 from lamps_core.request_meta import RequestMeta
 from lamps_core.trace import TraceScript
-from lamps_vllm.chat_session import CallTool
+from lamps_vllm.augmented_request import Call, CallTool, NextSegment, SegmentRun, drive
 from lamps_vllm.errors import PromptTooLongError
-from lamps_vllm.holds import released_if_abandoned
+from lamps_vllm.holds import HoldControl
 from tool_workers.simulated_api import SIMULATED_API_TYPES
 from tool_workers.tools import ToolResult
 
@@ -87,75 +88,120 @@ async def run_trace(
     policy_variant: str | None = None,
     api_estimates: dict[str, ApiEstimate] | None = None,
     call_timeout_s: float | None = None,
+    holds: HoldControl | None = None,
+    api_estimates_version: int | None = None,
 ) -> TraceOutcome:
     """Run `script` as one augmented request; `policy_variant` names one of the engine's policy
     variants to schedule it (the engine's default policy when None); `call_timeout_s`: the
-    longest a call of the simulated API can last (the scheduler's bound on a paused call)."""
+    longest a call of the simulated API can last (the scheduler's bound on a paused call);
+    `holds`: the engine's hold table, told when the request is over (None: no plugin)."""
     check_fits(script, max_model_len)
-    arrival = arrival_time if arrival_time is not None else time.time()
-    # Seeded by the request id: distinct requests get distinct prompts (no accidental prefix
-    # sharing between them), and a rerun of the same trace gets the same ones.
-    rng = random.Random(request_id)
-    context = filler_ids(script.segments[0].prompt_tokens, vocab_size, rng)
-    records: list[SegmentRecord] = []
-    waited_s = 0.0  # by the earlier segments, for the starvation guard
+    replay = TraceConversation(
+        vocab_size,
+        request_id,
+        script,
+        arrival_time if arrival_time is not None else time.time(),
+        policy_variant,
+        api_estimates,
+        api_estimates_version,
+        call_timeout_s,
+    )
+    outcome = None
+    async for event in drive(engine, request_id, replay, call_tool, holds):
+        outcome = event
+    assert outcome is not None
+    return outcome
 
-    async with released_if_abandoned(engine, request_id):
-        for index, seg in enumerate(script.segments):
-            assert len(context) == seg.prompt_tokens  # TraceScript validated the arithmetic
-            meta = RequestMeta(
-                request_id=request_id,
-                arrival_time=arrival,
-                segment_index=index,
-                waited_s=waited_s,
-                ends_in_api_call=seg.has_api_call,
-                remaining_segments=script.segments[index:],
-                api_type=seg.api_type,
-                call_timeout_s=call_timeout_s if seg.has_api_call else None,
-                api_estimates=api_estimates,
-                policy_variant=policy_variant,
-            )
-            params = SamplingParams(
-                max_tokens=seg.completion_tokens,
-                min_tokens=seg.completion_tokens,
-                ignore_eos=True,
-                temperature=0.0,
-                extra_args=meta.to_extra_args(),
-            )
-            started = time.time()
-            first_token_at = 0.0
-            token_ids: list[int] = []
-            cached = 0
-            async for output in engine.generate(
-                TokensPrompt(prompt_token_ids=context), params, f"{request_id}-s{index}"
-            ):
-                token_ids = list(output.outputs[0].token_ids)
-                cached = output.num_cached_tokens or 0
-                if not first_token_at and token_ids:
-                    first_token_at = time.time()
-            finished = time.time()
-            waited_s += (first_token_at or finished) - started
 
-            api_result = None
-            if seg.has_api_call:
-                api_result = await call_tool(
-                    "simulated_api",
-                    {"duration_s": seg.api_time, "return_tokens": seg.api_token_length},
-                    record_name(seg.api_type),
-                )
-                context = (
-                    context + token_ids + filler_ids(seg.api_token_length or 0, vocab_size, rng)
-                )
-            records.append(
-                SegmentRecord(
-                    index,
-                    seg.prompt_tokens,
-                    len(token_ids),
-                    cached,
-                    started,
-                    first_token_at,
-                    finished,
-                    api_result,
-                )
+class TraceConversation:
+    """A trace script as the driver runs it (`augmented_request.Conversation`): every segment
+    decodes exactly its scripted length and ends in its scripted call."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        request_id: str,
+        script: TraceScript,
+        arrival_time: float,
+        policy_variant: str | None,
+        api_estimates: dict[str, ApiEstimate] | None,
+        api_estimates_version: int | None,
+        call_timeout_s: float | None,
+    ) -> None:
+        self._vocab_size = vocab_size
+        self._request_id = request_id
+        self._script = script
+        self._arrival = arrival_time
+        self._policy_variant = policy_variant
+        self._api_estimates = api_estimates
+        self._api_estimates_version = api_estimates_version
+        self._call_timeout_s = call_timeout_s
+        # Seeded by the request id: distinct requests get distinct prompts (no accidental prefix
+        # sharing between them), and a rerun of the same trace gets the same ones.
+        self._rng = random.Random(request_id)
+        self._context = filler_ids(script.segments[0].prompt_tokens, vocab_size, self._rng)
+        self._records: list[SegmentRecord] = []
+
+    def next_segment(self, index: int, waited_s: float) -> NextSegment | None:
+        segments = self._script.segments
+        if index >= len(segments):
+            return None
+        seg = segments[index]
+        assert len(self._context) == seg.prompt_tokens  # TraceScript validated the arithmetic
+        meta = RequestMeta(
+            request_id=self._request_id,
+            arrival_time=self._arrival,
+            segment_index=index,
+            waited_s=waited_s,
+            ends_in_api_call=seg.has_api_call,
+            remaining_segments=segments[index:],
+            api_type=seg.api_type,
+            call_timeout_s=self._call_timeout_s if seg.has_api_call else None,
+            api_estimates=self._api_estimates,
+            api_estimates_version=self._api_estimates_version,
+            policy_variant=self._policy_variant,
+        )
+        params = SamplingParams(
+            max_tokens=seg.completion_tokens,
+            min_tokens=seg.completion_tokens,
+            ignore_eos=True,
+            temperature=0.0,
+            extra_args=meta.to_extra_args(),
+        )
+        return NextSegment(list(self._context), params)
+
+    def on_output(self, output: RequestOutput) -> Iterable[TraceOutcome]:
+        return ()
+
+    def call_in(self, segment: SegmentRun) -> Call | None:
+        seg = self._script.segments[segment.index]
+        self._records.append(
+            SegmentRecord(
+                segment.index,
+                seg.prompt_tokens,
+                len(segment.token_ids),
+                segment.cached_tokens,
+                segment.submitted_at,
+                segment.first_token_at or 0.0,
+                segment.finished_at,
+                None,
             )
-    return TraceOutcome(request_id, arrival, records[-1].finished_at, records)
+        )
+        if not seg.has_api_call:
+            return None
+        arguments = {"duration_s": seg.api_time, "return_tokens": seg.api_token_length}
+        return Call("simulated_api", arguments, record_as=record_name(seg.api_type))
+
+    def on_result(
+        self, segment: SegmentRun, call: Call, result: ToolResult
+    ) -> Iterable[TraceOutcome]:
+        seg = self._script.segments[segment.index]
+        self._records[-1].api_call = result
+        returned = filler_ids(seg.api_token_length or 0, self._vocab_size, self._rng)
+        self._context = self._context + segment.token_ids + returned
+        return ()
+
+    def outcome(self) -> TraceOutcome:
+        return TraceOutcome(
+            self._request_id, self._arrival, self._records[-1].finished_at, self._records
+        )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lamps_vllm.engine import EngineSettings, start_engine
+from lamps_vllm.holds import HoldControl
 from lamps_vllm.stats import EngineStatsSnapshot
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ class EngineHarness:
         self._thread.start()
         self.engine, self._stats = self.run(self._start())
         self.vocab_size = self.engine.model_config.get_vocab_size()
+        self.holds = HoldControl(self.engine)
 
     async def _start(self) -> Any:
         return await start_engine(self.settings)

@@ -171,6 +171,7 @@ def abandon_during_call(h: EngineHarness, variant: str) -> dict[str, Any]:
                 SCRIPT,
                 never_returns,
                 policy_variant=variant,
+                holds=h.holds,
             )
         )
         await in_call.wait()
@@ -186,21 +187,21 @@ def abandon_during_call(h: EngineHarness, variant: str) -> dict[str, Any]:
 
 
 def test_a_request_abandoned_in_its_call_frees_its_blocks_at_once(harness: EngineHarness) -> None:
-    before = _counter(harness, "preserve_released_abandoned")
+    before = _counter(harness, "preserve_released_done")
     during = abandon_during_call(harness, "preserve")
     assert during["preserved_requests"] == 1
     settle(harness)
-    assert _counter(harness, "preserve_released_abandoned") == before + 1
+    assert _counter(harness, "preserve_released_done") == before + 1
     assert harness.stats.scheduler["preserved_requests"] == 0
     assert harness.stats.kv_blocks_used == 0
 
 
 def test_a_request_abandoned_in_its_call_frees_its_host_copy(harness: EngineHarness) -> None:
-    before = _counter(harness, "swap_abandoned")
+    before = _counter(harness, "swap_released_done")
     during = abandon_during_call(harness, "swap")
     assert during["swap"]["host_pool_bytes_in_use"] > 0
     settle(harness)
-    assert _counter(harness, "swap_abandoned") == before + 1
+    assert _counter(harness, "swap_released_done") == before + 1
     assert harness.stats.scheduler["swap"]["host_pool_bytes_in_use"] == 0
     assert harness.stats.kv_blocks_used == 0
 
@@ -221,23 +222,24 @@ LONG_CALL = TraceScript.model_validate(
 
 
 def test_an_idle_engine_lets_go_of_old_holds_when_the_timer_asks(harness: EngineHarness) -> None:
-    """`max_preserve_s` is checked when the engine steps; an idle one does not step, so the
-    replica's timer sends `expire_holds` (here with a 0.5 s limit, the config's is 600 s).
-    Preserved blocks and a swapped-out copy both go; the requests still finish."""
-    from lamps_vllm.holds import expire_holds
+    """Deadlines are checked when the engine steps; an idle one does not step, so the replica's
+    timer asks the engine (a utility call) to expire its holds. Here the engine is asked as if
+    it were past the deadline (`max_preserve_s` after the pause). Preserved blocks and a
+    swapped-out copy both go; the requests still finish (recomputing)."""
 
     async def expire_while_idle() -> None:
         await asyncio.sleep(1.0)  # both held for a second, nothing running
-        await expire_holds(harness.engine, older_than_s=0.5)
+        late = time.time() + harness.settings.scheduler.max_preserve_s
+        assert await harness.holds.expire(at=late) == 1
 
     expired = _counter(harness, "preserve_released_expired")
-    swap_expired = _counter(harness, "swap_expired")
+    swap_expired = _counter(harness, "swap_released_expired")
     preserved, during = replay(harness, "preserve", expire_while_idle, script=LONG_CALL)
     assert during["preserved_requests"] == 0 and during["used"] == 0
     assert _counter(harness, "preserve_released_expired") == expired + 1
     swapped, during = replay(harness, "swap", expire_while_idle, script=LONG_CALL)
     assert during["swap"]["host_pool_bytes_in_use"] == 0 and during["swap"]["entries"] == 0
-    assert _counter(harness, "swap_expired") == swap_expired + 1
+    assert _counter(harness, "swap_released_expired") == swap_expired + 1
     for outcome in (preserved, swapped):
         assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
     settle(harness)

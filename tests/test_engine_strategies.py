@@ -88,6 +88,7 @@ def replay(
             script,
             call_tool,
             policy_variant=policy,
+            holds=h.holds,
         )
 
     return h.run(go()), seen
