@@ -72,6 +72,27 @@ source and to reproduce the table's means:
   classes with means 4 to 20 s (average 12 s, each with a standard deviation of half its mean), so
   a per-tool duration estimate has something to learn.
 
+Families with the statistics of two published multi-call traces on which LAMPS lost (issue 24),
+and one made for where its ranking should matter; our generators (`FAMILIES`, `Population`), not
+copies of those files. Call durations are in the traces' own seconds, capped at 60 s before any
+time scaling, as the traces cap them; the issue read both traces with `--time-scale 0.1`, so
+`--time-scale 0.1` reproduces its ~1.2 s and ~0.8 s calls. Each call is recorded under a name of
+`lamps_core.api_types.API_TYPE_NAMES`, one distribution per name in all three (`CALL_KINDS`).
+
+- `multicall`: 1 + Poisson(3.2) calls (4.2), ~12 s a call: 17 % calculator calls under 10 ms,
+  15 % environment steps (0.09 s), 25 % searches (0.69 s), 43 % long calls (log-normal, median
+  22 s, 13 % of them at the cap: 5.7 % of all calls); prompt ~511 tokens, ~397 output tokens a
+  request (76 a segment), 40 returned a call (ours), contexts capped at 2,048 tokens.
+- `onecall`: one call a request, ~8 s (71 % searches, 29 % long calls as above), 2 x 92 output
+  tokens (184), prompt ~350 and 30 returned tokens (ours: the trace's figures we had were calls
+  and output only).
+- `longcalls`: half holders (prompt ~2,800 tokens ±15 %, 1 + Poisson(0.5) calls of ~20 s,
+  INFERCEPT's image generator; 32 tokens a segment), half talkers (prompt ~120 tokens,
+  1 + Poisson(1) searches of ~0.7 s, 120 tokens a segment), contexts capped at 4,000. Shortest
+  output first runs holders first (~80 output tokens against ~360); memory over time (their
+  ~2.9k-token contexts held through decodes, and through calls where they are preserved) runs
+  talkers first. Where LAMPS and SJF should part.
+
 `scale` multiplies every token mean (prompt, decodes, returns) and, unless `time_scale` is given,
 every API duration, before drawing: a CPU run of a tiny model with a KV cache of a few thousand
 tokens uses e.g. `scale=0.1` (toolbench: ~110-token contexts, ~1.2 s calls). The number of calls
@@ -97,27 +118,12 @@ from lamps_core.api_types import (
     CHARS_PER_TOKEN,
     TOOLBENCH,
     TOOLBENCH_TOOLS,
-    ApiTool,
     AugmentationType,
 )
 from lamps_core.trace import MAX_API_TIME_S, TraceScript, TraceSegment
 
-__all__ = [  # the call kinds live in lamps_core.api_types (serving imports them); here too
-    "AUGMENTATION_TYPES",
-    "CHARS_PER_TOKEN",
-    "TOOLBENCH",
-    "TOOLBENCH_TOOLS",
-    "WORKLOADS",
-    "ApiTool",
-    "AugmentationType",
-    "Trace",
-    "TraceFormatError",
-    "TraceRequest",
-    "get_workload",
-    "read_trace",
-    "write_trace",
-]
-
+# The call kinds above live in lamps_core.api_types, which serving may import; this module is
+# benchmark input only (no production code imports it).
 SIDECAR_FORMAT = "lamps-trace-sidecar/1"
 LastCall = Literal["drop", "run"]
 Sample = Literal["inorder", "shuffle"]
@@ -565,6 +571,22 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
     return out
 
 
+def arrivals_before(rate: float, seed: int, until_s: float) -> int:
+    """How many arrivals of `poisson_arrivals(..., rate, seed)` come before `until_s`: the
+    requests a steady run of that length sends (`lamps bench --steady`). The draws do not
+    depend on `n`, so these are the first requests of any longer trace of the same seed."""
+    if not until_s > 0 or math.isinf(until_s):
+        raise ValueError(f"until_s must be a positive number of seconds, got {until_s}")
+    if not rate > 0 or math.isinf(rate):
+        raise ValueError(f"a steady run needs a finite rate > 0, got {rate}")
+    rng = random.Random(f"arrivals:{seed}")  # the stream of `poisson_arrivals`
+    count, t = 0, 0.0
+    while t < until_s:
+        count += 1
+        t += rng.expovariate(rate)
+    return count
+
+
 def with_poisson_arrivals(trace: Trace, rate: float, seed: int) -> Trace:
     """The same requests, in their order, arriving as a Poisson process (replacing any arrivals)."""
     times = poisson_arrivals(len(trace.requests), rate, seed)
@@ -697,15 +719,34 @@ def _generate(
     max_context: int | None,
     extra_info: Mapping[str, Any],
 ) -> Trace:
+    def draw(rng: random.Random, tscale: float) -> _Draw:
+        kind = pick(rng)
+        return _draw(rng, kind, calls(rng, kind), scale, tscale)
+
+    return _generate_draws(name, n, rate, seed, draw, scale, time_scale, max_context, extra_info)
+
+
+def _generate_draws(
+    name: str,
+    n: int,
+    rate: float,
+    seed: int,
+    draw: Callable[[random.Random, float], _Draw],
+    scale: float,
+    time_scale: float | None,
+    max_context: int | None,
+    extra_info: Mapping[str, Any],
+) -> Trace:
+    """`n` requests, each `draw(rng, time_scale)` from one seeded stream (so the first k
+    requests are the same whatever `n`), shrunk to `max_context`, at Poisson arrivals."""
     tscale = _check(n, scale, time_scale, max_context)
     rng = random.Random(seed)
     requests = []
     for i, t in enumerate(poisson_arrivals(n, rate, seed)):
-        kind = pick(rng)
-        draw = _draw(rng, kind, calls(rng, kind), scale, tscale)
+        drawn = draw(rng, tscale)
         if max_context is not None:
-            draw.fit(max_context)
-        requests.append(TraceRequest(request_id=str(i), arrival_time=t, script=draw.script()))
+            drawn.fit(max_context)
+        requests.append(TraceRequest(request_id=str(i), arrival_time=t, script=drawn.script()))
     info = {
         "workload": name,
         "n": n,
@@ -831,6 +872,199 @@ def toolbench_like(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Families with the statistics of published multi-call traces (issue 24): our generators
+
+
+# The published traces cap a call at 60 s (before any time scaling).
+FAMILY_CALL_CAP_S = 60.0
+
+
+@dataclass(frozen=True)
+class CallKind:
+    """How long a call recorded as `name` (one of `lamps_core.api_types.API_TYPE_NAMES`) lasts,
+    in seconds before time scaling and before the 60-s cap: a gamma with this mean and standard
+    deviation, or (`lognormal`) a log-normal with median `mean_s` and log-spread `std_s`, for a
+    tail that reaches the cap. One name means one distribution in every family here, so the
+    durations learned per name (the `estimates` predictor) carry from one family to the next."""
+
+    name: str
+    mean_s: float
+    std_s: float
+    lognormal: bool = False
+
+    def draw(self, rng: random.Random) -> float:
+        if self.lognormal:
+            raw = rng.lognormvariate(math.log(self.mean_s), self.std_s)
+        else:
+            raw = _gamma(rng, self.mean_s, self.std_s)
+        return min(FAMILY_CALL_CAP_S, raw)
+
+
+CALL_KINDS: dict[str, CallKind] = {
+    k.name: k
+    for k in (
+        CallKind("math", 9e-5, 6e-5),  # a calculator: INFERCEPT's figures, all under 10 ms
+        CallKind("virtual_env", 0.09, 0.014),  # an environment step (INFERCEPT's)
+        CallKind("qa", 0.69, 0.17),  # a search (INFERCEPT's)
+        CallKind("image", 20.03, 7.8),  # a generator (INFERCEPT's Stable Diffusion)
+        # A person or a slow service: median 22 s, 13 % of draws past the 60-s cap.
+        CallKind("chatbot", 22.0, 0.9, lognormal=True),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Population:
+    """One kind of request of a family: its share, its token means (prompt uniform within
+    ±`prompt_spread` of its mean; decode per segment gamma of shape 2; returns uniform within
+    ±50 %), its calls (1 + Poisson(`extra_calls`), or exactly `calls` when given) and the call
+    kinds they pick from, by weight."""
+
+    name: str
+    weight: float
+    prompt_tokens: float
+    decode_tokens: float
+    return_tokens: float
+    call_kinds: tuple[tuple[str, float], ...]
+    extra_calls: float = 0.0
+    calls: int | None = None
+    prompt_spread: float = UNIFORM_HALF_WIDTH
+
+    def draw(self, rng: random.Random, token_scale: float, time_scale: float) -> _Draw:
+        calls = self.calls if self.calls is not None else 1 + _poisson(rng, self.extra_calls)
+        mean = self.prompt_tokens * token_scale
+        spread = self.prompt_spread * mean
+        prompt = max(1, round(rng.uniform(mean - spread, mean + spread)))
+        decodes = [
+            _gamma_int(rng, self.decode_tokens * token_scale, DECODE_GAMMA_SHAPE, minimum=1)
+            for _ in range(calls + 1)
+        ]
+        returns = [_uniform_int(rng, self.return_tokens * token_scale, 0) for _ in range(calls)]
+        names, weights = zip(*self.call_kinds, strict=True)
+        kinds = [CALL_KINDS[name] for name in rng.choices(names, weights=weights, k=calls)]
+        times = [kind.draw(rng) * time_scale for kind in kinds]
+        return _Draw(prompt, decodes, returns, times, [kind.name for kind in kinds])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A workload of one or more populations; `max_context` (tokens, times `scale`) caps every
+    request's final context as the published traces' contexts are capped."""
+
+    name: str
+    about: str
+    populations: tuple[Population, ...]
+    max_context: int
+
+    def generate(
+        self,
+        n: int,
+        rate: float,
+        seed: int = 0,
+        *,
+        scale: float = 1.0,
+        time_scale: float | None = None,
+        max_context: int | None = None,
+    ) -> Trace:
+        cap = max(2, round(self.max_context * scale))
+        if max_context is not None:
+            cap = min(cap, max_context)
+        weights = [pop.weight for pop in self.populations]
+
+        def draw(rng: random.Random, tscale: float) -> _Draw:
+            (pop,) = rng.choices(self.populations, weights=weights)
+            return pop.draw(rng, scale, tscale)
+
+        info = {
+            "family": self.about,
+            "populations": {pop.name: pop.weight for pop in self.populations},
+            "family_max_context": cap,
+        }
+        return _generate_draws(self.name, n, rate, seed, draw, scale, time_scale, cap, info)
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        # ~4.2 calls a request of ~12 s (1.2 s at --time-scale 0.1): 17 % calculator calls under
+        # 10 ms, 15 % environment steps, 25 % searches, 43 % long calls (5.7 % of all calls at
+        # the 60-s cap); ~511 prompt and ~397 output tokens a request, contexts to 2k.
+        Family(
+            "multicall",
+            "multi-call trace statistics: 4.2 calls a request, ~12 s calls (17 % under 10 ms, "
+            "~6 % at the 60-s cap), 511 prompt / 397 output tokens, contexts to 2k",
+            (
+                Population(
+                    "multicall",
+                    1.0,
+                    prompt_tokens=511,
+                    decode_tokens=397 / 5.2,
+                    return_tokens=40,
+                    extra_calls=3.2,
+                    call_kinds=(
+                        ("math", 0.17),
+                        ("virtual_env", 0.15),
+                        ("qa", 0.25),
+                        ("chatbot", 0.43),
+                    ),
+                ),
+            ),
+            max_context=2048,
+        ),
+        # One call a request of ~8 s (0.8 s at --time-scale 0.1): 71 % searches, 29 % long
+        # calls; ~184 output tokens over its two segments.
+        Family(
+            "onecall",
+            "one-call trace statistics: one ~8 s call a request, 184 output tokens",
+            (
+                Population(
+                    "onecall",
+                    1.0,
+                    prompt_tokens=350,
+                    decode_tokens=92,
+                    return_tokens=30,
+                    calls=1,
+                    call_kinds=(("qa", 0.71), ("chatbot", 0.29)),
+                ),
+            ),
+            max_context=2048,
+        ),
+        # Where ranking by memory over time and ranking by length disagree: `holders` hold
+        # ~2.9k-token contexts through ~20-s calls and decode ~80 tokens; `talkers` keep
+        # ~100-600-token contexts, make short calls and decode ~360 tokens. Shortest-first by
+        # output runs the holders first; by memory over time (context x time), the talkers.
+        Family(
+            "longcalls",
+            "half holders (2.8k-token prompts, 1.5 calls of ~20 s, ~80 output tokens), half "
+            "talkers (120-token prompts, 2 calls of ~0.7 s, ~360 output tokens)",
+            (
+                Population(
+                    "holders",
+                    0.5,
+                    prompt_tokens=2800,
+                    decode_tokens=32,
+                    return_tokens=60,
+                    extra_calls=0.5,
+                    call_kinds=(("image", 1.0),),
+                    prompt_spread=0.15,
+                ),
+                Population(
+                    "talkers",
+                    0.5,
+                    prompt_tokens=120,
+                    decode_tokens=120,
+                    return_tokens=20,
+                    extra_calls=1.0,
+                    call_kinds=(("qa", 1.0),),
+                ),
+            ),
+            max_context=4000,
+        ),
+    )
+}
+
+
 # `lamps bench --workload NAME`: each is called as f(n, rate, seed, scale=..., max_context=...).
 WORKLOADS: dict[str, Callable[..., Trace]] = {
     **{name: partial(single_api, name) for name in AUGMENTATION_TYPES},
@@ -841,6 +1075,7 @@ WORKLOADS: dict[str, Callable[..., Trace]] = {
     # `lamps bench --sessions`, what session affinity is for).
     "alfworld": partial(multi_api, mix={"virtual_env": 1.0}),
     "toolbench": toolbench_like,
+    **{name: family.generate for name, family in FAMILIES.items()},
 }
 
 

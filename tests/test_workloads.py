@@ -19,6 +19,7 @@ from bench.workloads import (
     WORKLOADS,
     Trace,
     TraceFormatError,
+    arrivals_before,
     get_workload,
     multi_api,
     poisson_arrivals,
@@ -30,6 +31,7 @@ from bench.workloads import (
     with_poisson_arrivals,
     write_trace,
 )
+from lamps_core.trace import TraceScript
 
 ARTIFACT = {
     "0": [
@@ -245,3 +247,101 @@ def test_bad_parameters() -> None:
         toolbench_like(5, rate=1.0, scale=0.0)
     with pytest.raises(ValueError, match="unknown workload"):
         get_workload("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Families with the published traces' statistics (issue 24)
+
+
+def _call_times(trace: Trace) -> list[float]:
+    return [s.api_time for r in trace.requests for s in r.script.segments if s.api_time is not None]
+
+
+def test_multicall_has_the_published_multi_call_statistics() -> None:
+    trace = get_workload("multicall")(3000, 1.0, 3)
+    stats = trace_stats(trace)
+    assert stats["calls_per_request"] == pytest.approx(4.2, rel=0.04)
+    assert stats["prompt_tokens"] == pytest.approx(511, rel=0.04)
+    assert stats["output_tokens"] == pytest.approx(397, rel=0.04)
+    assert stats["max_context_tokens"] <= 2048
+    calls = _call_times(trace)
+    assert statistics.fmean(calls) == pytest.approx(12.0, rel=0.1)  # 1.2 s at --time-scale 0.1
+    assert sum(c < 0.01 for c in calls) / len(calls) == pytest.approx(0.17, abs=0.015)
+    assert sum(c >= 60.0 for c in calls) / len(calls) == pytest.approx(0.06, abs=0.015)
+    scaled = get_workload("multicall")(3000, 1.0, 3, time_scale=0.1)
+    assert statistics.fmean(_call_times(scaled)) == pytest.approx(1.2, rel=0.1)
+    assert max(_call_times(scaled)) == pytest.approx(6.0)  # the cap comes before the scaling
+
+
+def test_onecall_has_one_call_of_the_published_length() -> None:
+    trace = get_workload("onecall")(3000, 1.0, 4, time_scale=0.1)
+    stats = trace_stats(trace)
+    assert {len(r.script.segments) for r in trace.requests} == {2}
+    assert stats["output_tokens"] == pytest.approx(184, rel=0.04)
+    assert stats["api_time_per_call_s"] == pytest.approx(0.8, rel=0.1)
+
+
+def test_longcalls_rank_differently_by_length_and_by_memory_over_time() -> None:
+    """Holders (large contexts, long calls, short decodes) come first by output length and
+    last by memory over time (context x time); talkers the other way round."""
+    trace = get_workload("longcalls")(2000, 1.0, 5)
+    holders = [r.script for r in trace.requests if r.script.segments[0].prompt_tokens > 1000]
+    talkers = [r.script for r in trace.requests if r.script.segments[0].prompt_tokens <= 1000]
+    assert 0.45 < len(holders) / len(trace) < 0.55
+
+    def output(s: TraceScript) -> int:
+        return sum(seg.completion_tokens for seg in s.segments)
+
+    def memory_time(s: TraceScript, step_s: float = 0.01) -> float:  # token-seconds, preserved
+        held = 0.0
+        for seg in s.segments:
+            held += (seg.prompt_tokens + seg.completion_tokens / 2) * seg.completion_tokens * step_s
+            held += (seg.prompt_tokens + seg.completion_tokens) * (seg.api_time or 0.0)
+        return held
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values)
+
+    assert mean([output(s) for s in holders]) * 3 < mean([output(s) for s in talkers])
+    assert mean([memory_time(s) for s in holders]) > 10 * mean([memory_time(s) for s in talkers])
+    # Even with no call held (every call swapped out), the decodes alone rank them apart.
+    decode_only = [
+        sum((g.prompt_tokens + g.completion_tokens / 2) * g.completion_tokens for g in s.segments)
+        for s in holders
+    ]
+    talkers_decode = [
+        sum((g.prompt_tokens + g.completion_tokens / 2) * g.completion_tokens for g in s.segments)
+        for s in talkers
+    ]
+    assert mean(decode_only) > 1.5 * mean(talkers_decode)
+    assert max(s.total_tokens for s in holders) <= 4000
+
+
+@pytest.mark.parametrize("name", ["multicall", "onecall", "longcalls"])
+def test_families_are_seeded_prefix_stable_and_name_simulated_api_types(name: str) -> None:
+    from lamps_core.api_types import API_TYPE_NAMES
+    from tool_workers.simulated_api import SIMULATED_API_TYPES
+
+    make = get_workload(name)
+    a = make(40, 2.0, 7, scale=0.1)
+    assert a == make(40, 2.0, 7, scale=0.1)
+    assert a != make(40, 2.0, 8, scale=0.1)
+    assert make(60, 2.0, 7, scale=0.1).requests[:40] == a.requests  # a longer run starts alike
+    types = {s.api_type for r in a.requests for s in r.script.segments if s.api_type}
+    assert types and types <= API_TYPE_NAMES <= SIMULATED_API_TYPES
+
+
+def test_arrivals_before_counts_the_prefix_of_the_poisson_stream() -> None:
+    times = poisson_arrivals(400, rate=8.0, seed=3)
+    for until in (0.01, 1.0, 7.5, 20.0):
+        assert arrivals_before(8.0, 3, until) == sum(t < until for t in times)
+    with pytest.raises(ValueError, match="rate"):
+        arrivals_before(math.inf, 3, 1.0)
+
+
+def test_production_code_does_not_import_the_benchmark_workloads() -> None:
+    root = Path(__file__).resolve().parent.parent
+    for package in ("deployments", "lamps_core", "lamps_vllm", "tool_workers"):
+        for path in (root / package).rglob("*.py"):
+            imports = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", path.read_text(), re.M)
+            assert not [name for name in imports if name.startswith("bench")], path
