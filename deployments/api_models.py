@@ -6,9 +6,11 @@ limit, and in responses the tool executions (call, result, duration) the server 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 from vllm.entrypoints.openai.chat_completion.protocol import (
@@ -19,6 +21,47 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
 
 from lamps_core.trace import TraceSegment
 from lamps_vllm.trace_replay import TraceOutcome
+
+# How deep a request body (or a tool call's arguments) may nest JSON arrays and objects. A chat
+# request needs about 6 levels, a client's tool schema a few more; 64 is generous. Beyond it a
+# body is refused before it is parsed: Python's parser recurses once per level (200,000 `[` were
+# a RecursionError, HTTP 500), and so would pydantic, Ray's pickling and the chat template.
+MAX_JSON_DEPTH = 64
+# The most entries a chat request's `tools` may have. The server has a handful of tools, and
+# each entry names one of them; the limit refuses a body of thousands of copies (the client's
+# copies are parsed by pydantic before anything else can look at them) at once.
+MAX_TOOLS = 64
+
+# bytes.translate: `[` and `{` become +1, `]` and `}` -1 (as int8), everything else is deleted.
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
+
+
+def json_nesting_depth(raw: bytes | str) -> int:
+    """How deep the arrays and objects of the JSON text `raw` nest, without parsing it: linear
+    and in C (bytes operations and one numpy cumsum) whatever the text. Brackets inside strings
+    do not count. On text that is not valid JSON the figure may be off; the parser refuses such
+    text anyway (and its own recursion limit, caught, backs this scan up)."""
+    if isinstance(raw, str):
+        data = raw.encode(errors="surrogatepass")
+    else:
+        data = raw
+        encoding = json.detect_encoding(raw)  # json.loads takes UTF-16 and UTF-32 bodies too
+        if encoding not in ("utf-8", "utf-8-sig"):
+            # The scan below reads UTF-8 (or ASCII) bytes; what does not decode, the parser
+            # refuses.
+            with contextlib.suppress(UnicodeDecodeError):
+                data = raw.decode(encoding).encode(errors="surrogatepass")
+    # Every backslash in valid JSON starts a two-character escape (or `\uXXXX`, whose hex digits
+    # are harmless): drop escaped backslashes first, then escaped quotes, and every `"` left
+    # opens or closes a string. The even pieces between quotes are outside strings.
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(unescaped.split(b'"')[::2])
+    steps = outside.translate(_BRACKET_STEPS, _NOT_BRACKETS)
+    if not steps:
+        return 0
+    levels = np.cumsum(np.frombuffer(steps, dtype=np.int8), dtype=np.int64)
+    return max(int(levels.max()), 0)
 
 
 class ChatRequest(ChatCompletionRequest):
@@ -74,6 +117,11 @@ def _content_part(index: int, part: Any) -> dict[str, Any]:
 def _check_arguments(index: int, arguments: object) -> None:
     if not isinstance(arguments, str):
         return  # pydantic has refused anything but a string already
+    if json_nesting_depth(arguments) > MAX_JSON_DEPTH:
+        # They are parsed again and rendered into the prompt (recursively, by the template).
+        raise _invalid(
+            f"message {index}: a tool call's arguments nest deeper than {MAX_JSON_DEPTH} levels"
+        )
     try:
         parsed = json.loads(arguments)
     except (json.JSONDecodeError, RecursionError):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -76,11 +76,29 @@ class AppArgs(BaseModel):
         "one full: the fleet router backs off, or all queues are at max_ongoing_requests), "
         "then 429; none: as long as it takes.",
     )
+    enable_benchmark_endpoints: bool = Field(
+        default=False,
+        description="Trace replay (POST /v1/traces, the handle's `replay`) and the "
+        "simulated_api tool: what `lamps bench` drives. Off, /v1/traces is 404 and "
+        "simulated_api is not a tool of this server: a client could otherwise make the "
+        "engine run scripted work of its choosing and the scheduler learn durations it made up.",
+    )
 
     @field_validator("api_keys", "admin_api_keys")
     @classmethod
     def _strong_keys(cls, keys: list[str]) -> list[str]:
         return checked_keys(keys, "api keys")
+
+    @model_validator(mode="after")
+    def _default_max_tokens_fits(self) -> AppArgs:
+        # A request's max_tokens must leave room for a prompt (HTTP 400 otherwise): the
+        # server's own default must too, or every request that gives none would be refused.
+        if self.default_max_tokens >= self.engine.max_model_len:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be below "
+                f"engine.max_model_len ({self.engine.max_model_len})"
+            )
+        return self
 
     def tool_timeouts(self) -> dict[str, float]:
         """Each tool's call limit; an unknown tool name or a bad CIDR fails here, at deploy."""
@@ -90,7 +108,35 @@ class AppArgs(BaseModel):
             http_allow_ips=self.http_allow_ips,
             tool_timeout_s=self.tool_timeout_s,
             tool_timeouts_s=self.tool_timeouts_s,
+            simulated_api=self.enable_benchmark_endpoints,
         ).timeouts()
+
+    def tool_worker_options(self) -> dict[str, Any]:
+        """The ToolWorker's arguments after `redis_url` (its registry, as `tool_timeouts`)."""
+        return {
+            "http_allowlist": self.http_allowlist,
+            "max_simulated_duration_s": self.max_simulated_duration_s,
+            "http_allow_ips": self.http_allow_ips,
+            "tool_timeout_s": self.tool_timeout_s,
+            "tool_timeouts_s": self.tool_timeouts_s,
+            "simulated_api": self.enable_benchmark_endpoints,
+        }
+
+    def ingress_settings(self) -> IngressSettings:
+        engine = self.engine
+        return IngressSettings(
+            served_model_name=engine.served_model_name,
+            max_model_len=engine.max_model_len,
+            default_max_tokens=self.default_max_tokens,
+            default_max_tool_calls=self.default_max_tool_calls,
+            max_tool_calls_limit=self.max_tool_calls_limit,
+            policy_variants=list(engine.scheduler.policy_variants) if engine.scheduler else [],
+            max_body_bytes=self.max_body_bytes,
+            max_in_flight_requests=self.max_in_flight_requests,
+            max_routing_wait_s=self.max_routing_wait_s,
+            api_keys=ApiKeys.from_keys(self.api_keys, self.admin_api_keys),
+            enable_benchmark_endpoints=self.enable_benchmark_endpoints,
+        )
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -105,14 +151,7 @@ def build_app(args: dict[str, Any]) -> Application:
         # Calls mostly wait (on a remote API or a simulated duration): many fit one replica.
         max_ongoing_requests=1000,
         ray_actor_options={"num_cpus": 0.1},
-    ).bind(
-        redis_url,
-        app_args.http_allowlist,
-        app_args.max_simulated_duration_s,
-        http_allow_ips=app_args.http_allow_ips,
-        tool_timeout_s=app_args.tool_timeout_s,
-        tool_timeouts_s=app_args.tool_timeouts_s,
-    )
+    ).bind(redis_url, **app_args.tool_worker_options())
 
     engine_replica = serve.deployment(
         EngineReplica,
@@ -124,18 +163,7 @@ def build_app(args: dict[str, Any]) -> Application:
         health_check_timeout_s=30,
     ).bind(engine.model_dump(mode="json"), tool_worker, redis_url, tool_timeouts_s)
 
-    ingress_settings = IngressSettings(
-        served_model_name=engine.served_model_name,
-        max_model_len=engine.max_model_len,
-        default_max_tokens=app_args.default_max_tokens,
-        default_max_tool_calls=app_args.default_max_tool_calls,
-        max_tool_calls_limit=app_args.max_tool_calls_limit,
-        policy_variants=list(engine.scheduler.policy_variants) if engine.scheduler else [],
-        max_body_bytes=app_args.max_body_bytes,
-        max_in_flight_requests=app_args.max_in_flight_requests,
-        max_routing_wait_s=app_args.max_routing_wait_s,
-        api_keys=ApiKeys.from_keys(app_args.api_keys, app_args.admin_api_keys),
-    )
+    ingress_settings = app_args.ingress_settings()
     return serve.deployment(
         Ingress,
         name="Ingress",

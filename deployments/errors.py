@@ -1,7 +1,7 @@
 """HTTP-mapped errors of the serving layer that are not about the request's content: access
-(401, 403, 404 for an admin route that is off) and the service itself (503, 500). They subclass
-`RequestError` so the ingress answers them like the others, short and in the same JSON shape,
-and a Python handle caller catches them by type and reads `message`."""
+(401, 403, 404 for an admin or benchmark route that is off) and the service itself (503, 500).
+They subclass `RequestError` so the ingress answers them like the others, short and in the same
+JSON shape, and a Python handle caller catches them by type and reads `message`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ class PermissionDeniedError(RequestError):
 
 class AdminDisabledError(RequestError):
     """Admin routes are off: no admin key is configured."""
+
+    status_code = 404
+
+
+class BenchmarkEndpointsDisabledError(RequestError):
+    """Trace replay (`/v1/traces`, the handle's `replay`) is off: it is for benchmarks, and the
+    config does not turn it on (`enable_benchmark_endpoints`)."""
 
     status_code = 404
 

@@ -46,6 +46,8 @@ from deployments.access import (
 )
 from deployments.api_docs import render_api_docs
 from deployments.api_models import (
+    MAX_JSON_DEPTH,
+    MAX_TOOLS,
     ChatRequest,
     ChatResponse,
     ChatStreamChunk,
@@ -53,8 +55,14 @@ from deployments.api_models import (
     ToolExecutionInfo,
     TraceRequest,
     TraceResponse,
+    json_nesting_depth,
 )
-from deployments.errors import AuthenticationError, EngineUnavailableError, InternalServerError
+from deployments.errors import (
+    AuthenticationError,
+    BenchmarkEndpointsDisabledError,
+    EngineUnavailableError,
+    InternalServerError,
+)
 from deployments.metrics import EngineStatsBoard, render_prometheus
 from deployments.router import conversation_key
 from deployments.router_wait import await_placement
@@ -72,7 +80,7 @@ from lamps_vllm.errors import (
     unknown_variant_message,
 )
 from lamps_vllm.trace_replay import check_fits
-from tool_workers.simulated_api import SIMULATED_API_TYPES
+from tool_workers.simulated_api import SIMULATED_API_TYPES, SimulatedApi
 from tool_workers.stats import StatsUnavailableError, ToolCallCounts, ToolStatsStore
 
 try:
@@ -93,6 +101,11 @@ app = FastAPI(
 
 HEALTH_TIMEOUT_S = 2.0
 METRICS_ENGINE_TIMEOUT_S = 1.0
+TRACE_ROUTE = "/v1/traces"
+REPLAY_OFF = (
+    "trace replay is off on this server: it is for benchmarks (set "
+    "`enable_benchmark_endpoints: true` in the application's args to turn it on)"
+)
 ENGINE_LOST = (
     "the engine replica was lost while serving this request; it was not completed (Serve does "
     "not retry it elsewhere): retry it"
@@ -115,6 +128,14 @@ class IngressSettings(BaseModel):
     )
     api_keys: ApiKeys = Field(
         default_factory=ApiKeys, description="Digests of the config's keys (the env adds more)."
+    )
+    # On here, as for the tool worker's registry: this model is built by `build_app`, which
+    # passes the config's value (AppArgs, off by default), and by tests that put an ingress of
+    # their own in front of the suite's engine to replay traces.
+    enable_benchmark_endpoints: bool = Field(
+        default=True,
+        description="Trace replay (/v1/traces, `replay`) and the simulated_api tool; off: "
+        "404, `BenchmarkEndpointsDisabledError`, and simulated_api is an unknown tool.",
     )
 
 
@@ -278,10 +299,24 @@ async def _json_body(raw: Request, limit: int) -> Any:
         body += chunk
         if len(body) > limit:
             raise BodyTooLargeError(_too_large(limit))
+    # Nesting is bounded before the parser sees the body: it recurses once per level.
+    depth = json_nesting_depth(bytes(body))
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError(_too_deep(depth))
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # invalid JSON the scan above read as shallower than it parses
+        raise RequestError(_too_deep(None)) from None
+
+
+def _too_deep(depth: int | None) -> str:
+    levels = f" {depth} levels" if depth is not None else ""
+    return (
+        f"the request body nests JSON arrays and objects{levels} deep; this server takes at "
+        f"most {MAX_JSON_DEPTH}"
+    )
 
 
 def _too_large(limit: int) -> str:
@@ -301,6 +336,10 @@ def _parse(model: type[M], data: M | dict[str, Any]) -> M:
         raise RequestError("invalid request: messages: must be a list of message objects")
     if issubclass(model, ChatRequest) and not data["messages"]:
         raise RequestError("invalid request: messages: at least one message is needed")
+    if issubclass(model, ChatRequest):
+        # Counted before pydantic builds a model of every entry (thousands of copies of one
+        # tool are a cheap body to send); `_requested_tools` checks parsed requests too.
+        _check_tools_count(data.get("tools"))
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -311,6 +350,13 @@ def _parse(model: type[M], data: M | dict[str, Any]) -> M:
         # vLLM's "before" validators assume shapes that pydantic checks only after them: a
         # field of the wrong type fails there like this. Still the client's input.
         raise RequestError(f"invalid request: a field has the wrong type ({exc})") from None
+
+
+def _check_tools_count(tools: object) -> None:
+    if isinstance(tools, list) and len(tools) > MAX_TOOLS:
+        raise RequestError(
+            f"invalid request: tools: {len(tools)} entries; this server takes at most {MAX_TOOLS}"
+        )
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -396,12 +442,21 @@ async def _proxy_host() -> str | None:
     return config.host
 
 
-def _max_tokens(request: ChatRequest, default: int) -> int:
+def _max_tokens(request: ChatRequest, default: int, max_model_len: int) -> int:
     # 0 is a value, not "unset": it and negative counts are refused, not replaced.
     for field in ("max_completion_tokens", "max_tokens"):
         value = getattr(request, field)
         if value is not None and value < 1:
             raise RequestError(f"{field} must be at least 1, got {value}")
+        # A count no prompt leaves room for (every prompt has a token) is the client's mistake,
+        # refused here as vLLM's server does. Below it, the engine replica stops a request when
+        # the context is full (finish_reason "length"): an augmented request's prompt grows
+        # with each tool result, so its room is known only segment by segment.
+        if value is not None and value >= max_model_len:
+            raise RequestError(
+                f"{field}={value} does not fit this model's context of {max_model_len} tokens "
+                f"with a prompt: at most {max_model_len - 1}"
+            )
     if request.max_completion_tokens is not None:
         return request.max_completion_tokens
     return request.max_tokens if request.max_tokens is not None else default
@@ -461,6 +516,7 @@ class Ingress:
                     yield chunk
 
     async def replay(self, request: TraceRequest | dict[str, Any]) -> TraceResponse:
+        self._refuse_if_replay_off()
         with self._admitted():
             request = _parse(TraceRequest, request)
             script = await self._check_trace(request)
@@ -494,10 +550,11 @@ class Ingress:
             return _internal_error()
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream")
 
-    @app.post("/v1/traces")
+    @app.post(TRACE_ROUTE)
     async def http_trace(self, raw: Request) -> Response:
         try:
             self._authorize(raw)
+            self._refuse_if_replay_off()  # 404 before the body is read
             self._refuse_if_busy()
             response = await self.replay(await _json_body(raw, self.settings.max_body_bytes))
         except RequestError as exc:
@@ -581,7 +638,7 @@ class Ingress:
             self._authorize(raw)
         except RequestError as exc:
             return _error(exc)
-        return JSONResponse(raw.app.openapi())
+        return JSONResponse(self._openapi(raw))
 
     @app.get("/docs", include_in_schema=False)
     async def http_docs(self, raw: Request) -> Response:
@@ -590,7 +647,15 @@ class Ingress:
         except RequestError as exc:
             return _error(exc)
         root = raw.scope.get("root_path", "").rstrip("/")
-        return HTMLResponse(render_api_docs(raw.app.openapi(), f"{root}/openapi.json"))
+        return HTMLResponse(render_api_docs(self._openapi(raw), f"{root}/openapi.json"))
+
+    def _openapi(self, raw: Request) -> dict[str, Any]:
+        """The schema of the routes this server answers: a route that is off is not in it."""
+        schema: dict[str, Any] = raw.app.openapi()  # FastAPI's cached copy: not changed here
+        if self.settings.enable_benchmark_endpoints:
+            return schema
+        paths = {path: ops for path, ops in schema["paths"].items() if path != TRACE_ROUTE}
+        return {**schema, "paths": paths}
 
     # ---- access ----
 
@@ -613,6 +678,10 @@ class Ingress:
         except Exception as exc:  # a missing gauge says enough; /health says why
             logger.warning("engine statistics unavailable: %r", exc)
             return None
+
+    def _refuse_if_replay_off(self) -> None:
+        if not self.settings.enable_benchmark_endpoints:
+            raise BenchmarkEndpointsDisabledError(REPLAY_OFF)
 
     # ---- admission ----
 
@@ -677,7 +746,12 @@ class Ingress:
     async def _server_tools(self) -> dict[str, dict[str, Any]]:
         if self._tool_schemas is None:
             schemas = await self._tools.schemas.remote()
-            self._tool_schemas = {s["function"]["name"]: s for s in schemas}
+            tools = {s["function"]["name"]: s for s in schemas}
+            if not self.settings.enable_benchmark_endpoints:
+                # build_app leaves it out of the tool worker too; this holds for an ingress put
+                # in front of another application's workers as well.
+                tools.pop(SimulatedApi.name, None)
+            self._tool_schemas = tools
         return self._tool_schemas
 
     async def _plan(self, request: ChatRequest) -> ChatPlan:
@@ -693,7 +767,9 @@ class Ingress:
                 f"max_tool_calls={max_calls} is over this server's limit of "
                 f"{self.settings.max_tool_calls_limit}"
             )
-        max_tokens = _max_tokens(request, self.settings.default_max_tokens)
+        max_tokens = _max_tokens(
+            request, self.settings.default_max_tokens, self.settings.max_model_len
+        )
         sampling: dict[str, Any] = {
             "temperature": request.temperature or 0.0,
             "top_p": request.top_p if request.top_p is not None else 1.0,
@@ -716,16 +792,22 @@ class Ingress:
         )
 
     async def _requested_tools(self, request: ChatRequest) -> list[dict[str, Any]]:
+        """The server's schemas of the tools the request names, each once, in the order first
+        named. Everything after this (the engine replica's chat template, the prompt, the
+        scheduler's forecast) sees at most one entry per server tool, whatever the client sent:
+        12,000 copies of one tool rendered into a prompt held the engine replica's event loop
+        for seconds (its health check timed out) before the context limit refused them."""
         if not request.tools:
             return []
+        _check_tools_count(request.tools)  # a parsed request (Python handle) is checked here
         known = await self._server_tools()
-        tools = []
+        tools: dict[str, dict[str, Any]] = {}
         for tool in request.tools:
             name = tool.function.name
             if name not in known:
                 raise RequestError(
-                    f"unknown tool {name!r}; this server has: {', '.join(sorted(known))}"
+                    f"unknown tool {name[:64]!r}; this server has: {', '.join(sorted(known))}"
                 )
             # Tools run here, so the server's schema is the truth, whatever the client sent.
-            tools.append(known[name])
-        return tools
+            tools.setdefault(name, known[name])
+        return list(tools.values())

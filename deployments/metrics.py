@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from redis.exceptions import RedisError
 
-from tool_workers.stats import ToolCallCounts
+from tool_workers.stats import LOADING_WAIT_S, ToolCallCounts, while_loading
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +51,16 @@ def host_pool_gauges(scheduler: Mapping[str, Any]) -> dict[str, int]:
 
 
 class EngineStatsBoard:
-    def __init__(self, redis_url: str, namespace: str = "lamps") -> None:
+    def __init__(
+        self, redis_url: str, namespace: str = "lamps", loading_wait_s: float = LOADING_WAIT_S
+    ) -> None:
         self._prefix = f"{namespace}:engine:"
         self._redis = aioredis.Redis.from_url(
             redis_url, decode_responses=True, socket_timeout=1.0, socket_connect_timeout=1.0
         )
         self._warned = False
+        # How long `collect` (GET /metrics) waits out a Redis loading its data after a restart.
+        self._loading_wait_s = loading_wait_s
 
     async def publish(self, replica_id: str, model: str, stats: dict[str, Any]) -> None:
         try:
@@ -71,8 +75,12 @@ class EngineStatsBoard:
 
     async def collect(self) -> dict[str, dict[str, Any]]:
         """Replica id -> its latest published statistics."""
-        keys = [key async for key in self._redis.scan_iter(match=self._prefix + "*")]
-        values = await self._redis.mget(keys) if keys else []
+
+        async def read() -> tuple[list[str], list[str | None]]:
+            keys = [key async for key in self._redis.scan_iter(match=self._prefix + "*")]
+            return keys, (await self._redis.mget(keys) if keys else [])
+
+        keys, values = await while_loading(read, self._loading_wait_s)
         return {
             key.removeprefix(self._prefix): json.loads(value)
             for key, value in zip(keys, values, strict=True)

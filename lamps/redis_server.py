@@ -3,7 +3,8 @@
 The server is daemonized with a pidfile in ``data_dir`` so that a later process
 (another script, a re-run test session) can find it, reuse it or stop it.
 Persistence is on (an append-only file in ``data_dir``, fsynced every second): the tool
-statistics the scheduler predicts from survive a restart of Redis or of the machine.
+statistics the scheduler predicts from survive a restart of Redis or of the machine. A started
+server has read that file back: until then Redis answers every command with LOADING.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -88,12 +90,15 @@ class RedisServer:
         host: str = "127.0.0.1",
         executable: str = "redis-server",
         password: str | None = None,
+        options: Mapping[str, str] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
         self.host = host
         self.executable = executable
         self.password = password
+        # More redis-server settings (`--NAME VALUE`), after ours (tests slow its loading down).
+        self.options = dict(options or {})
         self.reused = False
         self._log_offset = 0
 
@@ -139,6 +144,37 @@ class RedisServer:
         pid = info.get("process_id")
         return int(pid) if pid is not None else None
 
+    def _loaded(self) -> bool:
+        """Whether the server answering on our port serves commands: it has read its data back
+        (PING answers PONG, not LOADING)."""
+        client = self._client()
+        try:
+            return bool(client.ping())
+        except redis.RedisError:  # BusyLoadingError while it loads, or no answer at all
+            return False
+        finally:
+            client.close()
+
+    def wait_loaded(self, timeout_s: float = _START_TIMEOUT_S) -> Self:
+        """Wait until the server has read its append-only file back. Redis answers INFO, and
+        accepts connections, while it loads, but refuses every other command with LOADING: a
+        caller that read right after a restart saw BusyLoadingError."""
+        started = time.monotonic()
+        while not self._loaded():
+            pid = self._read_pid()
+            problem = None
+            if pid is None or not _pid_alive(pid):
+                problem = "exited while loading its data"  # e.g. a damaged append-only file
+            elif time.monotonic() - started > timeout_s:
+                problem = f"has not loaded its data after {timeout_s:.0f} s"
+            if problem is not None:
+                raise RedisServerError(
+                    f"redis-server on {self.host}:{self.port} {problem}"
+                    f"\n--- {self.logfile} ---\n{self.log_tail()}"
+                )
+            time.sleep(_POLL_INTERVAL_S)
+        return self
+
     def is_running(self) -> bool:
         """True if a server answers on our port and it is the one our pidfile names."""
         pid = self._read_pid()
@@ -163,12 +199,15 @@ class RedisServer:
             return False
         return "aborting" in new or "FATAL" in new
 
-    def start(self, timeout_s: float = _START_TIMEOUT_S) -> Self:
-        """Start the server (or reuse ours if it already answers) and wait for PING."""
+    def start(self, timeout_s: float = _START_TIMEOUT_S, *, wait_loaded: bool = True) -> Self:
+        """Start the server (or reuse ours if it already answers), wait until it answers, then
+        (up to ``timeout_s`` more) until it has loaded its data. ``wait_loaded=False`` returns
+        while it may still be loading: for tests of clients that must ride that out."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.is_running():
             self.reused = True
-            return self
+            # Ours, maybe started a moment ago by another process and still loading.
+            return self.wait_loaded(timeout_s) if wait_loaded else self
         answering = self._answering_pid()
         if answering is not None:
             raise RedisServerError(
@@ -195,6 +234,7 @@ class RedisServer:
             "--appendonly", "yes",
             "--appendfsync", "everysec",
             *(["--requirepass", self.password] if self.password else []),
+            *(arg for name, value in self.options.items() for arg in (f"--{name}", value)),
         ]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
@@ -209,7 +249,8 @@ class RedisServer:
             pid = self._read_pid()
             if pid is not None and self._answering_pid() == pid:
                 self.reused = False
-                return self
+                # Loading a large append-only file takes a while of its own: a budget of its own.
+                return self.wait_loaded(timeout_s) if wait_loaded else self
             if pid is not None and not _pid_alive(pid):
                 break  # it died after writing its pidfile: no point waiting out the timeout
             if pid is None and self._log_says_aborted():

@@ -46,6 +46,8 @@ def stack(prepared_models: PreparedModels) -> Iterator[RunningStack]:
     app = config["applications"][0]
     app["args"]["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
     app["args"]["max_tool_calls_limit"] = 8
+    # Trace replay and the simulated API (off in serve-cpu.yaml): many tests script requests.
+    app["args"]["enable_benchmark_endpoints"] = True
     # Small enough that the context-limit tests need no giant prompts.
     app["args"]["engine"]["max_model_len"] = 2048
     # Policies a trace request may name (the bench smoke test's, and one that holds KV

@@ -58,8 +58,14 @@ class ToolRegistry:
         per_tool_s = dict(per_tool_s or {})
         unknown = sorted(set(per_tool_s) - set(self._tools))
         if unknown:
+            hint = (
+                " (simulated_api is a tool only with enable_benchmark_endpoints: true)"
+                if SimulatedApi.name in unknown
+                else ""
+            )
             raise ValueError(
-                f"tool_timeouts_s names unknown tools {unknown}; tools: {', '.join(self.names())}"
+                f"tool_timeouts_s names unknown tools {unknown}; tools: "
+                f"{', '.join(self.names())}{hint}"
             )
         for seconds in [default_s, *per_tool_s.values()]:
             if seconds is not None and not 0 < seconds < math.inf:
@@ -90,15 +96,18 @@ def default_registry(
     http_allow_ips: Iterable[str] = (),
     tool_timeout_s: float | None = None,
     tool_timeouts_s: Mapping[str, float] | None = None,
+    simulated_api: bool = True,
 ) -> ToolRegistry:
     """calculator, http_get (restricted to ``http_allowlist`` host names, and to public addresses
-    or ``http_allow_ips``) and simulated_api, with their call limits (``set_timeouts``)."""
-    registry = ToolRegistry(
-        [
-            Calculator(),
-            HttpGet(http_allowlist, allow_ips=http_allow_ips),
-            SimulatedApi(max_simulated_duration_s),
-        ]
-    )
+    or ``http_allow_ips``) and, with ``simulated_api``, the simulated API, with their call limits
+    (``set_timeouts``).
+
+    The simulated API is a benchmark's tool (trace replay runs its calls): a deployment leaves it
+    out unless its config turns the benchmark endpoints on (``AppArgs``, off by default). It is
+    on by default here because in-process benchmark code builds its own registry."""
+    tools: list[Tool[Any]] = [Calculator(), HttpGet(http_allowlist, allow_ips=http_allow_ips)]
+    if simulated_api:
+        tools.append(SimulatedApi(max_simulated_duration_s))
+    registry = ToolRegistry(tools)
     registry.set_timeouts(tool_timeout_s, tool_timeouts_s)
     return registry

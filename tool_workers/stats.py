@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError
+from redis.exceptions import BusyLoadingError, ConnectionError, RedisError
 
 from lamps_core.call_durations import (
     ApiEstimate,
@@ -39,6 +41,7 @@ __all__ = [
     "merge_distributions",
     "merge_estimates",
     "percentile",
+    "while_loading",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,34 @@ API_ESTIMATES_REFRESH_S = 5.0
 _SOCKET_TIMEOUT_S = 1.0
 
 _REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+
+# After a restart Redis answers every command with LOADING until it has read its append-only
+# file back (milliseconds for a small one, seconds for a large one). That is not an outage: a
+# record or a read waits it out this long, retrying from 50 ms, doubling up to 400 ms, and only
+# then counts it as one. Bounded, because a record is awaited on the tool-call path.
+LOADING_WAIT_S = 1.5
+_LOADING_FIRST_RETRY_S = 0.05
+_LOADING_MAX_RETRY_S = 0.4
+
+T = TypeVar("T")
+
+
+async def while_loading(operation: Callable[[], Awaitable[T]], wait_s: float = LOADING_WAIT_S) -> T:
+    """``operation()``, tried again with a short backoff while Redis is loading its data
+    (``BusyLoadingError``) for about ``wait_s`` seconds at most; then its BusyLoadingError
+    (a RedisError, so callers handle it as an outage). Retrying is safe: a loading Redis refuses
+    a command (a MULTI/EXEC block whole) without applying any of it."""
+    deadline = time.monotonic() + wait_s
+    delay = _LOADING_FIRST_RETRY_S
+    while True:
+        try:
+            return await operation()
+        except BusyLoadingError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(2 * delay, _LOADING_MAX_RETRY_S)
 
 
 class StatsUnavailableError(RuntimeError):
@@ -170,11 +201,13 @@ class ToolStatsStore:
         redis_url: str,
         namespace: str = "lamps",
         max_samples: int = DEFAULT_MAX_SAMPLES,
+        loading_wait_s: float = LOADING_WAIT_S,
     ) -> None:
         if max_samples < 1:
             raise ValueError("max_samples must be at least 1")
         self.namespace = namespace
         self.max_samples = max_samples
+        self.loading_wait_s = loading_wait_s
         self.dropped_records = 0
         self._failing = False
         self._redis = aioredis.Redis.from_url(
@@ -207,7 +240,8 @@ class ToolStatsStore:
         """
         counts_key = self._counts_key(result.tool)
         durations_key = self._durations_key(result.tool)
-        try:
+
+        async def write() -> None:
             # transaction=True (MULTI/EXEC): readers never see a call counted but not listed.
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.sadd(self._tools_key(), result.tool)
@@ -216,6 +250,9 @@ class ToolStatsStore:
                 pipe.lpush(durations_key, repr(result.duration_s))
                 pipe.ltrim(durations_key, 0, self.max_samples - 1)
                 await pipe.execute()
+
+        try:
+            await while_loading(write, self.loading_wait_s)
         except _REDIS_FAILURES as exc:
             self.dropped_records += 1
             if not self._failing:
@@ -236,7 +273,9 @@ class ToolStatsStore:
 
     async def estimate(self, tool: str) -> ToolDurationEstimate:
         try:
-            raw = await self._redis.lrange(self._durations_key(tool), 0, -1)
+            raw = await while_loading(
+                lambda: self._redis.lrange(self._durations_key(tool), 0, -1), self.loading_wait_s
+            )
         except _REDIS_FAILURES as exc:
             raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
         return ToolDurationEstimate.from_samples(tool, _parse_samples(raw))
@@ -244,7 +283,9 @@ class ToolStatsStore:
     async def known_tools(self) -> list[str]:
         """Tools that have at least one record (in this namespace)."""
         try:
-            names = await self._redis.smembers(self._tools_key())
+            names = await while_loading(
+                lambda: self._redis.smembers(self._tools_key()), self.loading_wait_s
+            )
         except _REDIS_FAILURES as exc:
             raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
         return sorted(names)
@@ -255,11 +296,15 @@ class ToolStatsStore:
         """Estimates for ``tools`` (default: every tool with records), in one round trip;
         ``timeouts_s`` (tool -> call limit) bounds their distributions."""
         names = list(tools) if tools is not None else await self.known_tools()
-        try:
+
+        async def read() -> list[list[str]]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.lrange(self._durations_key(name), 0, -1)
-                lists = await pipe.execute()
+                return await pipe.execute()
+
+        try:
+            lists = await while_loading(read, self.loading_wait_s)
         except _REDIS_FAILURES as exc:
             raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
         limits = timeouts_s or {}
@@ -271,11 +316,15 @@ class ToolStatsStore:
     async def summary(self, tools: Iterable[str] | None = None) -> dict[str, ToolCallCounts]:
         """Per-tool counters (calls ok, calls failed, total seconds) for Prometheus."""
         names = list(tools) if tools is not None else await self.known_tools()
-        try:
+
+        async def read() -> list[dict[str, str]]:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.hgetall(self._counts_key(name))
-                hashes = await pipe.execute()
+                return await pipe.execute()
+
+        try:
+            hashes = await while_loading(read, self.loading_wait_s)
         except _REDIS_FAILURES as exc:
             raise StatsUnavailableError(f"cannot read tool stats from Redis: {exc}") from exc
         return {

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tool_workers.registry import ToolRegistry, default_registry
-from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S, SIMULATED_API_TYPES
+from tool_workers.simulated_api import DEFAULT_MAX_DURATION_S, SIMULATED_API_TYPES, SimulatedApi
 from tool_workers.stats import ToolCallCounts, ToolDurationEstimate, ToolStatsStore
 from tool_workers.tools import ToolError, ToolOutput, ToolResult
 
@@ -38,15 +38,18 @@ class ToolWorker:
         http_allow_ips: Iterable[str] = (),
         tool_timeout_s: float | None = None,
         tool_timeouts_s: Mapping[str, float] | None = None,
+        simulated_api: bool = True,
         namespace: str = "lamps",
         registry: ToolRegistry | None = None,
     ) -> None:
+        # `simulated_api`: see default_registry (a deployment passes its config's choice).
         self.registry = registry or default_registry(
             http_allowlist,
             max_simulated_duration_s,
             http_allow_ips=http_allow_ips,
             tool_timeout_s=tool_timeout_s,
             tool_timeouts_s=tool_timeouts_s,
+            simulated_api=simulated_api,
         )
         # No Redis URL: tools still run, nothing is recorded and estimates are empty.
         self.stats = ToolStatsStore(redis_url, namespace=namespace) if redis_url else None
@@ -137,8 +140,11 @@ class ToolWorker:
         return await self.stats.all_estimates(names, self.timeouts_by_recorded_name())
 
     def recorded_names(self) -> frozenset[str]:
-        """The names calls can be recorded under (see ``recorded_name``)."""
-        return frozenset(self.registry.names()) | SIMULATED_API_TYPES
+        """The names calls can be recorded under (see ``recorded_name``): the simulated API
+        types only where the simulated API is a tool here (records an earlier benchmark left
+        in a shared Redis do not reach a server that runs no simulated calls)."""
+        names = frozenset(self.registry.names())
+        return names | SIMULATED_API_TYPES if SimulatedApi.name in names else names
 
     def timeouts_by_recorded_name(self) -> dict[str, float]:
         """Each recorded name's call limit (s): what bounds its learned duration."""
