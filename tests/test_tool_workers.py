@@ -719,3 +719,94 @@ def test_a_bimodal_tool_s_records_reach_the_lamps_review(redis_url: str, namespa
     assert remaining is not None and remaining > 3.0  # the 4 s mode, not the mean
     assert remaining == pytest.approx(qa.distribution.expected_remaining_s(0.1))
     assert policy.review_paused([call], later, 0) == [(call, Strategy.SWAP)]
+
+
+# --- benchmark tools off ----------------------------------------------------------------
+
+
+def test_a_worker_without_the_simulated_api(redis_url: str, namespace: str) -> None:
+    """What a deployment runs unless `enable_benchmark_endpoints` is on: the simulated API is
+    no tool (not offered, not callable), and records of simulated API types a benchmark left in
+    a shared Redis never reach the scheduler from it."""
+    worker = ToolWorker(redis_url, namespace=namespace, simulated_api=False)
+
+    async def scenario() -> dict[str, Any]:
+        try:
+            assert worker.stats is not None
+            assert await worker.stats.record(_result("qa", 2.0))  # a benchmark's record
+            with pytest.raises(UnknownToolError, match="simulated_api"):
+                await worker.call("simulated_api", {"duration_s": 0.0})
+            assert (await worker.call("calculator", {"expression": "1 + 1"})).ok
+            return await worker.estimates()
+        finally:
+            await worker.close()
+
+    assert [s["function"]["name"] for s in worker.schemas()] == ["calculator", "http_get"]
+    assert worker.recorded_names() == {"calculator", "http_get"}
+    assert "simulated_api" not in worker.timeouts_by_recorded_name()
+    assert set(run(scenario())) == {"calculator"}
+    # A config that names it anyway fails at deploy, saying why.
+    with pytest.raises(ValueError, match="only with enable_benchmark_endpoints"):
+        default_registry(simulated_api=False, tool_timeouts_s={"simulated_api": 1.0})
+    # On (the bench's in-process engine, tests): unchanged.
+    assert "qa" in ToolWorker(None).recorded_names()
+
+
+# --- Redis loading its data after a restart ---------------------------------------------
+
+
+def test_stats_ride_out_a_redis_loading_its_data(tmp_path: Path) -> None:
+    """A restarted Redis answers LOADING until it has read its append-only file back: the
+    stores wait that out (a short, bounded backoff) instead of reporting an outage; past their
+    wait they report one (a dropped record, StatsUnavailableError), while Redis still loads."""
+    from deployments.metrics import EngineStatsBoard
+    from tests.test_redis_server import SLOW_LOADING, fill_for_slow_loading, is_loading
+    from tool_workers import StatsUnavailableError
+
+    port = free_port()
+    with RedisServer(tmp_path, port) as server:
+
+        async def before() -> None:
+            store = ToolStatsStore(server.url)
+            try:
+                for seconds in (0.5, 0.7):
+                    assert await store.record(_result("calculator", seconds))
+            finally:
+                await store.close()
+
+        run(before())
+        fill_for_slow_loading(server)
+
+    slow = RedisServer(tmp_path, port, options=SLOW_LOADING).start(wait_loaded=False)
+
+    async def scenario() -> tuple[bool, Any, Any, Any, bool]:
+        impatient = ToolStatsStore(slow.url, loading_wait_s=0.1)
+        patient = ToolStatsStore(slow.url, loading_wait_s=60)
+        board = EngineStatsBoard(slow.url, loading_wait_s=60)
+        try:
+            assert is_loading(slow), "the slowed-down load was over before it could be seen"
+            with pytest.raises(StatsUnavailableError, match="loading"):
+                await impatient.estimate("calculator")
+            recorded = await impatient.record(_result("calculator", 0.9))  # dropped, not raised
+            # It gave up within its wait, not at the end of the load: bounded.
+            still_loading = is_loading(slow)
+            # Both started while Redis loads (no outage reported), answered once it has loaded.
+            estimate, engines, summary = await asyncio.gather(
+                patient.estimate("calculator"), board.collect(), patient.summary()
+            )
+            assert await patient.record(_result("calculator", 1.1))
+            return recorded, estimate, engines, summary, still_loading
+        finally:
+            await impatient.close()
+            await patient.close()
+            await board._redis.aclose()
+
+    try:
+        recorded, estimate, engines, summary, still_loading = run(scenario())
+    finally:
+        slow.stop()
+    assert not recorded and still_loading
+    assert estimate.count == 2  # the records from before the restart; the dropped one is not
+    assert estimate.last_s == 0.7
+    assert engines == {}  # nothing published: read, not failed
+    assert summary["calculator"].calls_ok == 2
