@@ -139,3 +139,20 @@ def test_kuberay_redis_is_private_persistent_and_keyed() -> None:
         [container] = pod["template"]["spec"]["containers"]
         names = {e["name"] for e in container["env"]}
         assert {"LAMPS_REDIS_PASSWORD", "LAMPS_API_KEYS", "LAMPS_ADMIN_API_KEYS"} <= names
+
+
+def test_benchmark_endpoints_are_on_in_the_bench_configs_only() -> None:
+    """Trace replay and the simulated API let a client script the engine's work and the call
+    durations the scheduler learns: only `lamps bench`'s configs turn them on. Every other
+    config says so explicitly (the default is off too)."""
+    for name, config in serve_configs():
+        [app] = config["applications"]
+        args = AppArgs.model_validate(app["args"])
+        bench = name.startswith("serve-bench-")
+        assert args.enable_benchmark_endpoints is bench, name
+        assert "enable_benchmark_endpoints" in app["args"], name
+        assert args.ingress_settings().enable_benchmark_endpoints is bench
+        assert args.tool_worker_options()["simulated_api"] is bench
+        assert ("simulated_api" in args.tool_timeouts()) is bench
+    engine = {"model": "m", "served_model_name": "m"}
+    assert AppArgs.model_validate({"engine": engine}).enable_benchmark_endpoints is False
