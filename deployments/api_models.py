@@ -40,8 +40,9 @@ _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[{]}")
 def json_nesting_depth(raw: bytes | str) -> int:
     """How deep the arrays and objects of the JSON text `raw` nest, without parsing it: linear
     and in C (bytes operations and one numpy cumsum) whatever the text. Brackets inside strings
-    do not count. On text that is not valid JSON the figure may be off; the parser refuses such
-    text anyway (and its own recursion limit, caught, backs this scan up)."""
+    do not count. On text that is not JSON, a parser stops at the first error, and up to there
+    this scan reads the text as the parser does: the figure is never below the depth the
+    parser would reach."""
     if isinstance(raw, str):
         data = raw.encode(errors="surrogatepass")
     else:
@@ -61,7 +62,11 @@ def json_nesting_depth(raw: bytes | str) -> int:
     if not steps:
         return 0
     levels = np.cumsum(np.frombuffer(steps, dtype=np.int8), dtype=np.int64)
-    return max(int(levels.max()), 0)
+    # A parser reads one value: it stops where the first one closes (back to level 0: extra
+    # data follows) or a bracket closes nothing (below 0). What follows never nests it deeper.
+    ends = np.flatnonzero(levels <= 0)
+    first = levels[: ends[0] + 1] if ends.size else levels
+    return max(int(first.max()), 0)
 
 
 class ChatRequest(ChatCompletionRequest):
