@@ -556,6 +556,10 @@ class LampsScheduler(Scheduler):
             if strategy in (Strategy.PRESERVE, Strategy.KEEP) or call.meta is None:
                 continue
             if call.strategy is Strategy.KEEP:
+                if strategy is Strategy.SWAP and self._swap_out_preserved(call.meta.request_id):
+                    self.lamps_counts["kept_swapped"] += 1
+                    self._keep_outcome(call, evicted=True)
+                    continue
                 self.lamps_counts["kept_given_back"] += 1
                 self._release(call.meta.request_id, reason="given back")
             elif strategy is Strategy.SWAP and self._swap_out_preserved(call.meta.request_id):
@@ -609,11 +613,14 @@ class LampsScheduler(Scheduler):
         kind = "swap" if hold.on_host else call.strategy.value
         self.lamps_counts[f"{kind}_released_{reason.split()[0]}"] += 1
         if call.strategy is Strategy.KEEP and reason in ("resumed", "given back"):
-            try:  # the outcome the policy's eviction estimate learns from
-                self._policy_for(call.meta).on_keep_outcome(evicted=reason != "resumed")
-            except Exception:
-                self._policy_failed("on_keep_outcome")
+            self._keep_outcome(call, evicted=reason != "resumed")
         return hold
+
+    def _keep_outcome(self, call: PausedCall, evicted: bool) -> None:
+        try:  # the outcome the policy's eviction estimate learns from
+            self._policy_for(call.meta).on_keep_outcome(evicted=evicted)
+        except Exception:
+            self._policy_failed("on_keep_outcome")
 
     # ---- segment ends ----
 
@@ -740,6 +747,7 @@ class LampsScheduler(Scheduler):
                 "preserved_blocks": held["device_blocks"],
                 "kept_requests": held["kept_holds"],
                 "holds": held["holds"],
+                "api_estimates_version": self._api_estimates_version,
                 "preserved_block_seconds": self._held_block_seconds,
                 **self.lamps_counts,
                 **{f"time_{k}": v for k, v in self.lamps_times.items()},

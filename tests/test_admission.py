@@ -37,7 +37,7 @@ def test_gate_admits_only_what_fits_at_the_promised_peaks() -> None:
 
 
 def test_gate_margin_grows_with_preemptions_and_decays_with_admissions() -> None:
-    gate = AdmissionGate(margin=0.0, step=0.05, decay=0.5, max_margin=0.1)
+    gate = AdmissionGate(margin=0.0, min_margin=0.0, step=0.05, decay=0.5, max_margin=0.1)
     assert gate.admits(100, 0, 100, running=1)
     gate.missed()
     assert not gate.admits(100, 0, 100, running=1)  # 5 % now kept back
@@ -46,6 +46,21 @@ def test_gate_margin_grows_with_preemptions_and_decays_with_admissions() -> None
     assert gate.margin == pytest.approx(0.1)  # capped
     gate.admitted()
     assert gate.margin == pytest.approx(0.05)
+
+
+def test_gate_opens_while_nothing_is_preempted_and_closes_at_the_first_preemption() -> None:
+    """Where memory is slack no prediction is ever missed: the gate drifts to an overcommit
+    and admits requests whose predicted peaks add up past the cache (vLLM would admit them:
+    their blocks are free now). One preemption closes it to a real margin at once."""
+    gate = AdmissionGate()
+    assert not gate.admits(30, 90, 100, running=5)  # 120 predicted > 100
+    for _ in range(500):
+        gate.admitted()
+    assert gate.margin < -0.3
+    assert gate.admits(30, 90, 100, running=5)  # overcommitted: predictions are upper bounds
+    gate.missed()
+    assert gate.margin == pytest.approx(gate.step)
+    assert not gate.admits(10, 90, 100, running=5)  # 100 > 98
 
 
 def test_gate_rejects_bad_settings() -> None:
@@ -98,7 +113,7 @@ def test_lamps_promises_each_segment_its_predicted_peak() -> None:
     request = queued("a", 100, [(60, 1.0, 5), (10, None, 0)])
     assert policy.admission_tokens(request, view()) == 160  # the context the call starts at
     engine = view(total=100)
-    assert policy.admits(blocks_of(160, 16), 90, engine) is False  # 10 + 90 > 98
+    assert policy.admits(blocks_of(160, 16), 91, engine) is False  # 10 + 91 > 100
     assert policy.admits(blocks_of(160, 16), 80, engine) is True
     off = make_policy("lamps", costs=COSTS, admission=False)
     assert off.admission_tokens(request, view()) is None
@@ -108,9 +123,9 @@ def test_lamps_promises_each_segment_its_predicted_peak() -> None:
 def test_lamps_preemptions_tighten_admission() -> None:
     policy = make_policy("lamps", costs=COSTS)
     engine = view(total=100)
-    assert policy.admits(10, 88, engine)
+    assert policy.admits(10, 89, engine)  # 99 <= 100
     policy.on_preemption()
-    assert not policy.admits(10, 88, engine)
+    assert not policy.admits(10, 89, engine)  # 99 > 98
 
 
 def paused_call(engine_id: str, context: int, api_s: float, paused_at: float) -> PausedCall:
@@ -143,3 +158,28 @@ def test_lamps_chooses_keep_while_evictions_are_rare_and_learns_when_they_are_no
     # ... and a short call that holds little is preserved instead.
     short = PausedCall("s-s0", 400, 100.0, Strategy.DISCARD, trace_meta("s", [(10, 0.001, 0)]))
     assert policy.strategy_for_call(short, view()) is P
+
+
+def test_a_call_planned_for_swap_is_kept_while_memory_is_slack_and_swapped_when_needed() -> None:
+    """The waste formulas price memory as scarce: a long call on a large context is planned
+    for Swap. Where the cache is mostly free nobody needs its blocks: it is kept, and takes its
+    plan's Swap only when memory is needed before it returns."""
+    policy = make_policy("lamps", costs=COSTS)
+    context = 1600
+
+    def pause(engine_id: str, free_blocks: int) -> tuple[PausedCall, Strategy]:
+        call = paused_call(engine_id, context, api_s=30.0, paused_at=100.0)
+        engine = view(total=200)
+        engine.free_blocks = free_blocks
+        return call, policy.strategy_for_call(call, engine)
+
+    _, tight = pause("tight", free_blocks=10)
+    assert tight is Strategy.SWAP  # the plan, where memory is scarce
+    slack_call, slack = pause("slack", free_blocks=150)
+    assert slack is K
+    slack_call.strategy = K
+    assert policy.counters()["calls_kept_while_slack"] == 1
+    engine = view(total=200)
+    assert policy.review_paused([slack_call], engine, blocks_needed=0) == []  # nobody needs it
+    moves = policy.review_paused([slack_call], engine, blocks_needed=5)
+    assert moves == [(slack_call, Strategy.SWAP)]

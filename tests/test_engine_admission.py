@@ -244,3 +244,35 @@ def test_an_idle_engine_lets_go_of_old_holds_when_the_timer_asks(harness: Engine
         assert [s.completion_tokens for s in outcome.segments] == [DECODE, 8]
     settle(harness)
     assert harness.stats.kv_blocks_used == 0
+
+
+def test_call_estimates_never_go_back_to_an_older_version(harness: EngineHarness) -> None:
+    """A segment of an older request carries the estimates of its start: installed after a
+    newer request's, it would put older figures back and make every plan stale. The engine
+    keeps the newest version it has seen."""
+    worker = ToolWorker(redis_url=None)
+    one = TraceScript.model_validate({"segments": [{"prompt_tokens": 16, "completion_tokens": 2}]})
+    base = _counter(harness, "api_estimates_version")
+
+    def send(version: int, qa_s: float) -> int:
+        harness.run(
+            run_trace(
+                harness.engine,
+                harness.vocab_size,
+                2048,
+                f"est-{uuid.uuid4().hex}",
+                one,
+                worker.call,
+                policy_variant="lamps-estimates",
+                api_estimates={"qa": qa_s},
+                api_estimates_version=version,
+                holds=harness.holds,
+            )
+        )
+        settle(harness)
+        return _counter(harness, "api_estimates_version")
+
+    newer = base + 10
+    assert send(newer, 2.0) == newer
+    assert send(newer - 5, 9.0) == newer  # an older snapshot arrives late: not installed
+    assert send(newer + 1, 3.0) == newer + 1

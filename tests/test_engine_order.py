@@ -173,3 +173,55 @@ def test_heavy_request_waits_no_longer_than_the_starvation_bound(serial: EngineH
     )
     rerank_s = 10 * max(mean_step_s, after["costs"]["decode_step_s"])
     assert guarded_wait <= BOUND_S + rerank_s + 2 * served + 0.25, (guarded_wait, rerank_s, served)
+
+
+def test_a_forced_call_segment_waits_its_turn_in_the_policy_order(serial: EngineHarness) -> None:
+    """A segment constrained to a tool call waits for its grammar in vLLM's `skipped_waiting`
+    queue, which vLLM serves before `waiting` under FCFS. Ranked last by LAMPS (it will decode
+    far more than the others), it must still be served after the requests ranked ahead of it."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.sampling_params import StructuredOutputsParams
+
+    tag = uuid.uuid4().hex[:8]
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}
+
+    async def forced(delay_s: float) -> float:
+        await asyncio.sleep(delay_s)
+        meta = RequestMeta(
+            request_id=f"forced-{tag}",
+            arrival_time=time.time(),
+            ends_in_api_call=True,
+            policy_variant="lamps",
+            # Oracle knowledge: 400 tokens to decode, far more than the light requests.
+            remaining_segments=script(16, 400).segments,
+        )
+        params = SamplingParams(
+            max_tokens=8,
+            structured_outputs=StructuredOutputsParams(json=schema),
+            extra_args=meta.to_extra_args(),
+        )
+        first = 0.0
+        async for output in serial.engine.generate(
+            TokensPrompt(prompt_token_ids=[1000 + i for i in range(16)]), params, f"forced-{tag}"
+        ):
+            first = first or (time.time() if output.outputs[0].token_ids else 0.0)
+        return first
+
+    async def go() -> tuple[float, list[TraceOutcome], TraceOutcome]:
+        blocker = asyncio.create_task(
+            replay_at(serial, 0.0, f"blocker-{tag}", script(16, 300), "vllm")
+        )
+        await asyncio.sleep(0.3)  # the blocker holds the engine's one slot
+        forced_first = asyncio.create_task(forced(0.0))
+        lights = [
+            replay_at(serial, 0.5 + 0.02 * i, f"light{i}-{tag}", script(16, 4 + 4 * i), "lamps")
+            for i in range(3)
+        ]
+        outcomes = await asyncio.gather(*lights)
+        return await forced_first, list(outcomes), await blocker
+
+    forced_at, lights, blocker = serial.run(go(), timeout=300)
+    # All were queued while the blocker ran, else the order would say nothing.
+    assert max(o.segments[0].started_at for o in lights) < blocker.finished_at
+    assert all(o.segments[0].first_token_at < forced_at for o in lights)

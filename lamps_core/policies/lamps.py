@@ -7,7 +7,10 @@ Beyond the paper, for vLLM V1 (both on by default, each an option for ablations)
   not preempted and recomputed when they grow.
 - `keep`: a fourth strategy, Keep (`Strategy.KEEP`): the blocks stay until memory is needed, then
   go back to the prefix cache, latest predicted return first. Its waste is the learned chance of
-  eviction times a Discard's (`admission.KeepEvictionEstimate`).
+  eviction times a Discard's (`admission.KeepEvictionEstimate`). A call whose plan is Swap or
+  Discard is kept too when its pause finds memory slack (`SLACK_FREE_SHARE`), and takes its
+  plan's strategy only if memory is needed before it returns: where memory is slack LAMPS then
+  costs what Preserve costs, nothing.
 - `swap_in_async` (every policy's attribute, an option here): a swapped-out context is copied
   back while other requests run, and the continuation joins the batch a step later
   (`lamps_vllm/swap_connector.py`); off, the copy runs ahead of the forward pass that reads it.
@@ -66,6 +69,14 @@ _MAX_PLANS = 1 << 15
 # A plan's strategy stands at the pause unless the segment's real context is this far (relative)
 # from the peak the plan predicted: the waste comparison it came from rested on a wrong length.
 REPLAN_CONTEXT_ERROR = 0.25
+# A pause finds memory slack when at least this share of the KV cache is free: then a call the
+# plan would swap or discard is kept instead (its blocks stay until memory is needed, and then
+# go to the planned strategy). The waste formulas price memory-time as if it were always
+# scarce; where it is not, swapping costs copies on the critical path and buys nothing
+# (measured on the H100: half the calls swapped with memory to spare, LAMPS 1.04-1.11x every
+# baseline's mean). Keeping them is also how the eviction estimate learns that kept blocks
+# survive: a call never kept teaches it nothing.
+SLACK_FREE_SHARE = 0.25
 # Promoted augmented requests remembered (by logical id) so a promotion lasts until the request
 # finishes, across its segments, re-ranks and preemptions; the oldest go past this many.
 _MAX_PROMOTED = 1 << 14
@@ -132,6 +143,9 @@ class LampsPolicy(SchedulingPolicy):
         self._call_s: dict[str, tuple[int, float]] = {}
         # Augmented requests promoted by the starvation guard (logical id, else engine id).
         self._promoted: dict[str, None] = {}
+        # Calls kept because memory was slack at their pause: the strategy their plan had,
+        # which they take if memory is needed before they return.
+        self._kept_instead: dict[str, Strategy] = {}
         self._counts: Counter[str] = Counter()
 
     def update_api_estimates(self, estimates: Mapping[str, ApiEstimate]) -> None:
@@ -275,9 +289,18 @@ class LampsPolicy(SchedulingPolicy):
                 allow_swap=self.allow_swap,
                 keep_evict_p=self._keep_evict_p(),
             )
+        if strategy in (Strategy.SWAP, Strategy.DISCARD) and self._memory_slack(engine):
+            self._kept_instead[call.engine_request_id] = strategy
+            self._counts["calls_kept_while_slack"] += 1
+            strategy = Strategy.KEEP
         if strategy in (Strategy.PRESERVE, Strategy.KEEP):
             self._call_s[call.engine_request_id] = (version, call_s)
         return strategy
+
+    def _memory_slack(self, engine: EngineView) -> bool:
+        if self.keep_estimate is None or engine.total_blocks <= 0:
+            return False
+        return engine.free_blocks >= SLACK_FREE_SHARE * engine.total_blocks
 
     def _predicted_call_s(self, call: PausedCall) -> float:
         version = self.predictor.version
@@ -383,15 +406,21 @@ class LampsPolicy(SchedulingPolicy):
         for call in kept:
             if freed >= blocks_needed:
                 break
-            moves.append((call, Strategy.DISCARD))
+            # A call kept because memory was slack goes to its plan's strategy; a call kept by
+            # its plan goes back to the prefix cache, where its continuation may still find it.
+            planned = self._kept_instead.pop(call.engine_request_id, Strategy.DISCARD)
+            target = Strategy.SWAP if planned is Strategy.SWAP and self.allow_swap else planned
+            moves.append((call, target))
             freed += blocks_of(call.context_tokens, engine.block_size)
         return moves, freed
 
     def _forget_calls_except(self, paused: Sequence[PausedCall]) -> None:
         # Durations of calls no longer paused (returned, or no longer preserved) are not needed.
+        live = {call.engine_request_id for call in paused}
         if len(self._call_s) > len(paused):
-            live = {call.engine_request_id for call in paused}
             self._call_s = {rid: v for rid, v in self._call_s.items() if rid in live}
+        if len(self._kept_instead) > len(paused):
+            self._kept_instead = {r: s for r, s in self._kept_instead.items() if r in live}
 
 
 # A cost that moved by more than this (relative) since the plans were scored rescores them.
