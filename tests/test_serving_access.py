@@ -127,3 +127,62 @@ def test_admin_routes_need_the_admin_key(keyed: str, http: httpx.Client) -> None
     off = http.post("/v1/admin/measure-costs")
     assert off.status_code == 404
     assert "admin routes are off" in off.json()["error"]["message"]
+
+
+# ---- benchmark endpoints off: trace replay and the simulated API ----
+
+
+@pytest.fixture(scope="module")
+def no_bench(stack: RunningStack) -> Iterator[str]:
+    """An ingress as `build_app` makes it from a config without `enable_benchmark_endpoints`
+    (serve-cpu.yaml, serve-gpu.yaml), in front of the suite's engine and tool workers (which
+    have the simulated API: the suite's stack turns benchmarks on)."""
+    from deployments.app import AppArgs
+    from deployments.ingress import Ingress
+
+    engine = {"model": "m", "served_model_name": MODEL, "max_model_len": 2048}
+    settings = AppArgs.model_validate({"engine": engine}).ingress_settings()
+    assert not settings.enable_benchmark_endpoints
+    app = serve.deployment(Ingress, name="NoBenchIngress", ray_actor_options={"num_cpus": 0}).bind(
+        serve.get_deployment_handle("EngineReplica", "lamps"),
+        serve.get_deployment_handle("ToolWorker", "lamps"),
+        settings.model_dump(mode="json"),
+        None,
+    )
+    serve.run(app, name="nobench", route_prefix="/nobench")
+    try:
+        yield f"{stack.http_url}/nobench"
+    finally:
+        serve.delete("nobench")
+
+
+@pytest.mark.engine
+def test_benchmark_endpoints_are_off_by_default(no_bench: str, http: httpx.Client) -> None:
+    from deployments.errors import BenchmarkEndpointsDisabledError
+
+    with httpx.Client(base_url=no_bench, timeout=120) as client:
+        refused = client.post("/v1/traces", json=TRACE)
+        assert refused.status_code == 404, refused.text
+        error = refused.json()["error"]
+        assert error["type"] == "BenchmarkEndpointsDisabledError"
+        assert "enable_benchmark_endpoints: true" in error["message"]
+        assert "/v1/traces" not in client.get("/openapi.json").json()["paths"]
+        simulated = {"type": "function", "function": {"name": "simulated_api"}}
+        chat = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+        }
+        unknown = client.post("/v1/chat/completions", json={**chat, "tools": [simulated]})
+        assert unknown.status_code == 400
+        assert unknown.json()["error"]["message"] == (
+            "unknown tool 'simulated_api'; this server has: calculator, http_get"
+        )
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    # Through the Python handle: the typed error, its message the one HTTP gives.
+    with pytest.raises(BenchmarkEndpointsDisabledError) as raised:
+        serve.get_app_handle("nobench").replay.remote(TRACE).result()
+    assert "trace replay is off" in raised.value.message
+    # The suite's own stack turns them on (tests/conftest.py), as the bench configs do.
+    assert http.post("/v1/traces", json=TRACE).status_code == 200
+    assert "/v1/traces" in http.get("/openapi.json").json()["paths"]

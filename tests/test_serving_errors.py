@@ -4,6 +4,7 @@ overload gets a 429 with Retry-After."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,16 @@ def chat(**overrides: Any) -> dict[str, Any]:
         "max_tokens": 4,
         **overrides,
     }
+
+
+CALCULATOR = {"type": "function", "function": {"name": "calculator"}}
+
+
+def nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
 
 
 def trace(**first_segment: Any) -> dict[str, Any]:
@@ -142,6 +153,68 @@ CASES = [
         "limit of 1048576 bytes",
         id="body-over-limit",
     ),
+    # Python's parser recursed once per level: a RecursionError, HTTP 500.
+    pytest.param(
+        "/v1/chat/completions",
+        b"[" * 200_000,
+        400,
+        "nests JSON arrays and objects 200000 levels deep; this server takes at most 64",
+        id="nesting-200000-deep",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(padding=nested(64)),  # a field vLLM ignores; the body is one level more
+        400,
+        "nests JSON arrays and objects 65 levels deep",
+        id="nesting-one-past-the-limit",
+    ),
+    pytest.param("/v1/traces", {**trace(), "x": nested(100)}, 400, "at most 64", id="deep-trace"),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {
+                                "name": "calculator",
+                                "arguments": json.dumps(nested(100)),
+                            },
+                        }
+                    ],
+                },
+            ]
+        ),
+        400,
+        "message 1: a tool call's arguments nest deeper than 64 levels",
+        id="tool-call-arguments-nested-deep",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(tools=[CALCULATOR] * 65),
+        400,
+        "tools: 65 entries; this server takes at most 64",
+        id="too-many-tools",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(max_tokens=2048),
+        400,
+        "max_tokens=2048 does not fit this model's context of 2048 tokens with a prompt: at "
+        "most 2047",
+        id="max-tokens-the-whole-context",
+    ),
+    pytest.param(
+        "/v1/chat/completions",
+        chat(max_completion_tokens=10**12),
+        400,
+        "max_completion_tokens=1000000000000 does not fit",
+        id="max-completion-tokens-huge",
+    ),
     pytest.param("/v1/traces", trace(api_time=-1.0), 400, "api_time", id="negative-duration"),
     pytest.param("/v1/traces", trace(api_time=1e9), 400, "api_time", id="huge-duration"),
     pytest.param("/v1/traces", trace(api_time=float("nan")), 400, "api_time", id="nan-duration"),
@@ -196,6 +269,73 @@ def test_bad_input_is_a_clear_4xx(
     error = response.json()["error"]
     assert message in error["message"]
     assert error["code"] == status
+
+
+def test_nesting_up_to_the_limit_is_served(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", json=chat(padding=nested(63)))
+    assert response.status_code == 200, response.text
+
+
+def test_a_tool_named_many_times_is_rendered_once(http: httpx.Client) -> None:
+    """The ingress sends the engine one schema per tool: 64 copies of the calculator (130
+    tokens each, 8,000 in all, past the 2,048-token context) make the prompt of one."""
+    once = http.post("/v1/chat/completions", json=chat(tools=[CALCULATOR]))
+    many = http.post("/v1/chat/completions", json=chat(tools=[CALCULATOR] * 64))
+    assert once.status_code == 200, once.text
+    assert many.status_code == 200, many.text
+    assert many.json()["usage"]["prompt_tokens"] == once.json()["usage"]["prompt_tokens"]
+
+
+def test_health_stays_ok_while_thousands_of_tools_are_refused(
+    http: httpx.Client, stack: RunningStack
+) -> None:
+    """12,000 copies of one tool (a 0.7 MB body, under the size limit) were rendered into a
+    prompt on the engine replica's event loop: it stalled for seconds, /health answered 503
+    meanwhile, and only then did the context limit refuse the request. Now the ingress refuses
+    it at once, and /health, probed all along from another connection, stays 200."""
+    body = json.dumps(chat(tools=[CALCULATOR] * 12_000)).encode()
+    assert len(body) < 1 << 20
+    stop = threading.Event()
+    health: list[int] = []
+
+    def probe() -> None:
+        with httpx.Client(base_url=stack.http_url, timeout=60) as client:
+            while not stop.is_set():
+                health.append(client.get("/health").status_code)
+
+    with ThreadPoolExecutor(1) as pool:
+        prober = pool.submit(probe)
+        try:
+            while not health:  # probing before the first refusal
+                assert not prober.done(), prober.exception()
+                time.sleep(0.01)
+            for _ in range(3):
+                refused = post(http, "/v1/chat/completions", body)
+                assert refused.status_code == 400, refused.text
+                assert "tools: 12000 entries; this server takes at most 64" in refused.text
+            seen = len(health)
+            while len(health) < seen + 2:  # and after the last one
+                assert not prober.done(), prober.exception()
+                time.sleep(0.01)
+        finally:
+            stop.set()
+        prober.result()
+    assert set(health) == {200}, health
+
+
+def test_max_tokens_past_the_context_stops_at_the_context(http: httpx.Client) -> None:
+    """Below the context, max_tokens is a ceiling: the request generates until the context is
+    full (2021 prompt tokens here, so 27 more), finish_reason "length"."""
+    body = chat(
+        messages=[{"role": "user", "content": "word " * 1990}], max_tokens=2047, ignore_eos=True
+    )
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    usage = answer["usage"]
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert usage["completion_tokens"] < 2047
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 2048
 
 
 def test_too_many_calls_in_a_script(http: httpx.Client) -> None:
