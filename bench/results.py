@@ -32,6 +32,8 @@ import math
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -70,6 +72,17 @@ class RequestResult(BaseModel):
         default=None, description="Per API call: preserve / discard / swap, when known."
     )
     error: str | None = None
+    # Steady runs (`lamps bench --steady`); None in other runs and in older records.
+    window: bool | None = Field(
+        default=None,
+        description="Whether it arrived in the measured window (steady runs): only those count.",
+    )
+    service_s: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Its unloaded time: engine time alone (prefill and batch-1 decode steps, "
+        "from the engine's measured costs) plus its calls; latency / this is its slowdown.",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> RequestResult:
@@ -90,6 +103,20 @@ class RequestResult(BaseModel):
     @property
     def ttft(self) -> float | None:
         return None if self.first_token is None else max(0.0, self.first_token - self.arrival)
+
+    @property
+    def slowdown(self) -> float | None:
+        """Latency over its unloaded time (`service_s`); None when it did not complete or no
+        unloaded time is known (`meets_slo` counts those as misses)."""
+        latency = self.latency
+        if not self.completed or latency is None or not self.service_s:
+            return None
+        return latency / self.service_s
+
+    def meets_slo(self, slo_slowdown: float) -> bool:
+        """Completed within `slo_slowdown` times its unloaded time (a failure never does)."""
+        slowdown = self.slowdown
+        return slowdown is not None and slowdown <= slo_slowdown
 
     @property
     def normalized_latency(self) -> float | None:
@@ -128,6 +155,15 @@ class Metrics(BaseModel):
     cached_tokens: int
     recomputed_tokens: int
     strategy_counts: dict[str, int]
+    # Steady runs: slowdown (latency / unloaded time) of the completed requests, and the share
+    # of all counted requests within the SLO (failed ones miss it); None elsewhere.
+    slowdown_p50: float | None = None
+    slowdown_p90: float | None = None
+    slowdown_p99: float | None = None
+    slo_slowdown: float | None = Field(default=None, description="The SLO slo_attained is for.")
+    slo_attained: float | None = Field(
+        default=None, description="Share of the counted requests within slo_slowdown."
+    )
 
 
 class PolicySummary(BaseModel):
@@ -179,8 +215,10 @@ def _metrics(
     failed: int,
     window: float | None,
     counted: Sequence[RequestResult],
+    slo_slowdown: float | None = None,
 ) -> Metrics:
     latencies = [r.latency for r in done if r.latency is not None]
+    slowdowns = [x for r in done if (x := r.slowdown) is not None]
     ttfts = [r.ttft for r in done if r.ttft is not None]
     queued = [r.queued_s for r in done]
     normalized = [r.normalized_latency for r in done if r.normalized_latency is not None]
@@ -212,13 +250,34 @@ def _metrics(
         cached_tokens=sum(r.cached_tokens for r in done),
         recomputed_tokens=sum(r.recomputed_tokens for r in done),
         strategy_counts=dict(sorted(strategies.items())),
+        slowdown_p50=_p(slowdowns, 50),
+        slowdown_p90=_p(slowdowns, 90),
+        slowdown_p99=_p(slowdowns, 99),
+        slo_slowdown=slo_slowdown if slowdowns else None,
+        slo_attained=slo_attainment(everything, slo_slowdown) if slowdowns else None,
     )
 
 
-def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) -> PolicySummary:
-    """Summarize the requests of one run (one policy, one rate, one round); see the module doc."""
+def slo_attainment(results: Sequence[RequestResult], slo_slowdown: float | None) -> float | None:
+    """The share of `results` that completed within `slo_slowdown` times their unloaded time
+    (failed and unfinished requests miss it); None without an SLO or requests."""
+    if slo_slowdown is None or not results:
+        return None
+    return sum(r.meets_slo(slo_slowdown) for r in results) / len(results)
+
+
+def summarize(
+    results: Sequence[RequestResult],
+    horizon_s: float | None = None,
+    slo_slowdown: float | None = None,
+) -> PolicySummary:
+    """Summarize the requests of one run (one policy, one rate, one round); see the module doc.
+    Requests of a steady run that arrived outside its measured window (`window=False`) are left
+    out; `slo_slowdown` gives the SLO of `slo_attained` (steady runs)."""
     if not results:
         raise ValueError("no results to summarize")
+    counted = [r for r in results if r.window is not False]
+    results = counted or list(results)  # a run with no request in its window: all of them
     runs = {(r.policy, r.rate, r.round) for r in results}
     if len(runs) != 1:
         raise ValueError(f"results of several runs {sorted(runs)}; use summarize_all")
@@ -236,6 +295,7 @@ def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) 
         len(results) - len(done),
         makespan,
         results,
+        slo_slowdown,
     )
     horizon = None
     if horizon_s is not None:
@@ -262,13 +322,15 @@ def summarize(results: Sequence[RequestResult], horizon_s: float | None = None) 
 
 
 def summarize_all(
-    results: Iterable[RequestResult], horizon_s: float | None = None
+    results: Iterable[RequestResult],
+    horizon_s: float | None = None,
+    slo_slowdown: float | None = None,
 ) -> list[PolicySummary]:
     """One summary per (policy, rate, round) found in `results`, sorted by policy, rate, round."""
     runs: dict[tuple[str, float, int], list[RequestResult]] = {}
     for r in results:
         runs.setdefault((r.policy, r.rate, r.round), []).append(r)
-    return [summarize(runs[key], horizon_s) for key in sorted(runs)]
+    return [summarize(runs[key], horizon_s, slo_slowdown) for key in sorted(runs)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,6 +516,468 @@ def round_ratios(
                     )
                 )
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Steady load: the measured window, steadiness, unloaded time
+
+
+DEFAULT_WARMUP_SHARE = 0.2  # of --duration, when --warmup-s is not given
+# A series is flat when its least-squares line over the second half of the measured window
+# moves by at most this share of its level (the mean, or the floor below) across that half.
+STEADY_TOLERANCE = 0.25
+# Levels below these count as these: a queue of 0-1 requests or a nearly empty KV cache moving
+# by a request or a few blocks is noise, not a trend.
+QUEUE_FLOOR = 4.0
+KV_FLOOR_SHARE = 0.05  # of the KV cache's blocks
+
+
+class Window(BaseModel):
+    """The measured window of a steady run: requests that arrive at `start_s` <= t < `end_s`
+    (seconds after the run's first arrival, by the trace's arrival times) count, all of them
+    run to completion; those before are the discarded warm-up, those after keep the load on
+    while the counted ones finish."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start_s: float = Field(ge=0.0)
+    end_s: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Window:
+        if not self.end_s > self.start_s:
+            raise ValueError(
+                f"the window ends ({self.end_s} s) before it starts ({self.start_s} s)"
+            )
+        return self
+
+    def contains(self, arrival_s: float) -> bool:
+        return self.start_s <= arrival_s < self.end_s
+
+    @property
+    def second_half(self) -> tuple[float, float]:
+        return (self.start_s + self.end_s) / 2, self.end_s
+
+
+def steady_window(duration_s: float, warmup_s: float | None = None) -> Window:
+    """[warm-up, duration): `warmup_s` defaults to `DEFAULT_WARMUP_SHARE` of `duration_s`."""
+    if not duration_s > 0 or math.isinf(duration_s):
+        raise ValueError(f"the duration must be a positive number of seconds, got {duration_s}")
+    warmup = DEFAULT_WARMUP_SHARE * duration_s if warmup_s is None else warmup_s
+    if not 0 <= warmup < duration_s:
+        raise ValueError(f"the warm-up ({warmup:g} s) must be >= 0 and below the duration")
+    return Window(start_s=warmup, end_s=duration_s)
+
+
+def window_members(arrivals: Mapping[str, float], window: Window) -> set[str]:
+    """The ids of the requests (id -> arrival s) that count in `window`."""
+    return {rid for rid, t in arrivals.items() if window.contains(t)}
+
+
+def unloaded_engine_s(script: Any, costs: Any) -> float:
+    """What `script` (a `TraceScript`) costs the engine alone, by its measured `costs`
+    (`lamps_core.costs.EngineCosts`): each segment prefills what is new to its context (the
+    prompt, then each call's returned tokens, at least one token: the context before stays
+    cached, as unloaded it would) and decodes its other tokens one batch-1 step each (the
+    prefill step makes the first)."""
+    total = 0.0
+    for i, seg in enumerate(script.segments):
+        before = script.segments[i - 1] if i else None
+        new = seg.prompt_tokens if before is None else max(1, before.api_token_length or 0)
+        total += costs.t_fwd(new) + max(0, seg.completion_tokens - 1) * costs.decode_step_s
+    return total
+
+
+def unloaded_time_s(script: Any, costs: Any) -> float:
+    """The denominator of a request's slowdown: its engine time alone plus its calls' durations
+    as the trace gives them (the same for every policy)."""
+    return unloaded_engine_s(script, costs) + script.total_api_time
+
+
+class EngineSeries(BaseModel):
+    """The engine's state sampled during one run (seconds after the run started)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    t: list[float] = Field(default_factory=list)
+    waiting: list[int] = Field(default_factory=list, description="Requests in vLLM's queue.")
+    running: list[int] = Field(default_factory=list)
+    kv_blocks_used: list[int] = Field(default_factory=list)
+    kv_blocks_total: int | None = None
+    preserved_blocks: list[int] | None = Field(
+        default=None, description="KV blocks held by requests in calls (engine-only runs)."
+    )
+
+    def add(self, t: float, stats: Mapping[str, Any]) -> None:
+        self.t.append(round(t, 3))
+        self.waiting.append(int(stats.get("waiting", 0)))
+        self.running.append(int(stats.get("running", 0)))
+        self.kv_blocks_used.append(int(stats.get("kv_blocks_used", 0)))
+        if stats.get("kv_blocks_total"):
+            self.kv_blocks_total = int(stats["kv_blocks_total"])
+        if stats.get("preserved_blocks") is not None:
+            if self.preserved_blocks is None:
+                self.preserved_blocks = [0] * (len(self.t) - 1)
+            self.preserved_blocks.append(int(stats["preserved_blocks"]))
+        elif self.preserved_blocks is not None:
+            self.preserved_blocks.append(0)
+
+
+class Trend(BaseModel):
+    """One series over the second half of the measured window: its mean, the slope of its
+    least-squares line, how far that line moves across the half, and that move relative to
+    the level (the mean, or the series' floor when the mean is below it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    samples: int
+    mean: float | None
+    slope_per_s: float | None
+    change: float | None
+    relative_change: float | None
+    flat: bool | None = Field(description="|relative_change| <= STEADY_TOLERANCE; None: too few")
+
+
+def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """The slope of the least-squares line through the points; None below two distinct xs."""
+    if len(xs) < 2:
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def trend(
+    ts: Sequence[float],
+    values: Sequence[float],
+    span: tuple[float, float],
+    floor: float,
+    tolerance: float = STEADY_TOLERANCE,
+) -> Trend:
+    """`values` (sampled at `ts`) over `span`: see `Trend`. Fewer than 3 samples say nothing."""
+    lo, hi = span
+    points = [(t, v) for t, v in zip(ts, values, strict=True) if lo <= t < hi]
+    if len(points) < 3:
+        return Trend(samples=len(points), mean=None, slope_per_s=None, change=None,
+                     relative_change=None, flat=None)  # fmt: skip
+    xs, ys = [t for t, _ in points], [float(v) for _, v in points]
+    mean = statistics.fmean(ys)
+    slope = least_squares_slope(xs, ys) or 0.0
+    change = slope * (hi - lo)
+    relative = change / max(mean, floor, 1e-9)
+    return Trend(
+        samples=len(points),
+        mean=mean,
+        slope_per_s=slope,
+        change=change,
+        relative_change=relative,
+        flat=abs(relative) <= tolerance,
+    )
+
+
+def steadiness(
+    series: EngineSeries, window: Window, tolerance: float = STEADY_TOLERANCE
+) -> dict[str, Any]:
+    """Whether a steady run was steady: the queue length and the KV blocks in use over the
+    second half of its measured window (`trend` each), and `steady`: both flat (None when
+    there were too few samples to tell, e.g. a target that reports no engine state)."""
+    span = window.second_half
+    kv_floor = KV_FLOOR_SHARE * series.kv_blocks_total if series.kv_blocks_total else 1.0
+    trends = {
+        "waiting": trend(series.t, series.waiting, span, QUEUE_FLOOR, tolerance),
+        "kv_blocks_used": trend(series.t, series.kv_blocks_used, span, kv_floor, tolerance),
+    }
+    flags = [t.flat for t in trends.values()]
+    steady = None if None in flags else all(flags)
+    return {
+        "span_s": list(span),
+        "steady": steady,
+        **{name: t.model_dump() for name, t in trends.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Goodput: the highest steady rate at which a share of requests meets a slowdown SLO
+
+
+class Bracket(BaseModel):
+    """Where one policy's goodput lies among the rates tried: `met` is the highest rate that met
+    the SLO below the lowest that failed it (`failed`). None: no such rate was tried (goodput
+    below the lowest rate tried, or at least the highest)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    met: float | None
+    failed: float | None
+
+
+def bracket(observed: Mapping[float, bool]) -> Bracket:
+    """The bracket of one policy from its outcomes (rate -> met the SLO). A rate that met the
+    SLO above one that failed it (noise) does not count: goodput is where it first fails."""
+    failed = min((rate for rate, ok in observed.items() if not ok), default=None)
+    met = max(
+        (rate for rate, ok in observed.items() if ok and (failed is None or rate < failed)),
+        default=None,
+    )
+    return Bracket(met=met, failed=failed)
+
+
+def _round_rate(rate: float) -> float:
+    return float(f"{rate:.3g}")
+
+
+@dataclass
+class RateSearch:
+    """Bracketing, then bisection, over steady rates; every rate tried runs every policy.
+
+    `propose()` gives the next rates to try (none: done) and `record(rate, met)` what each
+    policy did there. From `start`: while some policy has met the SLO at every rate tried, the
+    highest rate times `factor`; while some policy has failed at every rate tried, the lowest
+    over `factor` (within `min_rate`, `max_rate`). Once every policy is bracketed (or its side
+    is out of range), up to `bisect_steps` steps: each tries the geometric middle of every
+    bracket still wider than `1 + precision` (middles within that of each other are tried
+    once). Call `propose()` once per batch: each batch of middles is one step."""
+
+    start: float
+    policies: Sequence[str]
+    factor: float = 2.0
+    min_rate: float | None = None
+    max_rate: float | None = None
+    bisect_steps: int = 3
+    precision: float = 0.05
+    observed: dict[str, dict[float, bool]] = dataclass_field(default_factory=dict)
+    steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.start > 0 or math.isinf(self.start):
+            raise ValueError(f"the start rate must be a positive number, got {self.start}")
+        if not self.factor > 1:
+            raise ValueError(f"the search factor must be > 1, got {self.factor}")
+        if self.bisect_steps < 0:
+            raise ValueError(f"bisect_steps must be >= 0, got {self.bisect_steps}")
+        if not self.policies:
+            raise ValueError("a search needs at least one policy")
+        self.min_rate = self.start / self.factor**4 if self.min_rate is None else self.min_rate
+        self.max_rate = self.start * self.factor**4 if self.max_rate is None else self.max_rate
+        if not 0 < self.min_rate <= self.start <= self.max_rate:
+            raise ValueError(
+                f"need 0 < min rate ({self.min_rate:g}) <= start ({self.start:g}) "
+                f"<= max rate ({self.max_rate:g})"
+            )
+        for policy in self.policies:
+            self.observed.setdefault(policy, {})
+
+    @property
+    def tried(self) -> list[float]:
+        return sorted({rate for by_rate in self.observed.values() for rate in by_rate})
+
+    def record(self, rate: float, met: Mapping[str, bool]) -> None:
+        for policy in self.policies:
+            self.observed[policy][rate] = bool(met[policy])
+
+    def brackets(self) -> dict[str, Bracket]:
+        return {policy: bracket(self.observed[policy]) for policy in self.policies}
+
+    def propose(self) -> list[float]:
+        tried = self.tried
+        if not tried:
+            return [self.start]
+        assert self.min_rate is not None and self.max_rate is not None
+        out = []
+        brackets = self.brackets()
+        lowest, highest = tried[0], tried[-1]
+        if any(b.met is None for b in brackets.values()):
+            lower = _round_rate(lowest / self.factor)
+            if lower >= self.min_rate * (1 - 1e-9) and lower not in tried:
+                out.append(lower)
+        if any(b.failed is None for b in brackets.values()):
+            higher = _round_rate(highest * self.factor)
+            if higher <= self.max_rate * (1 + 1e-9) and higher not in tried:
+                out.append(higher)
+        if out:
+            return out
+        if self.steps >= self.bisect_steps:
+            return []
+        middles: list[float] = []
+        for b in brackets.values():
+            if b.met is None or b.failed is None or b.failed <= b.met * (1 + self.precision):
+                continue
+            middle = _round_rate(math.sqrt(b.met * b.failed))
+            close = any(abs(math.log(middle / m)) <= math.log1p(self.precision) for m in middles)
+            if not close and middle not in tried and b.met < middle < b.failed:
+                middles.append(middle)
+        if middles:
+            self.steps += 1
+        return sorted(middles)
+
+
+def goodput_summary(
+    attainment: Mapping[str, Mapping[float, Sequence[float | None]]],
+    share: float,
+    base: str | None = None,
+) -> dict[str, Any]:
+    """Per policy, from its SLO attainment per rate and round (`attainment[policy][rate]`, one
+    value per round; None: the round did not run), the bracket of its goodput from the median
+    attainment and from each round's own; and the goodput ratios of `base` (default: the
+    first policy) to each other one: from the median brackets (`ratio`, with the range the
+    brackets leave, `low` = base's met / other's failed, `high` = base's failed / other's met)
+    and per round (`per_round`, with median, min and max), on the `met` rates."""
+    policies = list(attainment)
+    base = base or policies[0]
+
+    def met(values: Sequence[float | None]) -> bool:
+        known = [v for v in values if v is not None]
+        return bool(known) and statistics.median(known) >= share
+
+    per_policy: dict[str, Any] = {}
+    for policy, by_rate in attainment.items():
+        rounds = max((len(v) for v in by_rate.values()), default=0)
+        median = bracket({rate: met(values) for rate, values in by_rate.items()})
+        per_round = [
+            bracket(
+                {
+                    rate: values[r] >= share
+                    for rate, values in by_rate.items()
+                    if r < len(values) and values[r] is not None
+                }
+            )
+            for r in range(rounds)
+        ]
+        per_policy[policy] = {
+            "goodput": median.met,
+            "bracket": median.model_dump(),
+            "per_round": [b.model_dump() for b in per_round],
+            "attainment": {
+                rate_key(rate): {"per_round": list(values), "median": _median(values)}
+                for rate, values in sorted(by_rate.items())
+            },
+        }
+    ratios: dict[str, Any] = {}
+    mine = per_policy[base]
+    for other in policies:
+        if other == base:
+            continue
+        theirs = per_policy[other]
+        a, b = mine["bracket"], theirs["bracket"]
+        rounds = [
+            _div(x["met"], y["met"])
+            for x, y in zip(mine["per_round"], theirs["per_round"], strict=False)
+        ]
+        ratios[other] = {
+            "ratio": _div(a["met"], b["met"]),
+            "low": _div(a["met"], b["failed"]),
+            "high": _div(a["failed"], b["met"]),
+            "per_round": spread(rounds).model_dump(),
+        }
+    return {"share": share, "base": base, "policies": per_policy, "ratios": ratios}
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def goodput_table(name: str, summary: Mapping[str, Any], slo_slowdown: float) -> str:
+    """A printable goodput table of one workload (`goodput_summary`'s)."""
+    share = summary["share"]
+    policies = summary["policies"]
+    lines = [
+        f"goodput, {name}: the highest steady rate (req/s) at which {share:.0%} of requests "
+        f"finish within {slo_slowdown:g}x their unloaded time",
+    ]
+    rows = [["policy", "goodput", "bracket [met, failed)", "per round (met)"]]
+    for policy, p in policies.items():
+        b = p["bracket"]
+        rows.append(
+            [
+                policy,
+                _rate_cell(b["met"], below=True),
+                f"[{_rate_cell(b['met'], below=True)}, {_rate_cell(b['failed'])})",
+                ", ".join(_rate_cell(r["met"], below=True) for r in p["per_round"]) or "-",
+            ]
+        )
+    lines += _aligned(rows)
+    base = summary["base"]
+    if summary["ratios"]:
+        lines.append(f"goodput ratio {base} / other (from the brackets: [low, high]; per round)")
+        rows = [["vs", "ratio", "range", "per round median [min, max]"]]
+        for other, r in summary["ratios"].items():
+            pr = r["per_round"]
+            rows.append(
+                [
+                    other,
+                    _num(r["ratio"]),
+                    f"[{_num(r['low'])}, {_num(r['high'])}]",
+                    f"{_num(pr['median'])} [{_num(pr['min'])}, {_num(pr['max'])}]",
+                ]
+            )
+        lines += _aligned(rows)
+    rates = sorted({float(k) for p in policies.values() for k in p["attainment"]})
+    lines.append("share of requests within the SLO, per rate (median over rounds)")
+    rows = [["policy", *(rate_key(r) for r in rates)]]
+    for policy, p in policies.items():
+        cells = [p["attainment"].get(rate_key(r), {}).get("median") for r in rates]
+        rows.append([policy, *(("-" if c is None else f"{c:.2f}") for c in cells)])
+    lines += _aligned(rows)
+    return "\n".join(lines)
+
+
+def _rate_cell(rate: float | None, below: bool = False) -> str:
+    if rate is None:
+        return "<lowest" if below else "none"
+    return rate_key(rate)
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+
+
+def plot_attainment(
+    path: str | Path, summaries: Mapping[str, Mapping[str, Any]], share: float, slo: float
+) -> Path:
+    """The SLO-attainment curves, one panel per workload (`{workload: goodput_summary}`), one
+    line per policy: the median share meeting the SLO against the rate, bars from the lowest
+    round to the highest, the target share dashed."""
+    from matplotlib.figure import Figure
+
+    names = list(summaries)
+    fig = Figure(figsize=(5.0 * len(names), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names, strict=True):
+        policies = list(summaries[name]["policies"])
+        for policy in policies:
+            points = []
+            for rate, a in summaries[name]["policies"][policy]["attainment"].items():
+                known = [v for v in a["per_round"] if v is not None]
+                if known:
+                    med = statistics.median(known)
+                    points.append((float(rate), med, med - min(known), max(known) - med))
+            if not points:
+                continue
+            points.sort()
+            xs, ys, low, high = (list(c) for c in zip(*points, strict=True))
+            ax.errorbar(xs, ys, yerr=[low, high] if any(low) or any(high) else None,
+                        marker="o", capsize=3, label=policy,
+                        color=_color(policy, _ordered_policies(policies)))  # fmt: skip
+        ax.axhline(share, linestyle="--", color="black", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("steady arrival rate (requests/s)")
+        ax.set_ylabel(f"share within {slo:g}x unloaded time")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="lower left")
+    fig.suptitle(f"SLO attainment ({share:.0%} within {slo:g}x: goodput)")
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

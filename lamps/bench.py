@@ -27,22 +27,34 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
 from bench.results import (
+    DEFAULT_WARMUP_SHARE,
+    EngineSeries,
     PolicySummary,
+    RateSearch,
     RequestResult,
+    Window,
+    goodput_summary,
+    goodput_table,
     latency_parts_table,
     plot,
+    plot_attainment,
     rate_key,
     ratio_table,
     round_ratios,
+    slo_attainment,
+    steadiness,
+    steady_window,
     summarize,
     summarize_all,
+    unloaded_engine_s,
+    unloaded_time_s,
     write_request_results,
     write_results,
 )
@@ -50,6 +62,7 @@ from bench.workloads import (
     CHARS_PER_TOKEN,
     Trace,
     TraceFormatError,
+    arrivals_before,
     get_workload,
     over_length,
     read_trace,
@@ -57,6 +70,7 @@ from bench.workloads import (
     with_poisson_arrivals,
     with_time_scale,
 )
+from lamps_core.costs import EngineCosts
 from lamps_core.policies import POLICY_NAMES
 from lamps_core.predictors import PREDICTOR_KINDS
 
@@ -222,6 +236,100 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "variant, INFERCEPT beside them, and the ratios add how much of the oracle's "
         "mean-latency gain over INFERCEPT each keeps",
     )
+    steady = parser.add_argument_group(
+        'steady load and goodput (docs/benchmarks.md, "Steady load and goodput")'
+    )
+    steady.add_argument(
+        "--steady",
+        action="store_true",
+        help="Poisson arrivals at each rate for --duration seconds; only requests arriving in "
+        "the measured window [--warmup-s, --duration) count (all of them run to the end), "
+        "arrivals go on after it while they run; the engine's queue and KV use are sampled "
+        "and the window's second half checked for being flat; slowdowns are reported",
+    )
+    steady.add_argument(
+        "--warmup-s",
+        type=float,
+        help="seconds of arrivals discarded at the start of a steady run (default: "
+        f"{DEFAULT_WARMUP_SHARE:.0%} of --duration)",
+    )
+    steady.add_argument(
+        "--cooldown-s",
+        type=float,
+        help="longest that arrivals go on after the window while its requests finish (not "
+        "counted; default: the window's length)",
+    )
+    steady.add_argument(
+        "--sample-every-s",
+        type=float,
+        default=0.5,
+        help="how often a steady run samples the engine's queue and KV use (default: %(default)s)",
+    )
+    steady.add_argument(
+        "--goodput",
+        action="store_true",
+        help="search each policy's goodput (implies --steady): the highest rate at which "
+        "--slo-share of requests finish within --slo-slowdown times their unloaded time; "
+        "--rate is where the search starts (one rate, or one per --workload), every rate "
+        "tried runs every policy; --workload may name several (one engine start)",
+    )
+    steady.add_argument(
+        "--slo-slowdown",
+        type=float,
+        default=5.0,
+        help="the SLO: latency at most this many times the request's unloaded time "
+        "(default: %(default)s)",
+    )
+    steady.add_argument(
+        "--slo-share",
+        type=float,
+        default=0.9,
+        help="the share of requests that must meet the SLO (default: %(default)s)",
+    )
+    steady.add_argument(
+        "--search-factor",
+        type=float,
+        default=2.0,
+        help="--goodput: the rate grows (shrinks) by this factor until bracketed "
+        "(default: %(default)s)",
+    )
+    steady.add_argument(
+        "--bisect-steps",
+        type=int,
+        default=3,
+        help="--goodput: bisection steps once bracketed (default: %(default)s)",
+    )
+    steady.add_argument(
+        "--min-rate",
+        type=float,
+        help="--goodput: lowest rate tried (default: start / factor^4, and at least 8 "
+        "expected requests in the window)",
+    )
+    steady.add_argument(
+        "--max-rate", type=float, help="--goodput: highest rate tried (default: start x factor^4)"
+    )
+    steady.add_argument(
+        "--budget-s",
+        type=float,
+        help="--goodput: wall seconds for the whole command (engine start included); no rate "
+        "is started that would not end within it by the runs so far, each workload getting "
+        "an even share of what is left, and the brackets are reported as they stand",
+    )
+    steady.add_argument(
+        "--no-early-stop",
+        dest="early_stop",
+        action="store_false",
+        help="--goodput: run every rate to the end, even once a policy has missed the SLO "
+        "for more than 1 - --slo-share of the window's requests (default: stop it there)",
+    )
+    steady.add_argument(
+        "--calibrate",
+        type=int,
+        default=4,
+        help="steady runs: play this many requests alone (calls of 0 s) before the warm-up, "
+        "to report how their measured time compares with the unloaded time computed from "
+        "the engine's costs (0: skip; default: %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
 
 
@@ -237,18 +345,55 @@ def read_trace_file(
     )
 
 
+def is_steady(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "steady", False) or getattr(args, "goodput", False))
+
+
+def run_window(args: argparse.Namespace) -> Window:
+    """A steady run's measured window: [--warmup-s, --duration)."""
+    try:
+        return steady_window(args.duration, args.warmup_s)
+    except ValueError as exc:
+        raise SystemExit(f"lamps bench: {exc}") from None
+
+
+def arrivals_end_s(args: argparse.Namespace) -> float:
+    """How long a steady run's arrivals may last: the window, then --cooldown-s (default the
+    window's length) while the window's requests finish."""
+    window = run_window(args)
+    cooldown = args.cooldown_s if args.cooldown_s is not None else window.end_s - window.start_s
+    if not cooldown >= 0:
+        raise SystemExit(f"lamps bench: --cooldown-s must be >= 0, got {cooldown}")
+    return window.end_s + cooldown
+
+
 def load_trace(
     args: argparse.Namespace, rate: float, max_context: int, source: Trace | None = None
 ) -> Trace:
     """The requests of one rate: from the trace file (`source`, the file as read, or read here),
-    sampled, time-scaled and given Poisson arrivals where it has none; or generated."""
-    n = args.requests or max(1, round(rate * args.duration))
+    sampled, time-scaled and given Poisson arrivals where it has none; or generated. A steady
+    run's requests are the Poisson arrivals before `arrivals_end_s` (a file's own arrival
+    times are replaced)."""
+    steady = is_steady(args)
+    if steady:
+        n = arrivals_before(rate, args.seed, arrivals_end_s(args))
+    else:
+        n = args.requests or max(1, round(rate * args.duration))
     if args.trace:
         trace = source if source is not None else read_trace_file(args)
         trace = sample_requests(trace, n, args.sample, args.seed)
         if args.time_scale is not None:
             trace = with_time_scale(trace, args.time_scale)
-        return trace if trace.has_arrivals else with_poisson_arrivals(trace, rate, args.seed)
+        if steady or not trace.has_arrivals:
+            trace = with_poisson_arrivals(trace, rate, args.seed)
+        if steady and len(trace) < n:
+            last = max(req.arrival_time or 0.0 for req in trace.requests)
+            if last < run_window(args).end_s:
+                raise ValueError(
+                    f"{args.trace}: {len(trace)} requests arrive by {last:.1f} s at {rate:g}/s, "
+                    f"before the measured window ends ({args.duration:g} s)"
+                )
+        return trace
     return get_workload(args.workload)(
         n, rate, args.seed, scale=args.scale, time_scale=args.time_scale, max_context=max_context
     )
@@ -268,6 +413,14 @@ def build_traces(
         traces = {rate: load_trace(args, rate, max_model_len, source) for rate in rates}
     except (TraceFormatError, ValueError) as exc:
         raise SystemExit(f"lamps bench: {exc}") from None
+    if is_steady(args):
+        window = run_window(args)
+        for rate, trace in traces.items():
+            if not any(window.contains(req.arrival_time or 0.0) for req in trace.requests):
+                raise SystemExit(
+                    f"lamps bench: no request arrives in the measured window at {rate:g}/s; "
+                    "lengthen --duration"
+                )
     for trace in traces.values():
         if too_long := over_length(trace, max_model_len):
             first = too_long[0]
@@ -408,6 +561,31 @@ def parse_policies(text: str) -> list[PolicySpec]:
     return specs
 
 
+@dataclass(frozen=True)
+class SteadyPlan:
+    """How a steady run counts and watches its requests (`run_one`).
+
+    `window`: the requests arriving in it count; the run ends once all of them have finished,
+    when requests still running or not yet sent from outside it are cancelled (they are not
+    recorded). `unloaded_s`: each request's unloaded time (id -> s), the slowdown's
+    denominator. `stop_early`: (SLO slowdown, share): end the run as soon as more of the
+    window's requests have missed the SLO than the share allows (finished too slowly, failed,
+    or still running past the SLO), cancelling the rest (recorded as failed): the run has
+    failed the SLO whatever the others do."""
+
+    window: Window
+    unloaded_s: dict[str, float]
+    sample_every_s: float = 0.5
+    stop_early: tuple[float, float] | None = None
+
+
+async def engine_state(target: ReplayTarget) -> dict[str, Any] | None:
+    """The engine's queue and KV use now (`engine_stats` of the target), None where the target
+    cannot say (a fleet's replicas, a test's fake)."""
+    read = getattr(target, "engine_stats", None)
+    return None if read is None else await read()
+
+
 async def run_one(
     target: ReplayTarget,
     trace: Trace,
@@ -416,52 +594,123 @@ async def run_one(
     progress: Callable[[], object] | None = None,
     round_: int = 0,
     id_prefix: str | None = None,
+    steady: SteadyPlan | None = None,
+    record: dict[str, Any] | None = None,
 ) -> tuple[list[RequestResult], dict[str, float]]:
     """One policy on one trace; `progress` is called as each request ends. Request ids start
     with `id_prefix` (default: the policy's label, the rate and the round), so they, and the
-    prompts drawn from them, are new to the engine in every run."""
+    prompts drawn from them, are new to the engine in every run. With `steady` (a `SteadyPlan`)
+    the run counts its window's requests only and samples the engine's state into
+    `record["series"]` (an `EngineSeries`); `record` also gets what was cut (`tail_cancelled`,
+    `stopped_early`)."""
     await target.reset_prefix_cache()
     before = await target.scheduler_stats()
     started = time.monotonic()
     policy = spec.label
     prefix = id_prefix or f"{policy}-{rate:g}-r{round_}"
+    window = steady.window if steady is not None else None
+    measured = (
+        {req.request_id for req in trace.requests if window.contains(req.arrival_time or 0.0)}
+        if window is not None
+        else set()
+    )
+    sent_at: dict[str, float] = {}
+    finished: dict[str, RequestResult] = {}
+    measured_done = asyncio.Event()
+    stop = asyncio.Event()
+    if steady is not None and not measured:
+        measured_done.set()
+
+    def result(request: Any, **fields: Any) -> RequestResult:
+        rid = request.request_id
+        unloaded = steady.unloaded_s.get(rid) if steady is not None else None
+        in_window = (rid in measured) if steady is not None else None
+        return RequestResult(request_id=rid, policy=policy, rate=rate, round=round_,
+                             window=in_window, service_s=unloaded, **fields)  # fmt: skip
 
     async def one(request: Any) -> RequestResult:
         await asyncio.sleep(max(0.0, started + request.arrival_time - time.monotonic()))
         sent = time.monotonic() - started
+        sent_at[request.request_id] = sent
         script = request.script
         try:
             response = await target.replay(f"{prefix}-{request.request_id}", script, spec.label)
         except Exception as exc:  # counted as a failed request, never dropped
-            return RequestResult(
-                request_id=request.request_id,
-                policy=policy,
-                rate=rate,
-                round=round_,
+            out = result(request, arrival=sent, error=f"{type(exc).__name__}: {exc}")
+        else:
+            resumed = response.segments[1:]
+            out = result(
+                request,
                 arrival=sent,
-                error=f"{type(exc).__name__}: {exc}",
+                first_token=sent + response.ttft_s,
+                finish=sent + response.latency_s,
+                output_tokens=sum(s.completion_tokens for s in response.segments),
+                api_time=sum(s.api_duration_s or 0.0 for s in response.segments),
+                segments=len(response.segments),
+                cached_tokens=sum(s.cached_tokens for s in resumed),
+                recomputed_tokens=sum(s.prompt_tokens - s.cached_tokens for s in resumed),
+                queued_s=sum(s.queue_and_prefill_s for s in response.segments),
             )
         finally:
             if progress is not None:
                 progress()
-        resumed = response.segments[1:]
-        return RequestResult(
-            request_id=request.request_id,
-            policy=policy,
-            rate=rate,
-            round=round_,
-            arrival=sent,
-            first_token=sent + response.ttft_s,
-            finish=sent + response.latency_s,
-            output_tokens=sum(s.completion_tokens for s in response.segments),
-            api_time=sum(s.api_duration_s or 0.0 for s in response.segments),
-            segments=len(response.segments),
-            cached_tokens=sum(s.cached_tokens for s in resumed),
-            recomputed_tokens=sum(s.prompt_tokens - s.cached_tokens for s in resumed),
-            queued_s=sum(s.queue_and_prefill_s for s in response.segments),
-        )
+        if request.request_id in measured:
+            finished[request.request_id] = out
+            if len(finished) == len(measured):
+                measured_done.set()
+        return out
 
-    results = await asyncio.gather(*(one(r) for r in trace.requests))
+    async def watch(series: EngineSeries) -> None:
+        """Samples the engine; with `stop_early`, ends the run once the SLO share is lost."""
+        assert steady is not None
+        while not measured_done.is_set():
+            now = time.monotonic() - started
+            state = await engine_state(target)
+            if state is not None:
+                series.add(now, state)
+            if steady.stop_early is not None:
+                slo, share = steady.stop_early
+                missed = sum(not r.meets_slo(slo) for r in finished.values())
+                missed += sum(
+                    1
+                    for rid in measured
+                    if rid not in finished
+                    and rid in sent_at
+                    and now - sent_at[rid] > slo * steady.unloaded_s.get(rid, float("inf"))
+                )
+                if missed > (1.0 - share) * len(measured):
+                    stop.set()
+                    return
+            await asyncio.sleep(steady.sample_every_s)
+
+    tasks = [asyncio.create_task(one(r)) for r in trace.requests]
+    if steady is None:
+        results = list(await asyncio.gather(*tasks))
+    else:
+        series = EngineSeries()
+        watcher = asyncio.create_task(watch(series))
+        ends = [asyncio.create_task(measured_done.wait()), asyncio.create_task(stop.wait())]
+        await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+        stopped = stop.is_set() and not measured_done.is_set()
+        for task in [*ends, watcher, *tasks]:
+            task.cancel()
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        results, cancelled = [], 0
+        for request, outcome in zip(trace.requests, outcomes, strict=True):
+            if isinstance(outcome, RequestResult):
+                results.append(outcome)
+            elif isinstance(outcome, asyncio.CancelledError):
+                if request.request_id in measured:  # only an early stop cancels these
+                    sent = sent_at.get(request.request_id, request.arrival_time or 0.0)
+                    results.append(result(request, arrival=sent, error=STOPPED_EARLY))
+                else:
+                    cancelled += 1
+            else:
+                raise outcome
+        if record is not None:
+            record |= {"series": series, "tail_cancelled": cancelled, "stopped_early": stopped}
     after = await target.scheduler_stats()
     delta = {key: after.get(key, 0) - before.get(key, 0) for key in _COUNTERS}
     swap_before, swap_after = before.get("swap", {}), after.get("swap", {})
@@ -470,7 +719,11 @@ async def run_one(
     costs = after.get("costs", {})
     block_bytes = costs.get("kv_bytes_per_token", 0) * after.get("block_size", 0)
     delta["preserved_gb_s"] = delta["preserved_block_seconds"] * block_bytes / 1e9
-    return list(results), delta
+    return results, delta
+
+
+# What a request of the window cancelled by an early stop records as its error.
+STOPPED_EARLY = "StoppedEarly: the run had already missed its SLO share"
 
 
 Variant = TypeVar("Variant")
@@ -605,6 +858,143 @@ async def warm_up(
     return {"policy": spec.label, "rate": rate, "requests": len(head), "seconds": took}
 
 
+@dataclass
+class Runs:
+    """What the measured runs of a comparison gathered (`run_all`, `run_goodput`)."""
+
+    out: Path
+    results: list[RequestResult] = field(default_factory=list)
+    per_round: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
+    machine: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
+    order: list[list[Any]] = field(default_factory=list)
+    # Steady runs: per label and rate, each round's steadiness and sampled engine state.
+    steadiness: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    series: dict[str, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
+
+    async def measure(
+        self,
+        target: ReplayTarget,
+        trace: Trace,
+        spec: PolicySpec,
+        rate: float,
+        round_: int,
+        plan: SteadyPlan | None = None,
+        slo: float | None = None,
+        progress: Callable[[], object] | None = None,
+        write: Callable[[str], object] = print,
+    ) -> list[RequestResult]:
+        """One run of `run_one`, its figures kept (and appended to PARTIAL_FILE at once: a bench
+        cut short by a time limit keeps what it finished) and its line printed."""
+        started, cpu = time.monotonic(), CpuSample.take()
+        record: dict[str, Any] = {}
+        with collector_paused():
+            got, delta = await run_one(target, trace, spec, rate, progress, round_,
+                                       steady=plan, record=record)  # fmt: skip
+        self.results += got
+        key = rate_key(rate)
+        steady_info = None
+        if plan is not None:
+            series: EngineSeries = record["series"]
+            steady_info = steadiness(series, plan.window) | {
+                "tail_cancelled": record["tail_cancelled"],
+                "stopped_early": record["stopped_early"],
+            }
+            self.steadiness.setdefault(spec.label, {}).setdefault(key, []).append(steady_info)
+            self.series.setdefault(spec.label, {}).setdefault(key, []).append(
+                series.model_dump(exclude_none=True)
+            )
+        write(run_line(spec.label, rate, round_, got, delta, slo, steady_info))
+        self.per_round.setdefault(spec.label, {}).setdefault(key, []).append(delta)
+        keep_partial(self.out, got, {"label": spec.label, "rate": rate, "round": round_, **delta})
+        self.machine.setdefault(spec.label, {}).setdefault(key, []).append(
+            run_conditions(started, cpu)
+        )
+        self.order.append([rate, round_, spec.label])
+        return got
+
+    def outcome(self, **extra: Any) -> dict[str, Any]:
+        runs = {
+            label: {rate: median_counters(deltas) for rate, deltas in by_rate.items()}
+            for label, by_rate in self.per_round.items()
+        }
+        body = {
+            "results": self.results,
+            "runs": runs,
+            "runs_per_round": self.per_round,
+            "machine_per_round": self.machine,
+            "order": self.order,
+        }
+        if self.steadiness:
+            body |= {"steadiness": self.steadiness, "series": self.series}
+        return body | extra
+
+
+async def measured_costs(target: ReplayTarget) -> EngineCosts | None:
+    """The engine's costs as its scheduler plugin measured them (None: no plugin). Read before
+    any load, they hold the start-up measurement: prefills of a few sizes and decode steps of
+    one request alone (`lamps_vllm.engine.warm_up`), i.e. batch 1."""
+    data = (await target.scheduler_stats()).get("costs")
+    return EngineCosts.from_dict(data) if data else None
+
+
+def steady_plan(
+    args: argparse.Namespace, trace: Trace, costs: EngineCosts | None, stop_early: bool = False
+) -> SteadyPlan:
+    """A steady run of `trace`: the window of `args`, each request's unloaded time from
+    `costs` (none without costs: no slowdowns), the early stop of a goodput search."""
+    unloaded: dict[str, float] = {}
+    if costs is not None:
+        for req in trace.requests:
+            if (t := unloaded_time_s(req.script, costs)) > 0:
+                unloaded[req.request_id] = t
+    stop = (args.slo_slowdown, args.slo_share) if stop_early and costs is not None else None
+    return SteadyPlan(run_window(args), unloaded, args.sample_every_s, stop)
+
+
+async def calibrate(
+    target: ReplayTarget, trace: Trace, spec: PolicySpec, requests: int, costs: EngineCosts
+) -> dict[str, Any]:
+    """The first `requests` requests of `trace` played alone, one after the other, their calls
+    made 0 s long: each one's measured latency against its unloaded engine time from `costs`.
+    A median ratio near 1 says the slowdown's denominator is what the request costs alone;
+    above 1, what the replay adds around the engine's steps (reported, not corrected)."""
+    head = with_time_scale(trace.model_copy(update={"requests": trace.requests[:requests]}), 0.0)
+    measured, predicted = [], []
+    print(f"calibration: {len(head)} requests alone under {spec.label}", flush=True)
+    with collector_paused():
+        for req in head.requests:
+            response = await target.replay(f"calibrate-{req.request_id}", req.script, spec.label)
+            measured.append(response.latency_s)
+            predicted.append(unloaded_engine_s(req.script, costs))
+    ratios = [m / p for m, p in zip(measured, predicted, strict=True) if p > 0]
+    ratio = statistics.median(ratios) if ratios else None
+    print(f"calibration: measured / unloaded time from the costs, median {ratio}", flush=True)
+    return {
+        "policy": spec.label,
+        "requests": len(head),
+        "measured_s": measured,
+        "unloaded_engine_s": predicted,
+        "ratio_median": ratio,
+    }
+
+
+async def steady_start(
+    target: ReplayTarget,
+    args: argparse.Namespace,
+    trace: Trace,
+    spec: PolicySpec,
+    costs: EngineCosts | None,
+) -> tuple[EngineCosts | None, dict[str, Any] | None]:
+    """Before a steady comparison's warm-up: the engine's costs (read now, or `costs` from the
+    engine that ran before), then the calibration (`--calibrate`)."""
+    if costs is None:
+        costs = await measured_costs(target)
+    calibration = None
+    if costs is not None and getattr(args, "calibrate", 0) > 0:
+        calibration = await calibrate(target, trace, spec, args.calibrate, costs)
+    return costs, calibration
+
+
 async def run_all(
     target: ReplayTarget,
     args: argparse.Namespace,
@@ -612,10 +1002,17 @@ async def run_all(
     rates: Sequence[float],
     max_context: int,
     traces: dict[float, Trace] | None = None,
+    costs: EngineCosts | None = None,
 ) -> dict[str, Any]:
-    """Warm-up, then every run of `schedule`; `traces` per rate (built here when not given)."""
+    """Warm-up, then every run of `schedule`; `traces` per rate (built here when not given).
+    Steady runs (`--steady`) first read the engine's costs (or take `costs`, those of the
+    engine before: the stock control has none) and calibrate."""
     if traces is None:
         traces = build_traces(args, rates, max_context)
+    steady = is_steady(args)
+    calibration = None
+    if steady:
+        costs, calibration = await steady_start(target, args, traces[rates[0]], policies[0], costs)
     runs_in_order = schedule(rates, policies, args.rounds, args.first_round)
     head = WARMUP_CONVERSATIONS if args.sessions else WARMUP_REQUESTS
     warmup = (
@@ -623,9 +1020,9 @@ async def run_all(
         if args.warmup
         else None
     )
-    results: list[RequestResult] = []
-    per_round: dict[str, dict[str, list[dict[str, float]]]] = {}
-    machine: dict[str, dict[str, list[dict[str, float]]]] = {}
+    plans = {rate: steady_plan(args, traces[rate], costs) for rate in rates} if steady else {}
+    slo = args.slo_slowdown if steady else None
+    runs = Runs(args.out)
     total = sum(len(traces[rate]) for rate, _, _ in runs_in_order)
     # The bar costs ~0.5 us an update (it redraws at most 10 times a second): no noise.
     # disable=None: no bar where the output is not a terminal (a GPU run's log).
@@ -633,30 +1030,12 @@ async def run_all(
         last = args.first_round + args.rounds
         for rate, r, spec in runs_in_order:
             bar.set_postfix_str(f"{spec.label} @ {rate:g}/s, round {r + 1}/{last}")
-            started, cpu = time.monotonic(), CpuSample.take()
-            with collector_paused():
-                got, delta = await run_one(target, traces[rate], spec, rate, bar.update, r)
-            results += got
-            bar.write(run_line(spec.label, rate, r, got, delta))
-            per_round.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(delta)
-            # After every run: a bench cut short by a time limit keeps what it finished.
-            keep_partial(args.out, got, {"label": spec.label, "rate": rate, "round": r, **delta})
-            machine.setdefault(spec.label, {}).setdefault(f"{rate:g}", []).append(
-                run_conditions(started, cpu)
-            )
-    runs = {
-        label: {rate: median_counters(deltas) for rate, deltas in by_rate.items()}
-        for label, by_rate in per_round.items()
-    }
-    return {
-        "results": results,
-        "runs": runs,
-        "runs_per_round": per_round,
-        "machine_per_round": machine,
-        "order": [[rate, r, spec.label] for rate, r, spec in runs_in_order],
-        "warmup": warmup,
-        "traces": traces,
-    }
+            await runs.measure(target, traces[rate], spec, rate, r, plans.get(rate), slo,
+                               bar.update, bar.write)  # fmt: skip
+    extra: dict[str, Any] = {"warmup": warmup, "traces": traces}
+    if steady:
+        extra |= {"costs": costs.to_dict() if costs else None, "calibration": calibration}
+    return runs.outcome(**extra)
 
 
 PARTIAL_FILE = "runs.partial.jsonl"
@@ -724,15 +1103,22 @@ def keep_partial(out: Path, got: Sequence[RequestResult], counters: dict[str, An
 
 
 def run_line(
-    label: str, rate: float, round_: int, got: Sequence[RequestResult], delta: dict[str, float]
+    label: str,
+    rate: float,
+    round_: int,
+    got: Sequence[RequestResult],
+    delta: dict[str, float],
+    slo: float | None = None,
+    steady: dict[str, Any] | None = None,
 ) -> str:
     """One line per finished run, printed as it ends: a run cut short by a time limit (a lent
-    GPU's) still leaves its figures in the log."""
+    GPU's) still leaves its figures in the log. A steady run's (`steady`: its `steadiness`)
+    adds its slowdowns, the share within `slo`, and whether queue and KV use were flat."""
 
     def n(key: str) -> str:
         return f"{delta.get(key, 0):.0f}"
 
-    m = summarize(got).metrics("drained")
+    m = summarize(got, slo_slowdown=slo).metrics("drained")
     if m is None or m.latency_mean_s is None:
         return f"run {label} @ {rate:g}/s round {round_}: no request completed"
     line = (
@@ -740,6 +1126,8 @@ def run_line(
         f"P99 {m.latency_p99_s:.2f} s, TTFT {m.ttft_mean_s:.3f} s, "
         f"{m.throughput_tokens_per_s or 0:.0f} tok/s, {m.completed}/{m.requests} done"
     )
+    if steady is not None:
+        line += f" (of the window; {steady_text(m, steady)})"
     if not any(delta.values()):  # a fleet run (FleetTarget) collects no scheduler counters
         return line
     steps = delta.get("decode_steps", 0)
@@ -749,6 +1137,26 @@ def run_line(
         f"decode batch {batch}, calls P/K/S/D "
         f"{n('calls_preserve')}/{n('calls_keep')}/{n('calls_swap')}/{n('calls_discard')}"
     )
+
+
+def steady_text(m: Any, steady: dict[str, Any]) -> str:
+    """A steady run's slowdowns, SLO share and steadiness, for its line."""
+    parts = []
+    if m.slowdown_p50 is not None:
+        parts.append(
+            f"slowdown P50 {m.slowdown_p50:.2f} P90 {m.slowdown_p90:.2f}, "
+            f"{m.slo_attained:.0%} within {m.slo_slowdown:g}x"
+        )
+    flat = {True: "steady", False: "NOT steady", None: "steadiness unknown"}[steady["steady"]]
+    trends = [
+        f"{name} {t['mean']:.1f} {t['relative_change']:+.0%}"
+        for name in ("waiting", "kv_blocks_used")
+        if (t := steady.get(name)) and t.get("mean") is not None
+    ]
+    parts.append(flat + (f" ({', '.join(trends)} over the second half)" if trends else ""))
+    if steady.get("stopped_early"):
+        parts.append("stopped early: SLO share missed")
+    return "; ".join(parts)
 
 
 def run_routers(
@@ -789,8 +1197,9 @@ def merge_outcomes(outcomes: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged = dict(first)
     for other in rest:
         merged["results"] = merged["results"] + other["results"]
-        for key in ("runs", "runs_per_round", "machine_per_round"):
-            merged[key] = {**merged[key], **other[key]}
+        for key in ("runs", "runs_per_round", "machine_per_round", "steadiness", "series"):
+            if key in merged or key in other:
+                merged[key] = {**merged.get(key, {}), **other.get(key, {})}
         merged["order"] = merged["order"] + other["order"]
     return merged
 
@@ -818,12 +1227,38 @@ def run_ratio_table(
     return "\n\n".join([*tables, latency_parts_table(summaries)])
 
 
+def summary_settings(command: dict[str, Any]) -> dict[str, Any]:
+    """How a run's records are summarized, from its command: a steady run has no horizon
+    figure (its window's requests all run to the end) and an SLO for its attainment."""
+    if command.get("steady") or command.get("goodput"):
+        return {"horizon_s": None, "slo_slowdown": command.get("slo_slowdown")}
+    return {"horizon_s": command.get("duration")}
+
+
+def steady_config(args: argparse.Namespace, outcome: dict[str, Any]) -> dict[str, Any]:
+    """What results.json says of a steady run: the window, the SLO, the engine's costs the
+    unloaded times come from, the calibration, and each run's steadiness."""
+    window = run_window(args)
+    return {
+        "window_s": [window.start_s, window.end_s],
+        "arrivals_until_s": arrivals_end_s(args),
+        "slo": {"slowdown": args.slo_slowdown, "share": args.slo_share},
+        "costs": outcome.get("costs"),
+        "calibration": outcome.get("calibration"),
+        "steadiness": outcome.get("steadiness"),
+    }
+
+
+SERIES_FILE = "timeseries.json.gz"
+
+
 def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, Any]) -> str:
     results: list[RequestResult] = outcome["results"]
-    summaries = summarize_all(results, horizon_s=args.duration)  # one per round
+    command = command_record(args)
+    summaries = summarize_all(results, **summary_settings(command))  # one per round
     noisy = noisy_runs(outcome.get("machine_per_round") or {}) + refusal_notes(results)
     config = {
-        "command": command_record(args),
+        "command": command,
         "engine": engine,
         # Per policy and rate: the run's counters (over rounds: each counter's median) ...
         "scheduler_per_run": outcome["runs"],
@@ -836,6 +1271,12 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
         "noisy_runs": noisy,
         "traces": {f"{rate:g}": trace.info for rate, trace in outcome["traces"].items()},
     }
+    if is_steady(args):
+        config["steady"] = steady_config(args, outcome)
+        # The engine's state as sampled, per policy, rate and round: small, kept apart.
+        args.out.mkdir(parents=True, exist_ok=True)
+        body = json.dumps(outcome.get("series") or {}, separators=(",", ":")).encode()
+        (args.out / SERIES_FILE).write_bytes(gzip.compress(body))
     base, *others = compared_labels(args.policies, args.router)
     write_results(
         args.out, summaries, config, machine_record(), round_ratios(summaries, base, others)
@@ -881,9 +1322,11 @@ def replot(out: Path) -> str:
     """Plots and the ratio table again from a run's files (a run made where matplotlib was not
     installed, or plotted differently); a run cut short gets its results.json and
     requests.jsonl here, from the runs it finished."""
+    if (out / GOODPUT_FILE).exists() and not (out / "results.json").exists():
+        return replot_goodput(out)
     body, results = read_run(out)
     command = body.get("config", {}).get("command", {})
-    summaries = summarize_all(results, horizon_s=command.get("duration"))
+    summaries = summarize_all(results, **summary_settings(command))
     labels = compared_labels(
         command.get("policies") or "lamps,infercept,vllm", command.get("router")
     )
@@ -903,6 +1346,334 @@ def replot(out: Path) -> str:
     return table
 
 
+# --------------------------------------------------------------------------------------------
+# Goodput (`--goodput`): a search over steady rates per workload, every policy at every rate
+
+GOODPUT_FORMAT = "lamps-bench-goodput/1"
+GOODPUT_FILE = "goodput.json"
+# The lowest rate a search tries leaves at least this many arrivals expected in the window: a
+# share of 90 % over fewer requests says little.
+MIN_WINDOW_REQUESTS = 8
+
+
+def check_steady_args(args: argparse.Namespace, policies: Sequence[PolicySpec]) -> None:
+    """The steady and goodput flags, checked before anything starts."""
+    if args.goodput:
+        args.steady = True
+    if not is_steady(args):
+        return
+    if args.requests:
+        raise SystemExit("lamps bench: a steady run's requests are its arrivals; no --requests")
+    run_window(args)
+    arrivals_end_s(args)
+    if not args.slo_slowdown >= 1:
+        raise SystemExit(f"lamps bench: --slo-slowdown must be >= 1, got {args.slo_slowdown}")
+    if not 0 < args.slo_share <= 1:
+        raise SystemExit(f"lamps bench: --slo-share must be in (0, 1], got {args.slo_share}")
+    if not args.sample_every_s > 0:
+        raise SystemExit("lamps bench: --sample-every-s must be > 0")
+    if args.goodput:
+        if args.router:
+            raise SystemExit("lamps bench: --goodput compares policies on one engine, no --router")
+        if any(spec.name == STOCK for spec in policies):
+            raise SystemExit(
+                f"lamps bench: --goodput runs every policy on one engine; {STOCK!r} needs its "
+                "own (compare it in a --steady run)"
+            )
+
+
+@dataclass
+class GoodputWorkload:
+    """One workload of a goodput search: its name, where its search starts, the command's
+    arguments with this workload and its own output folder, its trace file as read and the
+    trace at its start rate (checked before the engine starts)."""
+
+    name: str
+    start: float
+    args: argparse.Namespace
+    source: Trace | None = None
+    first: Trace | None = None
+
+
+def goodput_workloads(args: argparse.Namespace, rates: Sequence[float]) -> list[GoodputWorkload]:
+    """`--workload A,B,...` (or the `--trace` file), each with its start rate: `--rate` gives
+    one for all or one each."""
+    names = [args.trace.stem] if args.trace else [w.strip() for w in args.workload.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise SystemExit(f"lamps bench: --workload {args.workload!r}: names, each once")
+    if not args.trace:
+        for name in names:
+            try:
+                get_workload(name)
+            except ValueError as exc:
+                raise SystemExit(f"lamps bench: {exc}") from None
+    if len(rates) not in (1, len(names)):
+        raise SystemExit(
+            f"lamps bench: --goodput starts each workload's search at --rate: one rate, or one "
+            f"per workload ({len(names)}), not {len(rates)}"
+        )
+    starts = list(rates) * len(names) if len(rates) == 1 else list(rates)
+    out = []
+    for name, start in zip(names, starts, strict=True):
+        own = argparse.Namespace(**vars(args))
+        own.out = args.out / name
+        own.rate = f"{start:g}"
+        if not args.trace:
+            own.workload = name
+        out.append(GoodputWorkload(name, start, own))
+    return out
+
+
+def search_for(args: argparse.Namespace, start: float, labels: Sequence[str]) -> RateSearch:
+    window = run_window(args)
+    floor = MIN_WINDOW_REQUESTS / (window.end_s - window.start_s)
+    low = args.min_rate or min(start, max(start / args.search_factor**4, floor))
+    try:
+        return RateSearch(start, labels, args.search_factor, low, args.max_rate, args.bisect_steps)
+    except ValueError as exc:
+        raise SystemExit(f"lamps bench: --goodput: {exc}") from None
+
+
+class Budget:
+    """`--budget-s`: the command's wall time from `started`. A workload gets an even share of
+    what is left when it starts; a rate is started only if it would end within that share by
+    the slowest run so far (its first rate: within the whole budget)."""
+
+    def __init__(self, seconds: float | None, started: float) -> None:
+        self.deadline = None if seconds is None else started + seconds
+        self.slowest_run_s: float | None = None
+
+    def share(self, workloads_left: int) -> float | None:
+        if self.deadline is None:
+            return None
+        return time.monotonic() + (self.deadline - time.monotonic()) / max(1, workloads_left)
+
+    def allows(self, runs: int, until: float | None) -> bool:
+        if until is None or self.slowest_run_s is None:
+            return True
+        return time.monotonic() + runs * self.slowest_run_s <= until
+
+
+async def run_goodput(
+    target: ReplayTarget,
+    args: argparse.Namespace,
+    workloads: Sequence[GoodputWorkload],
+    policies: Sequence[PolicySpec],
+    max_context: int,
+    engine: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
+    """The search of every workload in turn on one engine (`RateSearch`): at each rate tried,
+    `--rounds` rounds of every policy (order alternated), each a steady run stopped early once
+    it has missed its SLO share (unless --no-early-stop); per workload, its results folder as a
+    plain steady run's; then the goodput files (`write_goodput`), rewritten after every rate."""
+    labels = [spec.label for spec in policies]
+    first = workloads[0]
+    assert first.first is not None
+    costs, calibration = await steady_start(target, args, first.first, policies[0], None)
+    if costs is None:
+        raise SystemExit("lamps bench: --goodput needs the engine's costs (the scheduler plugin)")
+    warmup = (
+        await warm_up(target, first.first, policies[0], first.start, WARMUP_REQUESTS)
+        if args.warmup
+        else None
+    )
+    budget = Budget(args.budget_s, started)
+    body: dict[str, Any] = {
+        "format": GOODPUT_FORMAT,
+        "slo": {"slowdown": args.slo_slowdown, "share": args.slo_share},
+        "window_s": [run_window(args).start_s, run_window(args).end_s],
+        "costs": costs.to_dict(),
+        "calibration": calibration,
+        "warmup": warmup,
+        "command": command_record(args),
+        "engine": engine,
+        "machine": machine_record(),
+        "workloads": {},
+    }
+    for i, w in enumerate(workloads):
+        search = search_for(w.args, w.start, labels)
+        runs = Runs(w.args.out)
+        (w.args.out / PARTIAL_FILE).unlink(missing_ok=True)
+        write_started(w.args, engine)
+        attainment: dict[str, dict[float, list[float | None]]] = {label: {} for label in labels}
+        traces: dict[float, Trace] = {}
+        until = budget.share(len(workloads) - i)
+        cut = None
+        print(f"goodput: {w.name}, from {w.start:g}/s", flush=True)
+        while not cut and (rates := search.propose()):
+            for rate in rates:
+                runs_at_rate = len(policies) * w.args.rounds
+                if not budget.allows(runs_at_rate, until if search.tried else budget.deadline):
+                    cut = f"--budget-s: stopped before {rate:g}/s"
+                    print(f"goodput: {w.name}: {cut}", flush=True)
+                    break
+                try:
+                    trace = load_trace(w.args, rate, max_context, w.source)
+                except ValueError as exc:
+                    cut = f"no trace at {rate:g}/s: {exc}"
+                    break
+                traces[rate] = trace
+                plan = steady_plan(w.args, trace, costs, stop_early=args.early_stop)
+                for _, r, spec in schedule([rate], policies, args.rounds, args.first_round):
+                    t0 = time.monotonic()
+                    got = await runs.measure(target, trace, spec, rate, r, plan, args.slo_slowdown)
+                    took = time.monotonic() - t0
+                    budget.slowest_run_s = max(budget.slowest_run_s or 0.0, took)
+                    counted = [x for x in got if x.window]
+                    shares = attainment[spec.label].setdefault(rate, [None] * args.rounds)
+                    shares[r - args.first_round] = slo_attainment(counted, args.slo_slowdown)
+                search.record(rate, goodput_met(attainment, rate, args.slo_share))
+                body["workloads"][w.name] = goodput_body(w, search, attainment, runs, args, cut)
+                write_goodput(args.out, body)
+        body["workloads"][w.name] = goodput_body(w, search, attainment, runs, args, cut)
+        write_goodput(args.out, body)
+        if runs.results:
+            outcome = runs.outcome(warmup=warmup if i == 0 else None, traces=traces,
+                                   costs=costs.to_dict(), calibration=calibration)  # fmt: skip
+            print(report(w.args, outcome, engine), flush=True)
+    return body
+
+
+def goodput_met(
+    attainment: dict[str, dict[float, list[float | None]]], rate: float, share: float
+) -> dict[str, bool]:
+    """Per policy, whether its median attainment over the rounds at `rate` reached `share`."""
+    out = {}
+    for label, by_rate in attainment.items():
+        known = [v for v in by_rate.get(rate, []) if v is not None]
+        out[label] = bool(known) and statistics.median(known) >= share
+    return out
+
+
+def goodput_body(
+    w: GoodputWorkload,
+    search: RateSearch,
+    attainment: dict[str, dict[float, list[float | None]]],
+    runs: Runs,
+    args: argparse.Namespace,
+    cut: str | None,
+) -> dict[str, Any]:
+    """One workload's part of goodput.json: its search (rates in the order tried, cut), the
+    brackets, ratios and attainment curve (`goodput_summary`), and each run's steadiness."""
+    summary = goodput_summary(attainment, args.slo_share)
+    return {
+        "start": w.start,
+        "tried": list(dict.fromkeys(rate for rate, _, _ in runs.order)),  # in the order tried
+        "bisect_steps": search.steps,
+        "cut": cut,
+        "range": [search.min_rate, search.max_rate],
+        **summary,
+        "steady": {
+            label: {
+                rate: [x.get("steady") for x in per_round] for rate, per_round in by_rate.items()
+            }
+            for label, by_rate in runs.steadiness.items()
+        },
+        "stopped_early": {
+            label: {
+                rate: [bool(x.get("stopped_early")) for x in per_round]
+                for rate, per_round in by_rate.items()
+            }
+            for label, by_rate in runs.steadiness.items()
+        },
+    }
+
+
+def goodput_text(body: dict[str, Any]) -> str:
+    """goodput.txt: every workload's table (`goodput_table`), and what cut a search short."""
+    slo = body["slo"]["slowdown"]
+    parts = []
+    for name, w in body["workloads"].items():
+        table = goodput_table(name, w, slo)
+        notes = []
+        if w.get("cut"):
+            notes.append(f"note: search cut short: {w['cut']}")
+        unsteady = sorted(
+            {
+                f"{label} @ {rate}/s"
+                for label, by_rate in w.get("steady", {}).items()
+                for rate, flags in by_rate.items()
+                if False in flags
+            }
+        )
+        if unsteady:
+            notes.append("note: queue or KV use not flat over the window's second half: "
+                         + ", ".join(unsteady))  # fmt: skip
+        parts.append("\n".join([table, *notes]))
+    return "\n\n".join(parts)
+
+
+def write_goodput(out: Path, body: dict[str, Any]) -> None:
+    """goodput.json and goodput.txt, and the attainment plot where matplotlib is installed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / GOODPUT_FILE).write_text(json.dumps(body, indent=1, default=str))
+    (out / "goodput.txt").write_text(goodput_text(body) + "\n")
+
+
+def plot_goodput(out: Path, body: dict[str, Any]) -> None:
+    try:
+        plot_attainment(out / "goodput_attainment.png", body["workloads"],
+                        body["slo"]["share"], body["slo"]["slowdown"])  # fmt: skip
+    except ImportError as exc:  # a GPU machine without matplotlib: the JSON has the curves
+        print(f"no attainment plot ({exc}); `lamps bench-plot {out}` draws it")
+
+
+def replot_goodput(out: Path) -> str:
+    """`lamps bench-plot` of a --goodput folder: its attainment plot and table again, and each
+    workload's folder replotted."""
+    body = json.loads((out / GOODPUT_FILE).read_text())
+    if body.get("format") != GOODPUT_FORMAT:
+        raise ValueError(f"{out / GOODPUT_FILE}: not a {GOODPUT_FORMAT} file")
+    for name in body["workloads"]:
+        if (out / name).is_dir():
+            with contextlib.suppress(FileNotFoundError):  # a workload the budget never started
+                replot(out / name)
+    write_goodput(out, body)
+    plot_goodput(out, body)
+    return goodput_text(body)
+
+
+def goodput_main(
+    args: argparse.Namespace,
+    workloads: Sequence[GoodputWorkload],
+    policies: Sequence[PolicySpec],
+    config: dict[str, Any],
+    settings: Any,
+    project_dir: Path,
+    data_dir: Path,
+    started: float,
+) -> int:
+    """`lamps bench --goodput`: one engine (in this process with --engine-only, else the Serve
+    deployment) for every workload's search."""
+    from lamps.bench_targets import engine_target
+
+    engine = settings.model_dump(mode="json")
+    write_started(args, engine)
+
+    async def go(target: ReplayTarget) -> dict[str, Any]:
+        return await run_goodput(target, args, workloads, policies, settings.max_model_len,
+                                 engine, started)  # fmt: skip
+
+    if args.engine_only:
+
+        async def in_process() -> dict[str, Any]:
+            async with engine_target(settings) as target:
+                return await go(target)
+
+        body = asyncio.run(in_process())
+    else:
+        from lamps.bench_targets import DeploymentTarget
+        from lamps.local_stack import local_stack
+
+        with local_stack(config, project_dir, data_dir, log_to_driver=False):
+            body = asyncio.run(go(DeploymentTarget(sessions=args.sessions)))
+    plot_goodput(args.out, body)
+    print(goodput_text(body))
+    print(f"goodput in {args.out}/{GOODPUT_FILE}, goodput.txt; each workload's runs under it")
+    return 0
+
+
 def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     import yaml
 
@@ -914,16 +1685,21 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     )
     from lamps_vllm.config import PolicyVariant
 
+    started = time.monotonic()  # --budget-s counts from here
     if args.predictor:
         if args.router:
             raise SystemExit("lamps bench: --predictor and --router compare different things")
         args.policies = predictor_policies(args.predictor)  # what the results then name
     policies = parse_policies(args.policies)
+    check_steady_args(args, policies)
     if args.sessions and (args.engine_only or args.predictor or policies[0].name == STOCK):
         raise SystemExit("lamps bench: --sessions sends chat turns through the Serve deployment")
     if args.sessions and not args.router and len(policies) > 1:
         raise SystemExit("lamps bench: --sessions runs one policy (a chat turn names no variant)")
     rates = [float(r) for r in args.rate.split(",")]
+    if args.goodput:
+        workloads = goodput_workloads(args, rates)
+        rates = [workloads[0].start]  # the first workload's start (the checks below)
     if args.rounds < 1:
         raise SystemExit(f"lamps bench: --rounds must be at least 1, got {args.rounds}")
     if args.first_round < 0:
@@ -949,6 +1725,13 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     engine = settings.model_dump(mode="json")
     # The trace is read and checked before the engine starts: a bad file fails in a second.
     counter = model_token_counter(settings.model) if args.trace else None
+    if args.goodput:
+        for w in workloads:  # each workload's start, checked before the engine starts
+            w.source = read_trace_file(args, counter) if args.trace else None
+            w.first = build_traces(w.args, [w.start], settings.max_model_len, counter)[w.start]
+        return goodput_main(
+            args, workloads, policies, config, settings, project_dir, data_dir, started
+        )
     traces = build_traces(args, rates, settings.max_model_len, counter)
     for note in trace_notes(traces):
         print(note, flush=True)
@@ -976,9 +1759,14 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
                     )
             if stock:  # one engine at a time: a GPU holds one of this size
                 stock_settings = settings.model_copy(update={"scheduler": None})
+                # A steady run's unloaded times: the plugin engine's costs (stock has none).
+                ours_costs = outcomes[0].get("costs") if outcomes else None
+                costs = EngineCosts.from_dict(ours_costs) if ours_costs else None
                 async with engine_target(stock_settings) as target:
                     outcomes.append(
-                        await run_all(target, args, stock, rates, settings.max_model_len, traces)
+                        await run_all(
+                            target, args, stock, rates, settings.max_model_len, traces, costs
+                        )
                     )
             return merge_outcomes(outcomes)
 

@@ -47,6 +47,10 @@ SAME_SETTINGS = (
     "sample",
     "replicas",
     "config",
+    "steady",
+    "warmup_s",
+    "cooldown_s",
+    "slo_slowdown",
 )
 
 
@@ -57,7 +61,7 @@ class MergeError(ValueError):
 def merge_runs(out: Path, runs: Sequence[Path]) -> str:
     """Write `out` (results.json, requests.jsonl, ratios.txt, plots) from the `runs`' folders;
     returns the ratio table."""
-    from lamps.bench import compared_labels, read_run, replot
+    from lamps.bench import compared_labels, read_run, replot, summary_settings
 
     if len(runs) < 2:
         raise MergeError("bench-merge needs at least two runs")
@@ -112,7 +116,7 @@ def merge_runs(out: Path, runs: Sequence[Path]) -> str:
     config["noisy_runs"] = [
         note for body in bodies for note in body["config"].get("noisy_runs") or []
     ]
-    summaries = summarize_all(merged, horizon_s=first.get("duration"))
+    summaries = summarize_all(merged, **summary_settings(first))
     base, *others = labels
     out.mkdir(parents=True, exist_ok=True)
     write_results(

@@ -46,6 +46,11 @@ class ReplayTarget(Protocol):
 
     async def scheduler_stats(self) -> dict[str, Any]: ...
 
+    # Optional, sampled by steady runs where a target has it (`lamps.bench.engine_state`):
+    # `engine_stats()`, the engine's queue and KV use now (`waiting`, `running`,
+    # `kv_blocks_used`, `kv_blocks_total`, `preserved_blocks` where known), None where the
+    # target cannot say (a fleet).
+
 
 class LearnedDurations:
     """Call durations learned in this process, as an engine replica learns them from the tool
@@ -129,6 +134,17 @@ class EngineTarget:
         # vLLM's own preemption count where no plugin reports one (the stock control).
         return {"preemptions": snapshot.preemptions, **snapshot.scheduler}
 
+    async def engine_stats(self) -> dict[str, Any]:
+        """The last step's figures, as the replica's `stats()` reports them (no copy, no call)."""
+        snap = self._stats.snapshot
+        return {
+            "waiting": snap.waiting_requests,
+            "running": snap.running_requests,
+            "kv_blocks_used": snap.kv_blocks_used,
+            "kv_blocks_total": snap.kv_blocks_total,
+            "preserved_blocks": snap.scheduler.get("preserved_blocks"),
+        }
+
     def close(self) -> None:
         self._engine.shutdown()
 
@@ -164,6 +180,17 @@ class DeploymentTarget:
     async def scheduler_stats(self) -> dict[str, Any]:
         return await self._engine.scheduler_stats.remote()
 
+    async def engine_stats(self) -> dict[str, Any] | None:
+        """The engine replica's `stats()` (queue, running requests, KV blocks), renamed as
+        `EngineTarget.engine_stats` has them."""
+        stats = await self._engine.stats.remote()
+        return {
+            "waiting": stats.get("waiting_requests", 0),
+            "running": stats.get("running_requests", 0),
+            "kv_blocks_used": stats.get("kv_blocks_used", 0),
+            "kv_blocks_total": stats.get("kv_blocks_total", 0),
+        }
+
 
 class FleetTarget(DeploymentTarget):
     """The application with several engine replicas behind a router (`lamps bench --router`):
@@ -186,6 +213,9 @@ class FleetTarget(DeploymentTarget):
 
     async def scheduler_stats(self) -> dict[str, Any]:
         return {}
+
+    async def engine_stats(self) -> dict[str, Any] | None:
+        return None  # one replica's figures would pass for the fleet's
 
 
 @contextlib.asynccontextmanager
