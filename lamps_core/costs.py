@@ -71,6 +71,54 @@ def fit_linear(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True, slots=True)
+class StepSample:
+    """One engine step: what it ran and how long it took."""
+
+    prefill_tokens: int
+    decode_requests: int
+    decode_context_tokens: int  # the contexts the decoding requests attend over
+    seconds: float
+
+
+def fit_decode_step(samples: Sequence[StepSample]) -> float | None:
+    """The time of one decode iteration of the batch as it runs now, fitted over every recent
+    step that decoded (mixed steps too), not only the decode-only ones: under load nearly every
+    step also prefills, and the few decode-only steps left are the light ones, so their median
+    stays low while real steps slow down.
+
+    Least squares of `seconds = a + b·prefill + c·batch + e·context`, refitted once without the
+    steps whose residual is over 3 median absolute deviations (a step that shared the machine),
+    coefficients clipped at zero (time never falls with work); the decode step is the fit at the
+    window's mean batch and context, with no prefill. None with too few steps or too little
+    variety to fit (the caller keeps its last figure)."""
+    import numpy as np
+
+    rows = [s for s in samples if s.decode_requests > 0 and s.seconds > 0]
+    if len(rows) < 16:
+        return None
+    x = np.array(
+        [[1.0, s.prefill_tokens, s.decode_requests, s.decode_context_tokens] for s in rows]
+    )
+    y = np.array([s.seconds for s in rows])
+    keep = np.ones(len(rows), dtype=bool)
+    coef = np.zeros(4)
+    for _ in range(2):
+        if np.linalg.matrix_rank(x[keep]) < 2:
+            return None
+        coef, *_ = np.linalg.lstsq(x[keep], y[keep], rcond=None)
+        residual = np.abs(y - x @ coef)
+        spread = float(np.median(residual[keep])) or 1e-12
+        keep = residual <= 3 * 1.4826 * spread + 1e-12
+    coef = np.maximum(coef, 0.0)
+    decoding = x[keep] if keep.any() else x
+    batch, context = decoding[:, 2].mean(), decoding[:, 3].mean()
+    step = float(coef[0] + coef[2] * batch + coef[3] * context)
+    if not math.isfinite(step) or step <= 0.0:
+        return None
+    return step
+
+
+@dataclass(frozen=True, slots=True)
 class EngineCosts:
     """Time and memory constants of one engine (model, GPU, parallelism).
 

@@ -3,7 +3,9 @@
 - `M` (KV bytes per token) comes from the KV cache the engine allocated.
 - `T_fwd(C)` and the decode step time come from timing the engine's own steps: the scheduler
   sees each step's schedule leave and its output come back, so a step that only prefilled
-  gives a (tokens, seconds) point and one that only decoded gives a decode step time. The engine
+  gives a (tokens, seconds) point, and every step that decoded a sample of the decode step's
+  cost by batch size and context (`costs.fit_decode_step`, fitted over all recent steps, so it
+  follows the load; a median of decode-only steps went stale under load). The engine
   replica runs a few prefills of different sizes at start-up so the fit exists before traffic;
   serving keeps refining it (`refresh` starts over, e.g. after a hardware change).
 - `T_swap(C)`: the copy rate of the engine's swap path; on a CPU engine a host memory copy,
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lamps_core.costs import EngineCosts, fit_linear
+from lamps_core.costs import EngineCosts, StepSample, fit_decode_step, fit_linear
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,9 @@ _UNMEASURED = {"fwd_intercept_s": 0.01, "fwd_slope_s": 1e-4, "decode_step_s": 0.
 # The fit changes with almost every prefill-only step while serving; the cache on disk only has
 # to survive a restart, so it is written at most this often (the first fit at once).
 _SAVE_EVERY_S = 60.0
+# The decode-step fit (a least squares over the window, ~0.2 ms) runs every this many decoding
+# steps, not at every one: a GPU step is ~10 ms.
+_DECODE_FIT_EVERY = 32
 
 
 def host_copy_seconds_per_byte(nbytes: int = 64 << 20, repeats: int = 3) -> float:
@@ -58,32 +63,52 @@ class StepProfiler:
         self._swap_s_per_byte = swap_seconds_per_byte
         self._cache_file = cache_file
         self._prefill: deque[tuple[int, float]] = deque(maxlen=_MAX_POINTS)
-        self._decode: deque[float] = deque(maxlen=_MAX_POINTS)
+        self._decode: deque[float] = deque(maxlen=_MAX_POINTS)  # decode-only steps
+        self._steps: deque[StepSample] = deque(maxlen=_MAX_POINTS)  # every step that decoded
+        self._steps_since_fit = 0
         self._fitted = dict(_UNMEASURED)
         self._saved_at = -_SAVE_EVERY_S
         self._load()
         self.costs = self._make_costs()
 
-    def observe(self, prefill_tokens: int, decode_requests: int, seconds: float) -> bool:
+    def observe(
+        self,
+        prefill_tokens: int,
+        decode_requests: int,
+        seconds: float,
+        decode_context_tokens: int = 0,
+    ) -> bool:
         """One step's work and time; returns True when the costs changed."""
         if prefill_tokens and not decode_requests:
             self._prefill.append((prefill_tokens, seconds))
-        elif decode_requests and not prefill_tokens:
+            return self._refit()
+        if decode_requests and not prefill_tokens:
             self._decode.append(seconds)
-        else:
-            return False  # a mixed step says little about either
+        if not decode_requests:
+            return False
+        self._steps.append(
+            StepSample(prefill_tokens, decode_requests, decode_context_tokens, seconds)
+        )
+        self._steps_since_fit += 1
+        if self._steps_since_fit < _DECODE_FIT_EVERY and len(self._decode) != 8:
+            return False
+        self._steps_since_fit = 0
         return self._refit()
 
     def refresh(self) -> None:
         self._prefill.clear()
         self._decode.clear()
+        self._steps.clear()
         self._saved_at = -_SAVE_EVERY_S  # the new measurements replace the cached ones at once
 
     def _refit(self) -> bool:
         fitted = dict(self._fitted)
         if len({tokens for tokens, _ in self._prefill}) >= 2:
             fitted["fwd_intercept_s"], fitted["fwd_slope_s"] = fit_linear(list(self._prefill))
-        if len(self._decode) >= 8:
+        decode_step = fit_decode_step(self._steps) if len(self._steps) >= 16 else None
+        if decode_step is not None:
+            fitted["decode_step_s"] = decode_step
+        elif len(self._decode) >= 8:  # too little variety to fit: the decode-only median
             fitted["decode_step_s"] = statistics.median(self._decode)
         if fitted == self._fitted:
             return False

@@ -112,7 +112,7 @@ class LampsScheduler(Scheduler):
                 self.vllm_config.device_config.device_type,
             ),
         )
-        self._step_started: dict[int, tuple[float, int, int]] = {}
+        self._step_started: dict[int, tuple[float, int, int, int]] = {}
         self._api_estimates: dict[str, ApiEstimate] = {}
         self._held_block_seconds = 0.0
         self._held_since = time.monotonic()
@@ -235,15 +235,18 @@ class LampsScheduler(Scheduler):
         return per_block // self.block_size
 
     def _step_scheduled(self, output: SchedulerOutput) -> None:
-        counts = output.num_scheduled_tokens.values()
-        prefill = sum(n for n in counts if n > 1)
-        decode = sum(1 for n in counts if n == 1)
+        scheduled = output.num_scheduled_tokens
+        prefill = sum(n for n in scheduled.values() if n > 1)
+        decoding = [rid for rid, n in scheduled.items() if n == 1]
+        decode = len(decoding)
+        requests = self.requests
+        context = sum(requests[rid].num_computed_tokens for rid in decoding if rid in requests)
         self.lamps_counts["prefill_tokens"] += prefill
         self.lamps_counts["decode_tokens"] += decode
         # decode_tokens / decode_steps is the mean decode batch: what the engine's tokens/s
         # with calls is compared with (the same engine without calls at that batch).
         self.lamps_counts["decode_steps"] += 1 if decode else 0
-        self._step_started[id(output)] = (time.perf_counter(), prefill, decode)
+        self._step_started[id(output)] = (time.perf_counter(), prefill, decode, context)
 
     def _step_finished(self, output: SchedulerOutput) -> None:
         started = self._step_started.pop(id(output), None)
@@ -253,7 +256,7 @@ class LampsScheduler(Scheduler):
             # returns: its time runs from the later of its scheduling and the last output.
             seconds = now - max(started[0], self._last_output_at)
             self.lamps_times["step_s"] += seconds
-            if self.lamps_profiler.observe(started[1], started[2], seconds):
+            if self.lamps_profiler.observe(started[1], started[2], seconds, started[3]):
                 for policy in self._policies.values():
                     policy.update_costs(self.lamps_profiler.costs)
         self._last_output_at = now

@@ -135,9 +135,10 @@ HEAVY = script(16, 96)
 BOUND_S = 1.0
 
 
-def heavy_wait_under_a_stream(h: EngineHarness, variant: str) -> tuple[float, float]:
+def heavy_under_a_stream(h: EngineHarness, variant: str) -> tuple[float, int]:
     """A heavy request queued behind a stream of light ones arriving faster than the engine
-    serves them; returns the heavy one's wait and the longest light request's service time."""
+    serves them. Returns the heavy one's wait, and how many light requests queued before its
+    wait reached BOUND_S were served after it (the queue it jumped)."""
     tag = uuid.uuid4().hex[:8]
 
     async def go() -> tuple[TraceOutcome, list[TraceOutcome]]:
@@ -150,29 +151,28 @@ def heavy_wait_under_a_stream(h: EngineHarness, variant: str) -> tuple[float, fl
     segment = heavy.segments[0]
     # The stream kept the queue busy for the whole wait, else there was nothing to starve it.
     assert max(o.segments[0].started_at for o in light) > segment.started_at + BOUND_S
-    served = max(o.segments[0].finished_at - o.segments[0].first_token_at for o in light)
-    return segment.first_token_at - segment.started_at, served
+    jumped = sum(
+        1
+        for o in light
+        if o.segments[0].started_at < segment.started_at + BOUND_S
+        and o.segments[0].first_token_at > segment.first_token_at
+    )
+    return segment.first_token_at - segment.started_at, jumped
 
 
 def test_heavy_request_waits_no_longer_than_the_starvation_bound(serial: EngineHarness) -> None:
+    """Asserted on order, not on seconds (a busy machine slows every step): unguarded, the
+    memory ranking serves every light request queued before the heavy one was due first;
+    guarded, the heavy one is promoted once it has waited BOUND_S and served ahead of light
+    requests that were queued before then."""
     # The engine also serves a policy that never re-ranks (vLLM's): that must not stop the
     # re-ranks the guard needs.
     serial.run(replay_at(serial, 0.0, f"fcfs-{uuid.uuid4().hex[:8]}", LIGHT, "vllm"))
-    unguarded_wait, served = heavy_wait_under_a_stream(serial, "lamps-unguarded")
-    # Unguarded, the memory ranking keeps putting the light requests first.
-    assert unguarded_wait > 3 * BOUND_S
-    before = dict(serial.stats.scheduler)
-    guarded_wait, served = heavy_wait_under_a_stream(serial, "lamps-guarded")
-    after = serial.stats.scheduler
-    # Promoted at the first re-rank past the bound (every 10 steps), it starts once the light
-    # request running then is done. Ten steps at the mean step time of this run, not at the
-    # profile's median: a busy machine slows every step (the profile's figure once gave a bound
-    # of 1.71 s against a wait of 1.95 s, with a simulation running beside the suite).
-    mean_step_s = (after["time_step_s"] - before["time_step_s"]) / max(
-        1, after["decode_steps"] - before["decode_steps"]
-    )
-    rerank_s = 10 * max(mean_step_s, after["costs"]["decode_step_s"])
-    assert guarded_wait <= BOUND_S + rerank_s + 2 * served + 0.25, (guarded_wait, rerank_s, served)
+    unguarded_wait, unguarded_jumped = heavy_under_a_stream(serial, "lamps-unguarded")
+    assert unguarded_jumped == 0 and unguarded_wait > 3 * BOUND_S
+    guarded_wait, guarded_jumped = heavy_under_a_stream(serial, "lamps-guarded")
+    assert guarded_jumped > 0, guarded_wait
+    assert guarded_wait < unguarded_wait
 
 
 def test_a_forced_call_segment_waits_its_turn_in_the_policy_order(serial: EngineHarness) -> None:
