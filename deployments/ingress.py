@@ -307,7 +307,7 @@ async def _json_body(raw: Request, limit: int) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:  # invalid JSON the scan above read as shallower than it parses
+    except RecursionError:  # a backstop: the scan is never below the depth the parser reaches
         raise RequestError(_too_deep(None)) from None
 
 
