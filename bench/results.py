@@ -702,6 +702,20 @@ def steadiness(
 # Goodput: the highest steady rate at which a share of requests meets a slowdown SLO
 
 
+# Shares are ratios of counts, and medians of them: 0.9 may come out as 0.8999999999999999.
+SHARE_EPSILON = 1e-9
+
+
+def reaches(attained: float | None, share: float) -> bool:
+    """Whether an SLO attainment reaches the share asked for (None: nothing ran, it does not)."""
+    return attained is not None and attained >= share - SHARE_EPSILON
+
+
+def certainly_missed(missed: int, requests: int, share: float) -> bool:
+    """Whether `missed` misses among `requests` already put the share out of reach."""
+    return missed > (1.0 - share) * requests + SHARE_EPSILON
+
+
 class Bracket(BaseModel):
     """Where one policy's goodput lies among the rates tried: `met` is the highest rate that met
     the SLO below the lowest that failed it (`failed`). None: no such rate was tried (goodput
@@ -828,8 +842,7 @@ def goodput_summary(
     base = base or policies[0]
 
     def met(values: Sequence[float | None]) -> bool:
-        known = [v for v in values if v is not None]
-        return bool(known) and statistics.median(known) >= share
+        return reaches(_median(values), share)
 
     per_policy: dict[str, Any] = {}
     for policy, by_rate in attainment.items():
@@ -838,7 +851,7 @@ def goodput_summary(
         per_round = [
             bracket(
                 {
-                    rate: values[r] >= share
+                    rate: reaches(values[r], share)
                     for rate, values in by_rate.items()
                     if r < len(values) and values[r] is not None
                 }

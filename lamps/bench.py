@@ -40,6 +40,7 @@ from bench.results import (
     RateSearch,
     RequestResult,
     Window,
+    certainly_missed,
     goodput_summary,
     goodput_table,
     latency_parts_table,
@@ -47,6 +48,7 @@ from bench.results import (
     plot_attainment,
     rate_key,
     ratio_table,
+    reaches,
     round_ratios,
     slo_attainment,
     steadiness,
@@ -321,6 +323,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="--goodput: run every rate to the end, even once a policy has missed the SLO "
         "for more than 1 - --slo-share of the window's requests (default: stop it there)",
+    )
+    steady.add_argument(
+        "--keep-requests",
+        action="store_true",
+        help="--goodput: also write each workload's per-request records (its windows' "
+        "requests, requests.jsonl.gz; megabytes at GPU rates); default: summaries only",
     )
     steady.add_argument(
         "--calibrate",
@@ -678,7 +686,7 @@ async def run_one(
                     and rid in sent_at
                     and now - sent_at[rid] > slo * steady.unloaded_s.get(rid, float("inf"))
                 )
-                if missed > (1.0 - share) * len(measured):
+                if certainly_missed(missed, len(measured), share):
                     stop.set()
                     return
             await asyncio.sleep(steady.sample_every_s)
@@ -1281,7 +1289,11 @@ def report(args: argparse.Namespace, outcome: dict[str, Any], engine: dict[str, 
     write_results(
         args.out, summaries, config, machine_record(), round_ratios(summaries, base, others)
     )
-    write_request_results(args.out, results)
+    if not getattr(args, "goodput", False):
+        write_request_results(args.out, results)
+    elif args.keep_requests:  # a search's records run to megabytes: its window's, compressed
+        lines = "".join(r.model_dump_json(exclude_none=True) + "\n" for r in results if r.window)
+        (args.out / "requests.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
     try:
         plot(args.out, summaries, results)
     except ImportError as exc:  # a GPU machine without matplotlib: plot later from the records
@@ -1513,6 +1525,9 @@ async def run_goodput(
                 except ValueError as exc:
                     cut = f"no trace at {rate:g}/s: {exc}"
                     break
+                if too_long := over_length(trace, max_context):
+                    cut = f"{len(too_long)} requests at {rate:g}/s exceed max_model_len"
+                    break
                 traces[rate] = trace
                 plan = steady_plan(w.args, trace, costs, stop_early=args.early_stop)
                 for _, r, spec in schedule([rate], policies, args.rounds, args.first_round):
@@ -1532,6 +1547,8 @@ async def run_goodput(
             outcome = runs.outcome(warmup=warmup if i == 0 else None, traces=traces,
                                    costs=costs.to_dict(), calibration=calibration)  # fmt: skip
             print(report(w.args, outcome, engine), flush=True)
+            # Written out: the runs' raw records (kept in case the call was cut) can go.
+            (w.args.out / PARTIAL_FILE).unlink(missing_ok=True)
     return body
 
 
@@ -1542,7 +1559,7 @@ def goodput_met(
     out = {}
     for label, by_rate in attainment.items():
         known = [v for v in by_rate.get(rate, []) if v is not None]
-        out[label] = bool(known) and statistics.median(known) >= share
+        out[label] = reaches(statistics.median(known), share) if known else False
     return out
 
 
