@@ -62,6 +62,7 @@ from bench.results import (
 )
 from bench.workloads import (
     CHARS_PER_TOKEN,
+    WORKLOADS,
     Trace,
     TraceFormatError,
     arrivals_before,
@@ -121,7 +122,11 @@ NOISY_SHARE = 0.20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", type=Path, help="a trace file (INFERCEPT/MARS format)")
-    source.add_argument("--workload", help="a generated workload: see bench.workloads")
+    source.add_argument(
+        "--workload",
+        help=f"a generated workload (bench/workloads.py): {', '.join(WORKLOADS)}; with "
+        "--goodput, several, comma-separated",
+    )
     parser.add_argument(
         "--policies",
         default="lamps,infercept,vllm,sjf",
@@ -253,7 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup-s",
         type=float,
         help="seconds of arrivals discarded at the start of a steady run (default: "
-        f"{DEFAULT_WARMUP_SHARE:.0%} of --duration)",
+        f"{DEFAULT_WARMUP_SHARE * 100:.0f}%% of --duration)",
     )
     steady.add_argument(
         "--cooldown-s",
@@ -1126,6 +1131,8 @@ def run_line(
     def n(key: str) -> str:
         return f"{delta.get(key, 0):.0f}"
 
+    if not got:  # a steady run whose window had no request
+        return f"run {label} @ {rate:g}/s round {round_}: no request in its window"
     m = summarize(got, slo_slowdown=slo).metrics("drained")
     if m is None or m.latency_mean_s is None:
         return f"run {label} @ {rate:g}/s round {round_}: no request completed"
@@ -1692,6 +1699,7 @@ def goodput_main(
 
 
 def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
+    started = time.monotonic()  # --budget-s counts from here (vLLM's import included)
     import yaml
 
     from lamps.bench_targets import (
@@ -1702,7 +1710,6 @@ def main(args: argparse.Namespace, project_dir: Path, data_dir: Path) -> int:
     )
     from lamps_vllm.config import PolicyVariant
 
-    started = time.monotonic()  # --budget-s counts from here
     if args.predictor:
         if args.router:
             raise SystemExit("lamps bench: --predictor and --router compare different things")

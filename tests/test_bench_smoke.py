@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 from pathlib import Path
 
@@ -62,3 +63,35 @@ def test_bench_runs_policies_side_by_side(stack: RunningStack, tmp_path: Path) -
     ratio_rows = table.split("\n\n")[0].splitlines()[2:]  # the latency table follows
     assert [line.split()[1] for line in ratio_rows] == ["vllm"]  # the run's others
     assert "where the mean latency goes" in table
+
+
+def test_a_steady_run_counts_its_window_and_samples_the_engine(
+    stack: RunningStack, tmp_path: Path
+) -> None:
+    """`--steady` through the deployment: the window's requests counted, the replica's queue and
+    KV use sampled, slowdowns from the engine's measured costs, one request calibrated."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(
+        ["--workload", "toolbench", "--scale", "0.05", "--time-scale", "0.02", "--steady",
+         "--rate", "4", "--duration", "2", "--warmup-s", "0.5", "--cooldown-s", "1",
+         "--sample-every-s", "0.25", "--calibrate", "1", "--no-warmup", "--policies",
+         "lamps,vllm", "--out", str(tmp_path)]
+    )  # fmt: skip
+    policies = parse_policies(args.policies)
+    outcome = asyncio.run(run_all(DeploymentTarget(), args, policies, [4.0], 2048))
+    report(args, outcome, engine={"model": "smollm2-135m"})
+
+    body = json.loads((tmp_path / "results.json").read_text())
+    steady = body["config"]["steady"]
+    assert steady["window_s"] == [0.5, 2.0] and steady["costs"]["decode_step_s"] > 0
+    assert steady["calibration"]["requests"] == 1
+    records = [json.loads(line) for line in (tmp_path / "requests.jsonl").read_text().splitlines()]
+    counted = [r for r in records if r["window"] and r["policy"] == "lamps"]
+    drained = body["results"]["lamps"]["4"]["drained"]
+    assert counted and drained["requests"] == len(counted) and drained["failed"] == 0
+    assert drained["slowdown_p50"] >= 0.5 and drained["slo_attained"] is not None
+    series = json.loads(gzip.decompress((tmp_path / "timeseries.json.gz").read_bytes()))
+    run = series["vllm"]["4"][0]
+    assert len(run["t"]) >= 2 and run["kv_blocks_total"] > 0
+    assert steady["steadiness"]["vllm"]["4"][0]["span_s"] == [1.25, 2.0]
