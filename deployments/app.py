@@ -161,7 +161,13 @@ def build_app(args: dict[str, Any]) -> Application:
         ray_actor_options={"num_cpus": 1},
         health_check_period_s=10,
         health_check_timeout_s=30,
-    ).bind(engine.model_dump(mode="json"), tool_worker, redis_url, tool_timeouts_s)
+    ).bind(
+        engine.model_dump(mode="json"),
+        tool_worker,
+        redis_url,
+        tool_timeouts_s,
+        replay_enabled=app_args.enable_benchmark_endpoints,
+    )
 
     ingress_settings = app_args.ingress_settings()
     return serve.deployment(

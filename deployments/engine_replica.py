@@ -18,6 +18,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.autoscaling import KV_PRESSURE
+from deployments.errors import BenchmarkEndpointsDisabledError
 from deployments.metrics import EngineStatsBoard, host_pool_gauges
 from lamps_core.call_durations import ApiEstimate, CallDurationSummary
 from lamps_core.length_model import OutputLengthPredictor
@@ -60,11 +61,15 @@ class EngineReplica:
         tool_worker: DeploymentHandle,
         redis_url: str | None,
         tool_timeouts_s: Mapping[str, float] | None = None,
+        replay_enabled: bool = True,
     ) -> None:
         rank = serve.get_replica_context().rank.rank
         self.settings = EngineSettings.model_validate(engine).for_rank(rank)
         self._tools = tool_worker
         self._tool_timeouts_s = dict(tool_timeouts_s or {})
+        # Trace replay is for benchmarks (`enable_benchmark_endpoints`); refused here too, for
+        # callers of this deployment's handle that bypass the ingress.
+        self._replay_enabled = replay_enabled
         # Calls that fail outside the worker (it died, it hung) are recorded from here.
         self._tool_stats = ToolStatsStore(redis_url) if redis_url else None
         self._replica_id = _replica_id()
@@ -125,6 +130,10 @@ class EngineReplica:
         arrival_time: float,
         policy_variant: str | None = None,
     ) -> TraceOutcome:
+        if not self._replay_enabled:
+            raise BenchmarkEndpointsDisabledError(
+                "trace replay is off: it is for benchmarks (enable_benchmark_endpoints)"
+            )
         self._check_variant(policy_variant)
         self._requests_received += 1
         return await run_trace(

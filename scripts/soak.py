@@ -150,6 +150,7 @@ def own_stack(max_in_flight: int | None, data_dir: Path) -> Iterator[str]:
     config["http_options"]["port"] = free_port()
     args = config["applications"][0]["args"]
     args["redis_url"] = f"redis://127.0.0.1:{free_port()}/0"
+    args["enable_benchmark_endpoints"] = True  # the soak replays traces
     if max_in_flight is not None:
         args["max_in_flight_requests"] = max_in_flight
     with local_stack(config, PROJECT_DIR, data_dir, log_to_driver=False) as running:

@@ -80,7 +80,11 @@ def fleet_app(model: Path) -> dict[str, Any]:
         "name": APP,
         "route_prefix": f"/{APP}",
         "import_path": "deployments.app:build_app",
-        "args": {"engine": engine, "max_routing_wait_s": ROUTING_WAIT_S},
+        "args": {
+            "engine": engine,
+            "max_routing_wait_s": ROUTING_WAIT_S,
+            "enable_benchmark_endpoints": True,  # the test replays traces
+        },
         "deployments": [
             {
                 "name": "EngineReplica",

@@ -64,7 +64,7 @@ def autoscale_app(model: Path) -> dict[str, Any]:
         "name": APP,
         "route_prefix": f"/{APP}",
         "import_path": "deployments.app:build_app",
-        "args": {"engine": engine},
+        "args": {"engine": engine, "enable_benchmark_endpoints": True},  # traces
         "deployments": [
             {
                 "name": "EngineReplica",

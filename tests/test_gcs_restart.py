@@ -189,7 +189,7 @@ def engine_app(model: Path) -> dict[str, Any]:
                 "import_path": "deployments.app:build_app",
                 # No redis_url: tool statistics are not what this test is about (the GCS's
                 # Redis is a server of its own).
-                "args": {"engine": engine},
+                "args": {"engine": engine, "enable_benchmark_endpoints": True},
                 "deployments": [
                     {"name": "EngineReplica", "ray_actor_options": {"num_cpus": 0.5}},
                 ],
