@@ -625,28 +625,43 @@ class EngineSeries(BaseModel):
 
 class Trend(BaseModel):
     """One series over the second half of the measured window: its mean, the slope of its
-    least-squares line, how far that line moves across the half, and that move relative to
-    the level (the mean, or the series' floor when the mean is below it)."""
+    least-squares line (and the slope's standard error), how far that line moves across the
+    half, and that move relative to the level (the mean, or the series' floor when the mean is
+    below it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     samples: int
     mean: float | None
     slope_per_s: float | None
+    slope_stderr: float | None = None
     change: float | None
     relative_change: float | None
-    flat: bool | None = Field(description="|relative_change| <= STEADY_TOLERANCE; None: too few")
+    flat: bool | None = Field(
+        description="|relative_change| <= STEADY_TOLERANCE, or a slope within two standard "
+        "errors of 0 (noise, not a trend); None: too few samples"
+    )
 
 
 def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     """The slope of the least-squares line through the points; None below two distinct xs."""
+    fit = _line(xs, ys)
+    return None if fit is None else fit[0]
+
+
+def _line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float | None] | None:
+    """(slope, its standard error; None below 3 points) of the least-squares line."""
     if len(xs) < 2:
         return None
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     sxx = sum((x - mx) ** 2 for x in xs)
     if sxx == 0:
         return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    if len(xs) < 3:
+        return slope, None
+    residuals = sum((y - my - slope * (x - mx)) ** 2 for x, y in zip(xs, ys, strict=True))
+    return slope, math.sqrt(residuals / (len(xs) - 2) / sxx)
 
 
 def trend(
@@ -664,16 +679,18 @@ def trend(
                      relative_change=None, flat=None)  # fmt: skip
     xs, ys = [t for t, _ in points], [float(v) for _, v in points]
     mean = statistics.fmean(ys)
-    slope = least_squares_slope(xs, ys) or 0.0
+    slope, stderr = _line(xs, ys) or (0.0, None)
     change = slope * (hi - lo)
     relative = change / max(mean, floor, 1e-9)
+    noise = stderr is not None and abs(slope) <= 2 * stderr
     return Trend(
         samples=len(points),
         mean=mean,
         slope_per_s=slope,
+        slope_stderr=stderr,
         change=change,
         relative_change=relative,
-        flat=abs(relative) <= tolerance,
+        flat=abs(relative) <= tolerance or noise,
     )
 
 

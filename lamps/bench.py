@@ -592,6 +592,22 @@ class SteadyPlan:
     stop_early: tuple[float, float] | None = None
 
 
+# How long a run waits for the engine to let go of the last run's blocks before it starts.
+RESET_WAIT_S = 30.0
+
+
+async def empty_prefix_cache(target: ReplayTarget) -> None:
+    """Empties the engine's prefix cache, waiting while blocks are still in use: the requests a
+    steady run cancelled (and their held calls) leave the engine a moment after it ends, and
+    vLLM refuses a reset until they have (targets that cannot say return None: one try)."""
+    deadline = time.monotonic() + RESET_WAIT_S
+    while await target.reset_prefix_cache() is False:
+        if time.monotonic() > deadline:
+            print(f"note: the prefix cache is still in use after {RESET_WAIT_S:g} s; going on")
+            return
+        await asyncio.sleep(0.2)
+
+
 async def engine_state(target: ReplayTarget) -> dict[str, Any] | None:
     """The engine's queue and KV use now (`engine_stats` of the target), None where the target
     cannot say (a fleet's replicas, a test's fake)."""
@@ -616,7 +632,7 @@ async def run_one(
     the run counts its window's requests only and samples the engine's state into
     `record["series"]` (an `EngineSeries`); `record` also gets what was cut (`tail_cancelled`,
     `stopped_early`)."""
-    await target.reset_prefix_cache()
+    await empty_prefix_cache(target)
     before = await target.scheduler_stats()
     started = time.monotonic()
     policy = spec.label
@@ -1613,14 +1629,12 @@ def goodput_text(body: dict[str, Any]) -> str:
         notes = []
         if w.get("cut"):
             notes.append(f"note: search cut short: {w['cut']}")
-        unsteady = sorted(
-            {
-                f"{label} @ {rate}/s"
-                for label, by_rate in w.get("steady", {}).items()
-                for rate, flags in by_rate.items()
-                if False in flags
-            }
-        )
+        unsteady = [
+            f"{label} @ {rate}/s"
+            for label, by_rate in w.get("steady", {}).items()
+            for rate, flags in sorted(by_rate.items(), key=lambda item: float(item[0]))
+            if False in flags
+        ]
         if unsteady:
             notes.append("note: queue or KV use not flat over the window's second half: "
                          + ", ".join(unsteady))  # fmt: skip

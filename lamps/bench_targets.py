@@ -42,7 +42,7 @@ class ReplayTarget(Protocol):
         self, request_id: str, script: TraceScript, variant: str | None
     ) -> TraceResponse: ...
 
-    async def reset_prefix_cache(self) -> None: ...
+    async def reset_prefix_cache(self) -> bool | None: ...
 
     async def scheduler_stats(self) -> dict[str, Any]: ...
 
@@ -126,8 +126,9 @@ class EngineTarget:
         )
         return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 
-    async def reset_prefix_cache(self) -> None:
-        await self._engine.reset_prefix_cache()
+    async def reset_prefix_cache(self) -> bool:
+        """False while blocks are in use (vLLM then leaves the cache as it is)."""
+        return bool(await self._engine.reset_prefix_cache())
 
     async def scheduler_stats(self) -> dict[str, Any]:
         snapshot = self._stats.snapshot
@@ -174,8 +175,8 @@ class DeploymentTarget:
         request = {"request_id": request_id, "segments": script.segments, "policy": variant}
         return await self._ingress.replay.remote(request)
 
-    async def reset_prefix_cache(self) -> None:
-        await self._engine.reset_prefix_cache.remote()
+    async def reset_prefix_cache(self) -> bool:
+        return bool(await self._engine.reset_prefix_cache.remote())
 
     async def scheduler_stats(self) -> dict[str, Any]:
         return await self._engine.scheduler_stats.remote()

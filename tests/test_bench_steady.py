@@ -261,6 +261,23 @@ def test_small_levels_are_judged_against_their_floor() -> None:
     assert trend(ts, [i // 9 for i in range(10)], (0.0, 10.0), floor=4.0).flat is True
     assert trend(ts, [i for i in range(10)], (0.0, 10.0), floor=4.0).flat is False
     assert trend(ts[:2], [0, 1], (0.0, 10.0), floor=4.0).flat is None
+    # A level that jumps about: a slope within two standard errors of 0 is noise, not a trend.
+    noisy = trend(ts[:6], [20, 0, 30, 0, 50, 5], (0.0, 6.0), floor=4.0)
+    assert noisy.relative_change > 0.25 and noisy.slope_stderr > noisy.slope_per_s > 0
+    assert noisy.flat is True
+
+
+def test_a_run_waits_for_the_last_runs_blocks_before_emptying_the_cache() -> None:
+    from lamps.bench import empty_prefix_cache
+
+    answers = [False, False, True]
+
+    class Busy:
+        async def reset_prefix_cache(self) -> bool:
+            return answers.pop(0)
+
+    asyncio.run(empty_prefix_cache(Busy()))  # type: ignore[arg-type]
+    assert answers == []
 
 
 # ---------------------------------------------------------------------------------------------
