@@ -24,6 +24,7 @@ from lamps_core.call_durations import ApiEstimate
 from lamps_core.trace import TraceScript
 from lamps_vllm.config import PolicyVariant, SchedulerPluginConfig
 from lamps_vllm.engine import EngineSettings, start_engine
+from lamps_vllm.holds import HoldControl
 from lamps_vllm.trace_replay import run_trace
 from tool_workers.stats import (
     API_ESTIMATES_REFRESH_S,
@@ -69,6 +70,7 @@ class LearnedDurations:
         self._clock = clock
         self._estimates: dict[str, ApiEstimate] = {}
         self._refreshed_at: float | None = None
+        self.version = 0  # raised at every change, as the replica's (RequestMeta's)
 
     def record(self, result: ToolResult) -> None:
         samples = self._samples.setdefault(result.tool, deque(maxlen=DEFAULT_MAX_SAMPLES))
@@ -84,9 +86,12 @@ class LearnedDurations:
                 )
                 for name, samples in self._samples.items()
             }
-            self._estimates = engine_api_estimates(
+            estimates = engine_api_estimates(
                 merge_estimates({}, learned), merge_distributions({}, learned)
             )
+            if estimates != self._estimates:
+                self._estimates = estimates
+                self.version += 1
             self._refreshed_at = now
         return self._estimates or None
 
@@ -103,6 +108,7 @@ class EngineTarget:
     async def start(self) -> None:
         self._engine, self._stats = await start_engine(self.settings)
         self._vocab = self._engine.model_config.get_vocab_size()
+        self._holds = HoldControl(self._engine) if self.settings.scheduler is not None else None
 
     async def _call_tool(
         self, name: str, arguments: Mapping[str, Any] | str, record_as: str | None = None
@@ -123,6 +129,8 @@ class EngineTarget:
             self._call_tool,
             policy_variant=variant,
             api_estimates=self.durations.estimates(),
+            holds=self._holds,
+            api_estimates_version=self.durations.version,
         )
         return TraceResponse.from_outcome(outcome, self.settings.served_model_name)
 
