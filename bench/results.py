@@ -996,7 +996,7 @@ def plot_attainment(
             ax.errorbar(xs, ys, yerr=[low, high] if any(low) or any(high) else None,
                         marker="o", capsize=3, label=policy,
                         color=_color(policy, _ordered_policies(policies)))  # fmt: skip
-        ax.axhline(share, linestyle="--", color="black", linewidth=0.8)
+        ax.axhline(share, linestyle="--", color="black", linewidth=0.8, label="target")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("steady arrival rate (requests/s)")

@@ -330,6 +330,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "for more than 1 - --slo-share of the window's requests (default: stop it there)",
     )
     steady.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="--goodput: go on with the searches of an earlier --goodput run's folder (its "
+        "goodput.json; same settings, another --out): the rates it tried are not run again, "
+        "its attainment counts, and the new goodput.json holds both (a search longer than one "
+        "device call)",
+    )
+    steady.add_argument(
         "--keep-requests",
         action="store_true",
         help="--goodput: also write each workload's per-request records (its windows' "
@@ -1428,6 +1437,8 @@ class GoodputWorkload:
     args: argparse.Namespace
     source: Trace | None = None
     first: Trace | None = None
+    tried_before: list[float] = field(default_factory=list)  # --resume: its earlier rates
+    before: dict[str, Any] = field(default_factory=dict)  # --resume: its earlier body
 
 
 def goodput_workloads(args: argparse.Namespace, rates: Sequence[float]) -> list[GoodputWorkload]:
@@ -1457,6 +1468,58 @@ def goodput_workloads(args: argparse.Namespace, rates: Sequence[float]) -> list[
             own.workload = name
         out.append(GoodputWorkload(name, start, own))
     return out
+
+
+# What must agree between a --goodput run and the one it resumes.
+RESUME_SAME = (
+    "trace", "sample", "scale", "time_scale", "seed", "duration", "warmup_s", "cooldown_s",
+    "slo_slowdown", "slo_share", "search_factor", "config", "engine_setting", "last_call",
+)  # fmt: skip
+
+
+def previous_goodput(args: argparse.Namespace, labels: Sequence[str]) -> dict[str, Any] | None:
+    """The body of the --goodput run that `--resume` names, checked to be the same search."""
+    if args.resume is None:
+        return None
+    if args.resume.resolve() == args.out.resolve():
+        raise SystemExit("lamps bench: --resume DIR needs another --out (DIR keeps its runs)")
+    try:
+        body = json.loads((args.resume / GOODPUT_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"lamps bench: --resume {args.resume}: {exc}") from None
+    if body.get("format") != GOODPUT_FORMAT:
+        raise SystemExit(f"lamps bench: --resume {args.resume}: not a {GOODPUT_FORMAT} file")
+    before = body.get("command", {})
+    mine = command_record(args)
+    differ = [key for key in RESUME_SAME if before.get(key) != mine.get(key)]
+    theirs = [spec.label for spec in parse_policies(before.get("policies") or "")]
+    if set(theirs) != set(labels):
+        differ.append("policies")
+    if differ:
+        raise SystemExit(
+            f"lamps bench: --resume {args.resume}: not the same search ({', '.join(differ)})"
+        )
+    return body
+
+
+def resume_search(
+    search: RateSearch,
+    attainment: dict[str, dict[float, list[float | None]]],
+    before: dict[str, Any],
+    share: float,
+) -> list[float]:
+    """Replays an earlier run's part of one workload's search (`goodput_body`) into `search`
+    and `attainment`; returns the rates it tried, in order. A bisection step it proposed but
+    was cut in is proposed again."""
+    for label, p in before["policies"].items():
+        if label not in attainment:
+            continue
+        for rate, a in p["attainment"].items():
+            attainment[label][float(rate)] = list(a["per_round"])
+    for rate in sorted({rate for by_rate in attainment.values() for rate in by_rate}):
+        search.record(rate, goodput_met(attainment, rate, share))
+    search.steps = max(0, int(before.get("bisect_steps", 0)) - (1 if before.get("cut") else 0))
+    return [float(rate) for rate in before.get("tried", [])]
 
 
 def search_for(args: argparse.Namespace, start: float, labels: Sequence[str]) -> RateSearch:
@@ -1514,6 +1577,7 @@ async def run_goodput(
         else None
     )
     budget = Budget(args.budget_s, started)
+    previous = previous_goodput(args, labels)
     body: dict[str, Any] = {
         "format": GOODPUT_FORMAT,
         "slo": {"slowdown": args.slo_slowdown, "share": args.slo_share},
@@ -1524,14 +1588,25 @@ async def run_goodput(
         "command": command_record(args),
         "engine": engine,
         "machine": machine_record(),
+        "resumed_from": None,
         "workloads": {},
     }
+    if previous is not None:  # and what that one resumed, and so on
+        body["resumed_from"] = {
+            "run": str(args.resume),
+            "command": previous.get("command"),
+            "resumed_from": previous.get("resumed_from"),
+        }
     for i, w in enumerate(workloads):
         search = search_for(w.args, w.start, labels)
         runs = Runs(w.args.out)
         (w.args.out / PARTIAL_FILE).unlink(missing_ok=True)
         write_started(w.args, engine)
         attainment: dict[str, dict[float, list[float | None]]] = {label: {} for label in labels}
+        if previous is not None and w.name in previous["workloads"]:
+            w.before = previous["workloads"][w.name]
+            w.tried_before = resume_search(search, attainment, w.before, args.slo_share)
+            print(f"goodput: {w.name}: resuming after {w.tried_before} ({args.resume})")
         traces: dict[float, Trace] = {}
         until = budget.share(len(workloads) - i)
         cut = None
@@ -1597,26 +1672,27 @@ def goodput_body(
     """One workload's part of goodput.json: its search (rates in the order tried, cut), the
     brackets, ratios and attainment curve (`goodput_summary`), and each run's steadiness."""
     summary = goodput_summary(attainment, args.slo_share)
+
+    def per_run(key: str) -> dict[str, dict[str, list[Any]]]:
+        """Each run's `key` in its steadiness record, an earlier (resumed) run's first."""
+        out = {label: dict(by_rate) for label, by_rate in w.before.get(key, {}).items()}
+        for label, by_rate in runs.steadiness.items():
+            for rate, per_round in by_rate.items():
+                out.setdefault(label, {})[rate] = [
+                    bool(x.get(key)) if key == "stopped_early" else x.get(key) for x in per_round
+                ]
+        return out
+
     return {
         "start": w.start,
-        "tried": list(dict.fromkeys(rate for rate, _, _ in runs.order)),  # in the order tried
+        # In the order tried, an earlier (resumed) run's first.
+        "tried": list(dict.fromkeys([*w.tried_before, *(rate for rate, _, _ in runs.order)])),
         "bisect_steps": search.steps,
         "cut": cut,
         "range": [search.min_rate, search.max_rate],
         **summary,
-        "steady": {
-            label: {
-                rate: [x.get("steady") for x in per_round] for rate, per_round in by_rate.items()
-            }
-            for label, by_rate in runs.steadiness.items()
-        },
-        "stopped_early": {
-            label: {
-                rate: [bool(x.get("stopped_early")) for x in per_round]
-                for rate, per_round in by_rate.items()
-            }
-            for label, by_rate in runs.steadiness.items()
-        },
+        "steady": per_run("steady"),
+        "stopped_early": per_run("stopped_early"),
     }
 
 

@@ -488,3 +488,38 @@ def test_every_policy_and_rate_of_a_search_has_its_attainment_per_round() -> Non
     summary = goodput_summary(attainment, share=0.9)
     assert summary["policies"]["a"]["attainment"]["10"]["median"] == 1.0
     assert math.isclose(summary["policies"]["b"]["attainment"]["10"]["median"], 0.6)
+
+
+def test_a_search_cut_by_its_budget_resumes_in_the_next_call(tmp_path: Path) -> None:
+    """--resume: the rates tried before are not run again, their attainment counts, and the new
+    goodput.json holds the whole search; a different search is refused."""
+    common = ["--workload", "toolbench", "--scale", "0.05", "--time-scale", "0", "--goodput",
+              "--rate", "40", "--duration", "0.3", "--warmup-s", "0.06", "--calibrate", "0",
+              "--no-warmup", "--bisect-steps", "1", "--policies", "a=vllm,b=vllm"]  # fmt: skip
+    policies = parse_policies("a=vllm,b=vllm")
+
+    def search(*extra: str) -> tuple[dict[str, Any], SleepTarget]:
+        args = bench_args(*common, *extra)
+        args.steady = True
+        (w,) = goodput_workloads(args, [40.0])
+        w.first = build_traces(w.args, [w.start], 2048)[w.start]
+        target = SleepTarget(load_latency({"a": 60.0, "b": 24.0}))
+        body = asyncio.run(run_goodput(target, args, [w], policies, 2048, {},
+                                       started=time.monotonic()))  # fmt: skip
+        return body, target
+
+    first, _ = search("--budget-s", "0.4", "--out", str(tmp_path / "one"))
+    tried = first["workloads"]["toolbench"]["tried"]
+    assert first["workloads"]["toolbench"]["cut"] and len(tried) < 4
+    second, target = search("--resume", str(tmp_path / "one"), "--out", str(tmp_path / "two"))
+    result = second["workloads"]["toolbench"]
+    assert result["tried"][: len(tried)] == tried and not result["cut"]
+    assert not any(i.startswith(f"a-{rate:g}-") for i in target.sent for rate in tried)
+    a, b = result["policies"]["a"]["bracket"], result["policies"]["b"]["bracket"]
+    assert a["met"] <= 240 < a["failed"] and b["met"] <= 96 < b["failed"]
+    assert set(result["steady"]["a"]) == {f"{rate:g}" for rate in result["tried"]}
+    assert second["resumed_from"]["run"] == str(tmp_path / "one")
+    with pytest.raises(SystemExit, match="slo_share"):
+        search("--resume", str(tmp_path / "one"), "--slo-share", "0.5", "--out", str(tmp_path))
+    with pytest.raises(SystemExit, match="another --out"):
+        search("--resume", str(tmp_path / "one"), "--out", str(tmp_path / "one"))
