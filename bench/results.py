@@ -974,8 +974,10 @@ def plot_attainment(
 ) -> Path:
     """The SLO-attainment curves, one panel per workload (`{workload: goodput_summary}`), one
     line per policy: the median share meeting the SLO against the rate, bars from the lowest
-    round to the highest, the target share dashed."""
+    round to the highest, the target share dashed. A point of a run stopped early (a summary's
+    `stopped_early`, as goodput.json has it) is drawn hollow: its share is a lower bound."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     names = list(summaries)
     fig = Figure(figsize=(5.0 * len(names), 4.2), layout="constrained")
@@ -993,11 +995,19 @@ def plot_attainment(
                 continue
             points.sort()
             xs, ys, low, high = (list(c) for c in zip(*points, strict=True))
+            color = _color(policy, _ordered_policies(policies))
             ax.errorbar(xs, ys, yerr=[low, high] if any(low) or any(high) else None,
-                        marker="o", capsize=3, label=policy,
-                        color=_color(policy, _ordered_policies(policies)))  # fmt: skip
+                        marker="o", capsize=3, label=policy, color=color)  # fmt: skip
+            stopped = summaries[name].get("stopped_early", {}).get(policy, {})
+            early = [
+                (x, y) for x, y in zip(xs, ys, strict=True) if any(stopped.get(rate_key(x), []))
+            ]
+            if early:
+                ex, ey = zip(*early, strict=True)
+                ax.plot(ex, ey, "o", markerfacecolor="white", markeredgecolor=color, zorder=5)
         ax.axhline(share, linestyle="--", color="black", linewidth=0.8, label="target")
         ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("steady arrival rate (requests/s)")
         ax.set_ylabel(f"share within {slo:g}x unloaded time")
