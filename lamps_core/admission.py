@@ -32,13 +32,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+# The deepest overcommit the gate drifts to while nothing is preempted (module docstring).
+DEFAULT_MIN_MARGIN = -0.5
+
 
 @dataclass(slots=True)
 class AdmissionGate:
     """Admits a waiting segment only if every running segment still fits at its predicted peak."""
 
     margin: float = 0.0  # fraction of the KV cache left unpromised (negative: overcommitted)
-    min_margin: float = -0.5
+    min_margin: float = DEFAULT_MIN_MARGIN
     max_margin: float = 0.3
     step: float = 0.02  # added per preemption (a miss), from zero at least
     decay: float = 0.995  # per admission without a miss, towards min_margin

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
 
-from lamps_core.admission import AdmissionGate, KeepEvictionEstimate
+from lamps_core.admission import DEFAULT_MIN_MARGIN, AdmissionGate, KeepEvictionEstimate
 from lamps_core.call_durations import ApiEstimate
 from lamps_core.costs import EngineCosts
 from lamps_core.policies.infercept import (
@@ -118,7 +118,13 @@ class LampsPolicy(SchedulingPolicy):
         admission: bool = True,
         keep: bool = True,
         swap_in_async: bool = True,
+        slack_free_share: float | None = SLACK_FREE_SHARE,
+        admission_min_margin: float = DEFAULT_MIN_MARGIN,
     ) -> None:
+        """`slack_free_share`: the free share of the cache at a pause above which a call the plan
+        would swap or discard is kept instead (None: never; the plan always stands).
+        `admission_min_margin`: the lowest margin the admission gate decays to (negative: an
+        overcommit while nothing is preempted; 0: never more than the predicted peaks)."""
         if not isinstance(rerank_every_steps, int) or rerank_every_steps < 0:
             raise ValueError(f"rerank_every_steps must be an int >= 0, got {rerank_every_steps!r}")
         self.costs = costs
@@ -133,7 +139,14 @@ class LampsPolicy(SchedulingPolicy):
         self._is_starving = self.guard.is_starving
         # An instance value shadowing the interface's class default: it is an option here.
         self.rerank_every_steps = rerank_every_steps
-        self.gate = AdmissionGate() if admission else None
+        if slack_free_share is not None and not 0.0 <= slack_free_share <= 1.0:
+            raise ValueError(f"slack_free_share must be in [0, 1] or None, got {slack_free_share}")
+        self.slack_free_share = slack_free_share
+        self.gate = (
+            AdmissionGate(min_margin=admission_min_margin, margin=max(admission_min_margin, 0.0))
+            if admission
+            else None
+        )
         self.keep_estimate = KeepEvictionEstimate() if keep else None
         # A refused swap is better kept than dropped: kept blocks cost nothing until needed.
         self.swap_refused_strategy = Strategy.KEEP if keep else Strategy.DISCARD
@@ -298,9 +311,10 @@ class LampsPolicy(SchedulingPolicy):
         return strategy
 
     def _memory_slack(self, engine: EngineView) -> bool:
-        if self.keep_estimate is None or engine.total_blocks <= 0:
+        share = self.slack_free_share
+        if share is None or self.keep_estimate is None or engine.total_blocks <= 0:
             return False
-        return engine.free_blocks >= SLACK_FREE_SHARE * engine.total_blocks
+        return engine.free_blocks >= share * engine.total_blocks
 
     def _predicted_call_s(self, call: PausedCall) -> float:
         version = self.predictor.version
