@@ -538,16 +538,20 @@ class LampsScheduler(Scheduler):
         return len(expired)
 
     def _review_preserved(self) -> None:
-        """The policies review the calls held on the device (preserved or kept)."""
-        on_device = list(self.holds.on_device())
-        if not on_device:
+        """The policies review the calls held on the device (preserved or kept): preserved
+        ones at every step (a policy may move one as its call runs on), kept ones only when
+        memory is needed (they cost nothing until then; at load a replica keeps hundreds)."""
+        if not self.holds.device_blocks():
+            return
+        needed = self._blocks_needed()
+        if needed <= 0 and not self.holds.has_promised():
             return
         # Each paused call is reviewed by the policy that paused it.
         by_policy: dict[int, tuple[SchedulingPolicy, list[PausedCall]]] = {}
-        for hold in on_device:
+        for hold in self.holds.on_device():
             policy = self._policy_for(hold.call.meta)
             by_policy.setdefault(id(policy), (policy, []))[1].append(hold.call)
-        engine, needed = self._engine_view(), self._blocks_needed()
+        engine = self._engine_view()
         decisions = []
         for policy, calls in by_policy.values():
             try:
