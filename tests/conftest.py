@@ -23,6 +23,8 @@ STACK_VARIANTS = {
     "lamps": {"policy": "lamps"},
     "vllm": {"policy": "vllm"},
     "preserve": {"policy": "fixed", "policy_options": {"strategy": "preserve"}},
+    # LAMPS whose plan always stands (it swaps what it plans to swap even with memory to spare).
+    "lamps-plan": {"policy": "lamps", "policy_options": {"slack_free_share": None}},
 }
 
 

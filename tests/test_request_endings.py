@@ -57,25 +57,34 @@ def test_a_normal_chat_with_a_call_leaves_nothing_held(http: httpx.Client) -> No
     assert_nothing_held()
 
 
+@pytest.fixture(scope="module")
+def call_tokens(http: httpx.Client) -> int:
+    """Tokens of the forced calculator call for QUESTION (greedy, so always the same): the
+    smallest budget that completes the call, by bisection."""
+    low, high = 1, 64  # no call at `low`; a call at `high`
+    assert chat(http, tools=CALCULATOR, tool_choice="required", max_tokens=high)["tool_executions"]
+    while high - low > 1:
+        middle = (low + high) // 2
+        answer = chat(http, tools=CALCULATOR, tool_choice="required", max_tokens=middle)
+        low, high = (low, middle) if answer["tool_executions"] else (middle, high)
+    return high
+
+
 def test_chats_cut_short_inside_or_right_after_a_forced_call_leave_nothing_held(
-    http: httpx.Client,
+    http: httpx.Client, call_tokens: int
 ) -> None:
     """`max_tokens` ending the forced call before it parses (the call is never made), and
     exactly at its end (the result comes back, no budget is left to resume): both stop after a
     paused segment, whose hold only the request's end can release."""
-    cut_inside = made_at_budget = 0
-    for max_tokens in [3, 6, 9, *range(12, 49)]:
+    for max_tokens in (3, 6, call_tokens - 1):
         answer = chat(http, tools=CALCULATOR, tool_choice="required", max_tokens=max_tokens)
-        assert answer["usage"]["completion_tokens"] <= max_tokens
-        if answer["tool_executions"]:
-            # The smallest budget that completes the call: all of it went to the call.
-            assert answer["choices"][0]["finish_reason"] == "length"
-            assert answer["usage"]["completion_tokens"] == max_tokens
-            made_at_budget += 1
-            break
-        cut_inside += 1
+        assert not answer["tool_executions"]
         assert answer["choices"][0]["finish_reason"] == "length"
-    assert cut_inside >= 3 and made_at_budget == 1
+        assert answer["usage"]["completion_tokens"] == max_tokens
+    answer = chat(http, tools=CALCULATOR, tool_choice="required", max_tokens=call_tokens)
+    assert answer["tool_executions"]  # made, and all of the budget went to it
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == call_tokens
     assert_nothing_held()
 
 
@@ -94,7 +103,7 @@ def test_a_tool_error_leaves_nothing_held(http: httpx.Client) -> None:
 
 
 def test_a_chat_whose_tool_result_fills_the_context_leaves_nothing_held(
-    http: httpx.Client,
+    http: httpx.Client, call_tokens: int
 ) -> None:
     """The prompt is sized so that the forced call just fits and the tool's result then leaves
     no room to resume (finish_reason `length` with the call made)."""
@@ -104,12 +113,7 @@ def test_a_chat_whose_tool_result_fills_the_context_leaves_nothing_held(
         body = {"messages": messages, "tools": CALCULATOR, "tool_choice": "required"}
         return chat(http, max_tokens=max_tokens, **body)
 
-    # The call's length and the prompt's tokens per word, measured on this model.
-    call_tokens = next(
-        n
-        for n in range(12, 49)
-        if ask(0, n)["tool_executions"]  # the smallest budget that completes the call
-    )
+    # The prompt's tokens per word, measured on this model.
     small, large = (ask(w, 1)["usage"]["prompt_tokens"] for w in (100, 1100))
     per_word = (large - small) / 1000
     room = call_tokens + 2  # the call fits; its result (a message of its own) does not

@@ -233,7 +233,8 @@ CASES = [
         "/v1/traces",
         {**trace(), "policy": "fastest-please"},
         400,
-        "unknown policy variant 'fastest-please'; this deployment has: lamps, vllm, preserve",
+        "unknown policy variant 'fastest-please'; this deployment has: "
+        "lamps, vllm, preserve, lamps-plan",
         id="unknown-policy-variant",
     ),
     pytest.param(

@@ -66,9 +66,10 @@ def engine_swap_stats() -> dict[str, Any]:
 
 
 def swapped_call(prompt: int, call_s: float) -> dict[str, Any]:
-    """A trace LAMPS swaps out during its call: the `lamps` variant schedules with the script's
-    own durations, and a 4 s call on a 1.5k-token context wastes far less memory swapped (a
-    ~30 ms copy each way on this CPU engine) than preserved, kept or recomputed."""
+    """A trace LAMPS swaps out during its call: the `lamps-plan` variant schedules with the
+    script's own durations, and a 4 s call on a 1.5k-token context wastes far less memory
+    swapped (a ~30 ms copy each way on this CPU engine) than preserved, kept or recomputed. (The
+    shipped `lamps` keeps it instead while memory is slack, as it is on this idle engine.)"""
     first = {
         "prompt_tokens": prompt,
         "completion_tokens": 2,
@@ -77,7 +78,7 @@ def swapped_call(prompt: int, call_s: float) -> dict[str, Any]:
         "api_type": "search",
     }
     return {
-        "policy": "lamps",
+        "policy": "lamps-plan",
         "segments": [first, {"prompt_tokens": prompt + 4, "completion_tokens": 2}],
     }
 
