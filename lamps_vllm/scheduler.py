@@ -778,7 +778,8 @@ class LampsScheduler(Scheduler):
         # At once on a change while the engine holds few requests: a drained engine makes no
         # more statistics, so its last ones must not be a quarter second old. Under load a
         # change comes nearly every step, and the figure at most a quarter second old.
-        shape = (len(self.running), self._num_waiting(), len(self.holds))
+        # Kept calls commit nothing: only preserved ones change the sum.
+        shape = (len(self.running), self._num_waiting(), self.holds.promised_blocks())
         few = len(self.running) + self._num_waiting() <= _COMMITTED_AT_ONCE_MAX_REQUESTS
         fresh = now - self._committed_at < _COMMITTED_EVERY_S
         if fresh and (shape == self._committed_shape or not few):
@@ -794,11 +795,15 @@ class LampsScheduler(Scheduler):
             for tracked in (self._tracked.get(r.request_id),)
         ]
         wall = time.time()
-        holds = [
-            (h.num_blocks * self.block_size, wall - h.call.paused_at, h.call.meta)
-            for h in self.holds.on_device()
-            if h.promised
-        ]
+        holds = (
+            [
+                (h.num_blocks * self.block_size, wall - h.call.paused_at, h.call.meta)
+                for h in self.holds.on_device()
+                if h.promised
+            ]
+            if self.holds.has_promised()
+            else []
+        )
         try:
             self._committed = committed_memory_time(
                 requests,
