@@ -35,7 +35,7 @@ __all__ = [
 
 DEFAULT_MAX_DURATION_S = 600.0
 # The API types a simulated call may be recorded under (trace replay): the tool itself, the
-# INFERCEPT augmentation types and the ToolBench-like tool classes of lamps_core.workloads. A
+# INFERCEPT augmentation types and the ToolBench-like tool classes of lamps_core.api_types. A
 # fixed set, so a trace cannot create Redis keys or move a real tool's learned duration.
 SIMULATED_API_TYPES: frozenset[str] = frozenset(
     {"simulated_api", *AUGMENTATION_TYPES, *(tool.name for tool in TOOLBENCH_TOOLS)}
