@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Generic, Protocol, TypeVar
 
 from vllm import SamplingParams
@@ -171,8 +172,6 @@ async def _generate(
 
 
 def _refused(call: Call, why: str) -> ToolResult:
-    from datetime import UTC, datetime
-
     return ToolResult(
         tool=call.name, ok=False, error=why, started_at=datetime.now(UTC), duration_s=0.0
     )
